@@ -1,0 +1,290 @@
+//! The global event log: every event of every batch, in commit order.
+//!
+//! Readers (projection workers, and later the conductor and the relay) page through it with a
+//! [`LogPosition`] checkpoint. On PostgreSQL the order is `(transaction_id, global_position)`
+//! and a page never goes past the oldest transaction still running, so an event whose
+//! transaction commits late is never skipped; on SQLite (one writer) it is `global_position`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::{EventUpcaster, SerializedEvent};
+use domain::BatchEvent;
+use domain::values::BatchId;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use uuid::Uuid;
+
+use crate::storage::{Engine, Storage};
+
+/// A reader's place in the log: everything at or before it has been read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LogPosition {
+    /// The PostgreSQL transaction id (xid8) of the event; always 0 on SQLite.
+    pub tx: i64,
+    /// The event's global position.
+    pub position: i64,
+}
+
+/// What the command service stamps on every event it appends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    pub correlation_id: Uuid,
+    pub causation_id: Option<Uuid>,
+    pub user_id: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub command: String,
+}
+
+impl EventMetadata {
+    pub fn to_map(&self) -> HashMap<String, String> {
+        let mut map = HashMap::from([
+            ("correlation_id".to_owned(), self.correlation_id.to_string()),
+            ("occurred_at".to_owned(), self.occurred_at.to_rfc3339()),
+            ("command".to_owned(), self.command.clone()),
+        ]);
+        if let Some(causation) = self.causation_id {
+            map.insert("causation_id".to_owned(), causation.to_string());
+        }
+        if let Some(user) = &self.user_id {
+            map.insert("user_id".to_owned(), user.clone());
+        }
+        map
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, LogError> {
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str());
+        let uuid = |name: &str| field(name).and_then(|s| Uuid::parse_str(s).ok());
+        Ok(Self {
+            correlation_id: uuid("correlation_id").unwrap_or_default(),
+            causation_id: uuid("causation_id"),
+            user_id: field("user_id").map(str::to_owned),
+            occurred_at: field("occurred_at")
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_default(),
+            command: field("command").unwrap_or_default().to_owned(),
+        })
+    }
+}
+
+/// One event as read from the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub at: LogPosition,
+    pub batch_id: BatchId,
+    /// The event's sequence within its batch (1-based): the batch's version after it.
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub event: BatchEvent,
+    pub metadata: EventMetadata,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("event at position {position} cannot be read: {reason}")]
+    Corrupt { position: i64, reason: String },
+}
+
+/// Reads the global event log.
+#[derive(Clone)]
+pub struct EventLog {
+    storage: Storage,
+    upcasters: std::sync::Arc<Vec<Box<dyn EventUpcaster>>>,
+}
+
+const COLUMNS: &str = "global_position, aggregate_id, sequence, event_type, event_version";
+
+impl EventLog {
+    pub fn new(storage: Storage) -> Self {
+        Self {
+            storage,
+            upcasters: std::sync::Arc::new(crate::upcasters()),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Up to `limit` events after `after`, in log order.
+    pub async fn read_after(
+        &self,
+        after: LogPosition,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        let rows = match self.storage.engine() {
+            Engine::Postgres => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS}, transaction_id::text AS tx, payload::text AS payload,
+                            metadata::text AS metadata
+                       FROM events
+                      WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
+                        AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                      ORDER BY transaction_id, global_position
+                      LIMIT $3"
+                ))
+                .bind(after.tx.to_string())
+                .bind(after.position)
+                .bind(limit)
+                .fetch_all(self.storage.pool())
+                .await?
+            }
+            Engine::Sqlite => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS}, '0' AS tx, payload, metadata
+                       FROM events
+                      WHERE global_position > $1
+                      ORDER BY global_position
+                      LIMIT $2"
+                ))
+                .bind(after.position)
+                .bind(limit)
+                .fetch_all(self.storage.pool())
+                .await?
+            }
+        };
+        rows.iter().map(|row| self.decode(row)).collect()
+    }
+
+    /// Every event of one batch, in sequence order, up to `max_sequence` when given.
+    pub async fn read_batch(
+        &self,
+        batch_id: BatchId,
+        max_sequence: Option<i64>,
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS}, {tx} AS tx, {payload} AS payload, {metadata} AS metadata
+               FROM events
+              WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence <= $2
+              ORDER BY sequence",
+            tx = self.text_expr("transaction_id", "'0'"),
+            payload = self.text_expr("payload", "payload"),
+            metadata = self.text_expr("metadata", "metadata"),
+        ))
+        .bind(batch_id.to_string())
+        .bind(max_sequence.unwrap_or(i64::MAX))
+        .fetch_all(self.storage.pool())
+        .await?;
+        rows.iter().map(|row| self.decode(row)).collect()
+    }
+
+    /// The log position of one appended event.
+    pub async fn position_of(
+        &self,
+        batch_id: BatchId,
+        sequence: i64,
+    ) -> Result<Option<LogPosition>, LogError> {
+        let row = sqlx::query(&format!(
+            "SELECT global_position, {tx} AS tx FROM events
+              WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence = $2",
+            tx = self.text_expr("transaction_id", "'0'"),
+        ))
+        .bind(batch_id.to_string())
+        .bind(sequence)
+        .fetch_optional(self.storage.pool())
+        .await?;
+        row.map(|row| position_from_row(&row)).transpose()
+    }
+
+    /// The log position of the event at a global position, if it exists.
+    pub async fn locate(&self, position: i64) -> Result<Option<LogPosition>, LogError> {
+        let row = sqlx::query(&format!(
+            "SELECT global_position, {tx} AS tx FROM events WHERE global_position = $1",
+            tx = self.text_expr("transaction_id", "'0'"),
+        ))
+        .bind(position)
+        .fetch_optional(self.storage.pool())
+        .await?;
+        row.map(|row| position_from_row(&row)).transpose()
+    }
+
+    /// The number of events in the log.
+    pub async fn count(&self) -> Result<i64, LogError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM events")
+            .fetch_one(self.storage.pool())
+            .await?)
+    }
+
+    /// Events after `after` (what a reader at `after` has still to read).
+    pub async fn count_after(&self, after: LogPosition) -> Result<i64, LogError> {
+        let query = match self.storage.engine() {
+            Engine::Postgres => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM events
+                  WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
+            )
+            .bind(after.tx.to_string())
+            .bind(after.position),
+            Engine::Sqlite => {
+                sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE global_position > $1")
+                    .bind(after.position)
+            }
+        };
+        Ok(query.fetch_one(self.storage.pool()).await?)
+    }
+
+    fn text_expr(&self, pg_column: &str, sqlite_expr: &str) -> String {
+        match self.storage.engine() {
+            Engine::Postgres => format!("{pg_column}::text"),
+            Engine::Sqlite => sqlite_expr.to_owned(),
+        }
+    }
+
+    fn decode(&self, row: &AnyRow) -> Result<StoredEvent, LogError> {
+        let at = position_from_row(row)?;
+        let corrupt = |reason: String| LogError::Corrupt {
+            position: at.position,
+            reason,
+        };
+        let aggregate_id: String = row.try_get("aggregate_id")?;
+        let batch_id = aggregate_id
+            .parse()
+            .map_err(|e| corrupt(format!("aggregate id {aggregate_id:?}: {e}")))?;
+        let payload: String = row.try_get("payload")?;
+        let metadata: String = row.try_get("metadata")?;
+        let payload: serde_json::Value =
+            serde_json::from_str(&payload).map_err(|e| corrupt(e.to_string()))?;
+        let metadata: serde_json::Value =
+            serde_json::from_str(&metadata).map_err(|e| corrupt(e.to_string()))?;
+        let sequence: i64 = row.try_get("sequence")?;
+        let mut serialized = SerializedEvent::new(
+            aggregate_id,
+            sequence as usize,
+            "Batch".to_owned(),
+            row.try_get("event_type")?,
+            row.try_get("event_version")?,
+            payload,
+            metadata.clone(),
+        );
+        for upcaster in self.upcasters.iter() {
+            if upcaster.can_upcast(&serialized.event_type, &serialized.event_version) {
+                serialized = upcaster.upcast(serialized);
+            }
+        }
+        let event: BatchEvent =
+            serde_json::from_value(serialized.payload).map_err(|e| corrupt(e.to_string()))?;
+        Ok(StoredEvent {
+            at,
+            batch_id,
+            sequence,
+            event_type: serialized.event_type,
+            event_version: serialized.event_version,
+            event,
+            metadata: EventMetadata::from_json(&metadata)?,
+        })
+    }
+}
+
+fn position_from_row(row: &AnyRow) -> Result<LogPosition, LogError> {
+    let position: i64 = row.try_get("global_position")?;
+    let tx: String = row.try_get("tx")?;
+    let tx = tx.parse().map_err(|_| LogError::Corrupt {
+        position,
+        reason: format!("transaction id {tx:?} is not a number"),
+    })?;
+    Ok(LogPosition { tx, position })
+}

@@ -1,0 +1,252 @@
+//! The database: which engine, its pools, its migrations, and the wake-up signal that tells
+//! readers of the event log that something was appended.
+//!
+//! Two pools are kept. cqrs-es's repositories (postgres-es, sqlite-es) need a typed pool; every
+//! other query (the event log, read models, users) goes through one `AnyPool`, so that the same
+//! SQL serves both engines and engine differences stay in [`Engine`]'s few dialect methods.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AnyPool, Executor, PgPool, SqlitePool};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The channel on which appends are announced to other nodes.
+const NOTIFY_CHANNEL: &str = "essayflow_events";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unsupported database URL {0:?}: use postgres://... or sqlite:...")]
+    UnsupportedUrl(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// How to open the database.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    pub url: String,
+    /// Connections for the command path (the typed pool).
+    pub max_write_connections: u32,
+    /// Connections for reads, projections and everything else (the `AnyPool`).
+    pub max_read_connections: u32,
+    /// SQLite only: `true` fsyncs the WAL on every commit (durable across power loss);
+    /// `false` is durable across process crashes only.
+    pub sqlite_sync_full: bool,
+}
+
+impl StorageOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_write_connections: 32,
+            max_read_connections: 16,
+            sqlite_sync_full: true,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) enum TypedPool {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// A connected, migrated database. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    engine: Engine,
+    typed: TypedPool,
+    any: AnyPool,
+    /// Wakes readers: bumped by local appends and by other nodes' notifications.
+    appended: Arc<watch::Sender<u64>>,
+    /// Bumped by local appends only; the announcer relays these to other nodes.
+    local_appends: Arc<watch::Sender<u64>>,
+}
+
+impl Storage {
+    /// Connects (creating an SQLite file if needed) and runs the migrations.
+    pub async fn connect(options: &StorageOptions) -> Result<Self, StorageError> {
+        sqlx::any::install_default_drivers();
+        let url = options.url.as_str();
+        let (engine, typed) = if url.starts_with("postgres://") || url.starts_with("postgresql://")
+        {
+            let pool = PgPoolOptions::new()
+                .max_connections(options.max_write_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+            (Engine::Postgres, TypedPool::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let synchronous = if options.sqlite_sync_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            };
+            let connect = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(synchronous)
+                .busy_timeout(Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(options.max_write_connections.min(8))
+                .connect_with(connect)
+                .await?;
+            sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+            (Engine::Sqlite, TypedPool::Sqlite(pool))
+        } else {
+            return Err(StorageError::UnsupportedUrl(url.to_owned()));
+        };
+        let sync_pragma = if options.sqlite_sync_full {
+            "PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000;"
+        } else {
+            "PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 30000;"
+        };
+        let any = AnyPoolOptions::new()
+            .max_connections(options.max_read_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if conn.backend_name() == "SQLite" {
+                        conn.execute(sync_pragma).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        Ok(Self {
+            engine,
+            typed,
+            any,
+            appended: Arc::new(watch::channel(0).0),
+            local_appends: Arc::new(watch::channel(0).0),
+        })
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The pool for everything but cqrs-es's own queries.
+    pub fn pool(&self) -> &AnyPool {
+        &self.any
+    }
+
+    pub(crate) fn typed(&self) -> &TypedPool {
+        &self.typed
+    }
+
+    /// Tells this node's readers that events were appended.
+    pub fn announce_append(&self) {
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+        self.local_appends.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever events were appended (on this node, or on any node
+    /// when PostgreSQL is used and [`Storage::spawn_signals`] runs).
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// On PostgreSQL, relays append announcements between nodes: local appends are announced
+    /// with `NOTIFY` (coalesced, and outside the append transactions, whose commits would
+    /// otherwise serialise on the notification queue lock), and other nodes' are received
+    /// with `LISTEN`. Readers keep a polling fallback, so a lost notification only delays them.
+    pub fn spawn_signals(&self, cancel: CancellationToken, tracker: &TaskTracker) {
+        let TypedPool::Postgres(pool) = &self.typed else {
+            return;
+        };
+        let (pool_out, mut local, token) = (
+            pool.clone(),
+            self.local_appends.subscribe(),
+            cancel.clone(),
+        );
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    changed = local.changed() => if changed.is_err() { return },
+                }
+                if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(NOTIFY_CHANNEL)
+                    .execute(&pool_out)
+                    .await
+                {
+                    tracing::warn!(%error, "could not announce appended events");
+                }
+                // Coalesce bursts: at most a few hundred notifications a second.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        let (pool_in, sender, token) = (pool.clone(), self.appended.clone(), cancel);
+        tracker.spawn(async move {
+            while !token.is_cancelled() {
+                let mut listener = match PgListener::connect_with(&pool_in).await {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not listen for appended events; retrying");
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                };
+                if let Err(error) = listener.listen(NOTIFY_CHANNEL).await {
+                    tracing::warn!(%error, "LISTEN failed; retrying");
+                    continue;
+                }
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        received = listener.recv() => match received {
+                            Ok(_) => sender.send_modify(|n| *n = n.wrapping_add(1)),
+                            Err(error) => {
+                                tracing::warn!(%error, "lost the LISTEN connection; reconnecting");
+                                break;
+                            }
+                        },
+                    };
+                }
+            }
+        });
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.any).await.map(|_| ())
+    }
+
+    /// Closes both pools.
+    pub async fn close(&self) {
+        self.any.close().await;
+        match &self.typed {
+            TypedPool::Postgres(pool) => pool.close().await,
+            TypedPool::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
