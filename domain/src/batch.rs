@@ -14,7 +14,7 @@ use crate::command::BatchCommand;
 use crate::error::BatchError;
 use crate::event::{BatchEvent, PipelineOutcome};
 use crate::pipeline::PipelineCatalog;
-use crate::values::{BatchId, EssayId, Outcome, Phase, RequestId, UserId};
+use crate::values::{BatchId, EssayId, MessageId, Outcome, Phase, RequestId, UserId};
 
 /// Where a batch stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,6 +109,10 @@ pub struct Batch {
     request_ids: BTreeSet<RequestId>,
     /// Per phase, the essays that ever succeeded in it (drives pruning).
     succeeded: BTreeMap<Phase, BTreeSet<EssayId>>,
+    /// Every result message ever recorded. A result names no pipeline request, so its message
+    /// id is what recognises a redelivery that arrives after a later pipeline started.
+    #[serde(default)]
+    recorded_messages: BTreeSet<MessageId>,
 }
 
 impl Batch {
@@ -282,10 +286,11 @@ impl Batch {
                 if !self.essays.contains(&essay_id) {
                     return Err(BatchError::UnknownEssay(essay_id));
                 }
-                if self
-                    .run
-                    .recorded
-                    .contains(&(phase.clone(), essay_id.clone()))
+                if self.recorded_messages.contains(&message_id)
+                    || self
+                        .run
+                        .recorded
+                        .contains(&(phase.clone(), essay_id.clone()))
                 {
                     return Ok(vec![]);
                 }
@@ -435,8 +440,12 @@ impl Batch {
                 self.run.phase_completed = false;
             }
             BatchEvent::EssayPhaseCompleted {
-                essay_id, phase, ..
+                essay_id,
+                phase,
+                message_id,
+                ..
             } => {
+                self.recorded_messages.insert(message_id);
                 self.run.recorded.insert((phase.clone(), essay_id.clone()));
                 self.run
                     .outcomes
@@ -444,8 +453,12 @@ impl Batch {
                 self.succeeded.entry(phase).or_default().insert(essay_id);
             }
             BatchEvent::EssayPhaseFailed {
-                essay_id, phase, ..
+                essay_id,
+                phase,
+                message_id,
+                ..
             } => {
+                self.recorded_messages.insert(message_id);
                 self.run.recorded.insert((phase, essay_id.clone()));
                 self.run.outcomes.insert(essay_id.clone(), Outcome::Failed);
                 self.run.failed.insert(essay_id);

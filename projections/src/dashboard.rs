@@ -1,0 +1,357 @@
+//! The `dashboard` read model, served to the aggregator: per owner, totals by status and recent
+//! activity (`dashboard_owners`), and per batch a progress summary with per-essay outcomes
+//! (`dashboard_batches`).
+//!
+//! Guarantee: exactly-once effect, like every projection: the page and its checkpoint commit
+//! together (see [`crate::worker`]). Replay: `essayflow replay --projection dashboard`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use commands::StoredEvent;
+use domain::{BatchEvent, BatchStatus, PipelineOutcome};
+use serde::{Deserialize, Serialize};
+use sqlx::AnyConnection;
+
+use crate::docs::{self, DocRow};
+use crate::{Projection, ProjectionError};
+
+pub const BATCHES: &str = "dashboard_batches";
+pub const OWNERS: &str = "dashboard_owners";
+
+/// How many recent activities an owner's dashboard keeps.
+pub const RECENT: usize = 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub succeeded: u32,
+    pub failed: u32,
+    pub total: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DashboardBatch {
+    pub batch_id: String,
+    pub owner_id: String,
+    pub title: String,
+    pub course_code: String,
+    pub status: String,
+    pub essays_added: u32,
+    pub expected_essay_count: u32,
+    pub pipeline: Option<String>,
+    pub steps: Vec<String>,
+    pub current_phase: Option<String>,
+    pub phases_completed: u32,
+    /// Outcomes reported in the current (or last) phase.
+    pub phase_progress: Progress,
+    /// essay id -> phase -> `succeeded` | `failed`, for the current (or last) pipeline.
+    pub essay_outcomes: BTreeMap<String, BTreeMap<String, String>>,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    pub position: i64,
+    pub batch_id: String,
+    pub title: String,
+    pub event_type: String,
+    pub summary: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerDashboard {
+    pub owner_id: String,
+    /// status -> number of batches.
+    pub totals: BTreeMap<String, u32>,
+    /// Newest first, at most [`RECENT`].
+    pub recent_activity: Vec<Activity>,
+    pub events: i64,
+    pub position: i64,
+}
+
+impl DashboardBatch {
+    fn fold(view: Option<Self>, stored: &StoredEvent) -> Option<Self> {
+        if let BatchEvent::BatchRegistered {
+            batch_id,
+            owner_id,
+            title,
+            course_code,
+            expected_essay_count,
+            ..
+        } = &stored.event
+        {
+            return view.or_else(|| {
+                Some(Self {
+                    batch_id: batch_id.to_string(),
+                    owner_id: owner_id.to_string(),
+                    title: title.to_string(),
+                    course_code: course_code.to_string(),
+                    status: BatchStatus::Registered.as_str().to_owned(),
+                    essays_added: 0,
+                    expected_essay_count: expected_essay_count.get(),
+                    pipeline: None,
+                    steps: Vec::new(),
+                    current_phase: None,
+                    phases_completed: 0,
+                    phase_progress: Progress::default(),
+                    essay_outcomes: BTreeMap::new(),
+                    version: stored.sequence,
+                    updated_at: stored.metadata.occurred_at,
+                })
+            });
+        }
+        let mut view = view?;
+        if stored.sequence <= view.version {
+            return Some(view);
+        }
+        view.version = stored.sequence;
+        view.updated_at = stored.metadata.occurred_at;
+        let cancelled = view.status == BatchStatus::Cancelled.as_str();
+        let mut status = |s: BatchStatus| {
+            if !cancelled {
+                view.status = s.as_str().to_owned();
+            }
+        };
+        match &stored.event {
+            BatchEvent::BatchRegistered { .. } => {}
+            BatchEvent::EssaysAdded { essays } => view.essays_added += essays.len() as u32,
+            BatchEvent::BatchReadyForProcessing { .. } => status(BatchStatus::Ready),
+            BatchEvent::PipelineRequested { pipeline, .. } => {
+                status(BatchStatus::Processing);
+                view.pipeline = Some(pipeline.to_string());
+                view.steps.clear();
+                view.current_phase = None;
+                view.phases_completed = 0;
+                view.phase_progress = Progress::default();
+                view.essay_outcomes.clear();
+            }
+            BatchEvent::PipelineResolved { steps, .. } => {
+                view.steps = steps.iter().map(ToString::to_string).collect();
+            }
+            BatchEvent::PipelineRejected { .. } => {
+                // The batch_state model keeps the exact previous status; here a rejected
+                // request only happens when the configuration changed under it, and "ready"
+                // or the last outcome is recomputed the same way.
+                let failed = view
+                    .essay_outcomes
+                    .values()
+                    .flat_map(BTreeMap::values)
+                    .any(|o| o == "failed");
+                let had_outcomes = !view.essay_outcomes.is_empty();
+                status(match (had_outcomes, failed) {
+                    (false, _) => BatchStatus::Ready,
+                    (true, true) => BatchStatus::CompletedWithFailures,
+                    (true, false) => BatchStatus::Completed,
+                });
+                view.pipeline = None;
+            }
+            BatchEvent::PhaseStarted { phase, essays, .. } => {
+                view.current_phase = Some(phase.to_string());
+                view.phase_progress = Progress {
+                    succeeded: 0,
+                    failed: 0,
+                    total: essays.len() as u32,
+                };
+            }
+            BatchEvent::EssayPhaseCompleted {
+                essay_id, phase, ..
+            } => {
+                view.phase_progress.succeeded += 1;
+                view.essay_outcomes
+                    .entry(essay_id.to_string())
+                    .or_default()
+                    .insert(phase.to_string(), "succeeded".to_owned());
+            }
+            BatchEvent::EssayPhaseFailed {
+                essay_id, phase, ..
+            } => {
+                view.phase_progress.failed += 1;
+                view.essay_outcomes
+                    .entry(essay_id.to_string())
+                    .or_default()
+                    .insert(phase.to_string(), "failed".to_owned());
+            }
+            BatchEvent::PhaseCompleted { .. } => view.phases_completed += 1,
+            BatchEvent::PipelineCompleted { outcome, .. } => {
+                status(match outcome {
+                    PipelineOutcome::Completed => BatchStatus::Completed,
+                    PipelineOutcome::CompletedWithFailures => BatchStatus::CompletedWithFailures,
+                });
+                view.current_phase = None;
+            }
+            BatchEvent::BatchCancelled { .. } => {
+                view.status = BatchStatus::Cancelled.as_str().to_owned();
+            }
+        }
+        Some(view)
+    }
+
+    fn to_row(&self, created_position: i64, position: i64) -> Result<DocRow, ProjectionError> {
+        Ok(DocRow {
+            id: self.batch_id.clone(),
+            owner_id: self.owner_id.clone(),
+            status: self.status.clone(),
+            created_position,
+            version: self.version,
+            position,
+            doc: docs::to_doc(&self.batch_id, self)?,
+        })
+    }
+}
+
+fn summary(event: &BatchEvent) -> String {
+    match event {
+        BatchEvent::BatchRegistered { title, .. } => format!("registered batch {title:?}"),
+        BatchEvent::EssaysAdded { essays } => format!("added {} essays", essays.len()),
+        BatchEvent::BatchReadyForProcessing { essay_count } => {
+            format!("all {essay_count} essays added; ready for processing")
+        }
+        BatchEvent::PipelineRequested { pipeline, .. } => format!("requested pipeline {pipeline}"),
+        BatchEvent::PipelineResolved { steps, .. } => format!(
+            "pipeline resolved: {}",
+            steps.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        BatchEvent::PipelineRejected { reason, .. } => format!("pipeline rejected: {reason}"),
+        BatchEvent::PhaseStarted { phase, essays, .. } => {
+            format!("{phase} started for {} essays", essays.len())
+        }
+        BatchEvent::EssayPhaseCompleted {
+            essay_id, phase, ..
+        } => format!("{phase} succeeded for essay {essay_id}"),
+        BatchEvent::EssayPhaseFailed {
+            essay_id, phase, ..
+        } => format!("{phase} failed for essay {essay_id}"),
+        BatchEvent::PhaseCompleted {
+            phase,
+            succeeded,
+            failed,
+            ..
+        } => format!("{phase} completed: {succeeded} succeeded, {failed} failed"),
+        BatchEvent::PipelineCompleted { outcome, .. } => match outcome {
+            PipelineOutcome::Completed => "pipeline completed".to_owned(),
+            PipelineOutcome::CompletedWithFailures => "pipeline completed with failures".to_owned(),
+        },
+        BatchEvent::BatchCancelled { .. } => "batch cancelled".to_owned(),
+    }
+}
+
+/// The dashboard projection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DashboardProjection;
+
+impl Projection for DashboardProjection {
+    fn name(&self) -> &'static str {
+        "dashboard"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[BATCHES, OWNERS]
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut batches: HashMap<String, (i64, i64, Option<DashboardBatch>)> =
+            docs::load_many::<DashboardBatch>(conn, BATCHES, &ids)
+                .await?
+                .into_iter()
+                .map(|(id, (row, view))| (id, (row.created_position, row.position, Some(view))))
+                .collect();
+
+        // Per owner: status deltas and new activities, in log order.
+        let mut deltas: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
+        let mut activity: HashMap<String, Vec<Activity>> = HashMap::new();
+        let mut last: HashMap<String, (i64, i64)> = HashMap::new();
+        for event in events {
+            let id = event.batch_id.to_string();
+            let entry = batches
+                .entry(id)
+                .or_insert((event.at.position, event.at.position, None));
+            let before = entry.2.as_ref().map(|v| (v.status.clone(), v.version));
+            let after = DashboardBatch::fold(entry.2.take(), event);
+            entry.2 = after;
+            let Some(view) = entry.2.as_ref() else {
+                continue;
+            };
+            if before.as_ref().is_some_and(|(_, version)| *version >= event.sequence) {
+                continue;
+            }
+            entry.1 = event.at.position;
+            let owner = view.owner_id.clone();
+            let owner_deltas = deltas.entry(owner.clone()).or_default();
+            if let Some((old, _)) = &before {
+                *owner_deltas.entry(old.clone()).or_default() -= 1;
+            }
+            *owner_deltas.entry(view.status.clone()).or_default() += 1;
+            activity.entry(owner.clone()).or_default().push(Activity {
+                position: event.at.position,
+                batch_id: view.batch_id.clone(),
+                title: view.title.clone(),
+                event_type: event.event_type.clone(),
+                summary: summary(&event.event),
+                occurred_at: event.metadata.occurred_at,
+            });
+            let seen = last.entry(owner).or_default();
+            seen.0 += 1;
+            seen.1 = event.at.position;
+        }
+
+        let mut rows = Vec::with_capacity(batches.len());
+        for (created, position, view) in batches.values() {
+            if let Some(view) = view {
+                rows.push(view.to_row(*created, *position)?);
+            }
+        }
+        docs::upsert_many(conn, BATCHES, &rows).await?;
+
+        let owners: Vec<String> = deltas.keys().cloned().collect();
+        let mut existing = docs::load_many::<OwnerDashboard>(conn, OWNERS, &owners).await?;
+        let mut rows = Vec::with_capacity(owners.len());
+        for owner in owners {
+            let (created, mut dashboard) = match existing.remove(&owner) {
+                Some((row, dashboard)) => (row.created_position, dashboard),
+                None => (
+                    0,
+                    OwnerDashboard {
+                        owner_id: owner.clone(),
+                        totals: BTreeMap::new(),
+                        recent_activity: Vec::new(),
+                        events: 0,
+                        position: 0,
+                    },
+                ),
+            };
+            for (status, delta) in &deltas[&owner] {
+                let total = dashboard.totals.entry(status.clone()).or_default();
+                *total = (i64::from(*total) + delta).max(0) as u32;
+            }
+            dashboard.totals.retain(|_, n| *n > 0);
+            let mut recent = activity.remove(&owner).unwrap_or_default();
+            recent.reverse();
+            recent.extend(dashboard.recent_activity.drain(..));
+            recent.truncate(RECENT);
+            dashboard.recent_activity = recent;
+            let (count, position) = last.get(&owner).copied().unwrap_or_default();
+            dashboard.events += count;
+            dashboard.position = position;
+            rows.push(DocRow {
+                id: owner.clone(),
+                owner_id: owner.clone(),
+                status: String::new(),
+                created_position: if created == 0 { position } else { created },
+                version: dashboard.events,
+                position,
+                doc: docs::to_doc(&owner, &dashboard)?,
+            });
+        }
+        docs::upsert_many(conn, OWNERS, &rows).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! Document tables: the shared shape of every read-model table (see
+//! `migrations/*/0002_read_models.sql`): a JSON document per key with the columns queries
+//! filter and sort on.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::{AnyConnection, QueryBuilder, Row};
+
+use crate::ProjectionError;
+
+/// One row of a document table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocRow {
+    pub id: String,
+    pub owner_id: String,
+    pub status: String,
+    pub created_position: i64,
+    pub version: i64,
+    pub position: i64,
+    pub doc: String,
+}
+
+impl DocRow {
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ProjectionError> {
+        serde_json::from_str(&self.doc).map_err(|e| ProjectionError::Corrupt {
+            key: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+pub(crate) const ROW_COLUMNS: &str = "id, owner_id, status, created_position, version, position, doc";
+
+pub(crate) fn row_from(row: &sqlx::any::AnyRow) -> Result<DocRow, sqlx::Error> {
+    Ok(DocRow {
+        id: row.try_get("id")?,
+        owner_id: row.try_get("owner_id")?,
+        status: row.try_get("status")?,
+        created_position: row.try_get("created_position")?,
+        version: row.try_get("version")?,
+        position: row.try_get("position")?,
+        doc: row.try_get("doc")?,
+    })
+}
+
+/// Rows per statement; keeps every statement well under SQLite's parameter limit.
+const CHUNK: usize = 400;
+
+/// Loads the rows of `ids` that exist, parsed.
+pub(crate) async fn load_many<T: DeserializeOwned>(
+    conn: &mut AnyConnection,
+    table: &str,
+    ids: &[String],
+) -> Result<HashMap<String, (DocRow, T)>, ProjectionError> {
+    let mut found = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let mut query = QueryBuilder::new(format!("SELECT {ROW_COLUMNS} FROM {table} WHERE id IN ("));
+        let mut list = query.separated(", ");
+        for id in chunk {
+            list.push_bind(id.clone());
+        }
+        query.push(")");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let row = row_from(&row)?;
+            let doc = row.parse()?;
+            found.insert(row.id.clone(), (row, doc));
+        }
+    }
+    Ok(found)
+}
+
+/// Inserts or replaces rows.
+pub(crate) async fn upsert_many(
+    conn: &mut AnyConnection,
+    table: &str,
+    rows: &[DocRow],
+) -> Result<(), ProjectionError> {
+    for chunk in rows.chunks(CHUNK) {
+        let mut query = QueryBuilder::new(format!("INSERT INTO {table} ({ROW_COLUMNS}) "));
+        query.push_values(chunk, |mut b, row| {
+            b.push_bind(row.id.clone())
+                .push_bind(row.owner_id.clone())
+                .push_bind(row.status.clone())
+                .push_bind(row.created_position)
+                .push_bind(row.version)
+                .push_bind(row.position)
+                .push_bind(row.doc.clone());
+        });
+        query.push(
+            " ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id, \
+             status = excluded.status, created_position = excluded.created_position, \
+             version = excluded.version, position = excluded.position, doc = excluded.doc",
+        );
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Serialises a document.
+pub(crate) fn to_doc<T: Serialize>(key: &str, value: &T) -> Result<String, ProjectionError> {
+    serde_json::to_string(value).map_err(|e| ProjectionError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}

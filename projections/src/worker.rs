@@ -1,0 +1,199 @@
+//! The checkpointed catch-up worker that keeps one projection up to date.
+//!
+//! Guarantees:
+//! - **Exactly-once effect.** Each page of events is applied in one database transaction that
+//!   also moves the projection's checkpoint. The transaction's first statement is a
+//!   compare-and-set on the checkpoint, so a page is applied at most once even if two workers
+//!   (two nodes, or a replay beside a live worker) race: the loser rolls back and reads again.
+//!   A crash before commit leaves both the rows and the checkpoint as they were.
+//! - **No gaps.** Pages come from [`EventLog::read_after`], which never passes an event whose
+//!   transaction may still commit behind it.
+//! - **Liveness.** The worker sleeps until the storage's append signal fires (in-process, or
+//!   PostgreSQL `LISTEN` for other nodes' appends), with a polling fallback; errors are logged,
+//!   counted and retried with backoff, never swallowed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use commands::{EventLog, LogPosition, Storage};
+use sqlx::{Acquire, AnyPool, Row};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Projection, ProjectionError};
+
+/// How a worker pages through the log.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    pub page_size: i64,
+    /// How often to look for new events when no signal arrives.
+    pub poll_interval: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            page_size: 500,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// This many events were applied and committed.
+    Applied(usize),
+    /// Nothing new in the log.
+    Idle,
+    /// Another worker moved the checkpoint first; nothing was applied.
+    Superseded,
+}
+
+/// A hook run after a page is applied and before it commits; an error rolls the page back.
+/// Tests use it to crash a worker at the worst moment.
+pub type BeforeCommit<'a> = &'a (dyn Fn(&[commands::StoredEvent]) -> Result<(), ProjectionError> + Sync);
+
+pub struct Worker<P> {
+    projection: P,
+    log: EventLog,
+    options: WorkerOptions,
+    applied: watch::Sender<LogPosition>,
+    errors: Arc<AtomicU64>,
+}
+
+impl<P: Projection> Worker<P> {
+    pub fn new(projection: P, storage: &Storage, options: WorkerOptions) -> Self {
+        Self {
+            projection,
+            log: EventLog::new(storage.clone()),
+            options,
+            applied: watch::channel(LogPosition::default()).0,
+            errors: Arc::default(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    /// The last position this worker committed, for local read-your-writes waits.
+    pub fn applied(&self) -> watch::Receiver<LogPosition> {
+        self.applied.subscribe()
+    }
+
+    /// How many steps failed since start.
+    pub fn errors(&self) -> Arc<AtomicU64> {
+        self.errors.clone()
+    }
+
+    fn pool(&self) -> &AnyPool {
+        self.log.storage().pool()
+    }
+
+    /// Runs until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) {
+        let name = self.name();
+        let mut wake = self.log.storage().appended();
+        let mut backoff = Duration::from_millis(100);
+        tracing::info!(projection = name, "projection worker started");
+        while !cancel.is_cancelled() {
+            match self.step().await {
+                Ok(Step::Applied(_) | Step::Superseded) => {
+                    backoff = Duration::from_millis(100);
+                }
+                Ok(Step::Idle) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = wake.changed() => {}
+                        _ = tokio::time::sleep(self.options.poll_interval) => {}
+                    }
+                }
+                Err(error) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(projection = name, error = %error, retry_in = ?backoff, "projection step failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!(projection = name, "projection worker stopped");
+    }
+
+    /// Applies the next page, if any.
+    pub async fn step(&self) -> Result<Step, ProjectionError> {
+        self.step_with(&|_| Ok(())).await
+    }
+
+    /// Applies the next page, running `before_commit` just before the commit.
+    pub async fn step_with(&self, before_commit: BeforeCommit<'_>) -> Result<Step, ProjectionError> {
+        let name = self.name();
+        let checkpoint = load_checkpoint(self.pool(), name).await?;
+        let events = self.log.read_after(checkpoint, self.options.page_size).await?;
+        let Some(last) = events.last().map(|e| e.at) else {
+            return Ok(Step::Idle);
+        };
+        let mut conn = self.pool().acquire().await?;
+        let mut tx = conn.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE projection_checkpoints
+                SET tx = $1, position = $2, events_applied = events_applied + $3, updated_at = $4
+              WHERE name = $5 AND tx = $6 AND position = $7",
+        )
+        .bind(last.tx)
+        .bind(last.position)
+        .bind(events.len() as i64)
+        .bind(Utc::now().to_rfc3339())
+        .bind(name)
+        .bind(checkpoint.tx)
+        .bind(checkpoint.position)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(Step::Superseded);
+        }
+        self.projection.apply(&mut tx, &events).await?;
+        before_commit(&events)?;
+        tx.commit().await?;
+        self.applied.send_replace(last);
+        Ok(Step::Applied(events.len()))
+    }
+}
+
+/// Makes sure a projection has a checkpoint row (at the start of the log).
+pub async fn ensure_checkpoint(pool: &AnyPool, name: &str) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name, tx, position, events_applied, updated_at)
+         VALUES ($1, 0, 0, 0, $2) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name)
+    .bind(Utc::now().to_rfc3339())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A projection's checkpoint: every event at or before it has been applied.
+pub async fn load_checkpoint(pool: &AnyPool, name: &str) -> Result<LogPosition, ProjectionError> {
+    let row = sqlx::query("SELECT tx, position FROM projection_checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    match row {
+        Some(row) => Ok(LogPosition {
+            tx: row.try_get("tx")?,
+            position: row.try_get("position")?,
+        }),
+        None => {
+            ensure_checkpoint(pool, name).await?;
+            Ok(LogPosition::default())
+        }
+    }
+}
