@@ -219,10 +219,10 @@ impl EventLog {
             )
             .bind(after.tx.to_string())
             .bind(after.position),
-            Engine::Sqlite => {
-                sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE global_position > $1")
-                    .bind(after.position)
-            }
+            Engine::Sqlite => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM events WHERE global_position > $1",
+            )
+            .bind(after.position),
         };
         Ok(query.fetch_one(self.storage.pool()).await?)
     }

@@ -29,6 +29,9 @@ pub struct CommandContext {
     /// The event or message that caused this command, if any.
     pub causation_id: Option<Uuid>,
     pub user_id: Option<String>,
+    /// When set, the command applies only to a batch this user owns; any other batch is
+    /// answered as [`BatchError::NotFound`], exactly like a missing one.
+    pub require_owner: Option<domain::values::UserId>,
 }
 
 /// What an accepted command did.
@@ -109,6 +112,11 @@ impl CommandService {
                 .await
                 .map_err(storage_error)?;
             let version = loaded.current_sequence;
+            if let Some(owner) = context.require_owner {
+                if version > 0 && loaded.aggregate.owner() != Some(owner) {
+                    return Err(CommandError::Rejected(BatchError::NotFound));
+                }
+            }
             let events = loaded.aggregate.decide(command.clone(), &self.services)?;
             if events.is_empty() {
                 return self.accepted(batch_id, 0, version).await;

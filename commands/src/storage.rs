@@ -181,11 +181,8 @@ impl Storage {
         let TypedPool::Postgres(pool) = &self.typed else {
             return;
         };
-        let (pool_out, mut local, token) = (
-            pool.clone(),
-            self.local_appends.subscribe(),
-            cancel.clone(),
-        );
+        let (pool_out, mut local, token) =
+            (pool.clone(), self.local_appends.subscribe(), cancel.clone());
         tracker.spawn(async move {
             loop {
                 tokio::select! {

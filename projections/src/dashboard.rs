@@ -203,7 +203,7 @@ impl DashboardBatch {
 
 fn summary(event: &BatchEvent) -> String {
     match event {
-        BatchEvent::BatchRegistered { title, .. } => format!("registered batch {title:?}"),
+        BatchEvent::BatchRegistered { title, .. } => format!("registered batch \"{title}\""),
         BatchEvent::EssaysAdded { essays } => format!("added {} essays", essays.len()),
         BatchEvent::BatchReadyForProcessing { essay_count } => {
             format!("all {essay_count} essays added; ready for processing")
@@ -211,7 +211,11 @@ fn summary(event: &BatchEvent) -> String {
         BatchEvent::PipelineRequested { pipeline, .. } => format!("requested pipeline {pipeline}"),
         BatchEvent::PipelineResolved { steps, .. } => format!(
             "pipeline resolved: {}",
-            steps.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            steps
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         BatchEvent::PipelineRejected { reason, .. } => format!("pipeline rejected: {reason}"),
         BatchEvent::PhaseStarted { phase, essays, .. } => {
@@ -280,7 +284,10 @@ impl Projection for DashboardProjection {
             let Some(view) = entry.2.as_ref() else {
                 continue;
             };
-            if before.as_ref().is_some_and(|(_, version)| *version >= event.sequence) {
+            if before
+                .as_ref()
+                .is_some_and(|(_, version)| *version >= event.sequence)
+            {
                 continue;
             }
             entry.1 = event.at.position;

@@ -31,7 +31,8 @@ impl DocRow {
     }
 }
 
-pub(crate) const ROW_COLUMNS: &str = "id, owner_id, status, created_position, version, position, doc";
+pub(crate) const ROW_COLUMNS: &str =
+    "id, owner_id, status, created_position, version, position, doc";
 
 pub(crate) fn row_from(row: &sqlx::any::AnyRow) -> Result<DocRow, sqlx::Error> {
     Ok(DocRow {
@@ -56,7 +57,8 @@ pub(crate) async fn load_many<T: DeserializeOwned>(
 ) -> Result<HashMap<String, (DocRow, T)>, ProjectionError> {
     let mut found = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let mut query = QueryBuilder::new(format!("SELECT {ROW_COLUMNS} FROM {table} WHERE id IN ("));
+        let mut query =
+            QueryBuilder::new(format!("SELECT {ROW_COLUMNS} FROM {table} WHERE id IN ("));
         let mut list = query.separated(", ");
         for id in chunk {
             list.push_bind(id.clone());

@@ -23,7 +23,7 @@ use sqlx::AnyConnection;
 pub use batch_state::{BatchStateProjection, BatchView};
 pub use dashboard::DashboardProjection;
 pub use docs::DocRow;
-pub use queries::{Dashboard, Page, ProjectionStatus, ReadModels, Reached};
+pub use queries::{Dashboard, Page, ProjectionStatus, Reached, ReadModels};
 pub use worker::{Step, Worker, WorkerOptions};
 
 /// The names of every projection, in the order they are listed to operators.
@@ -71,9 +71,12 @@ pub async fn dump(
     };
     let mut rows = Vec::new();
     for table in tables {
-        let found = sqlx::query(&format!("SELECT {} FROM {table} ORDER BY id", docs::ROW_COLUMNS))
-            .fetch_all(storage.pool())
-            .await?;
+        let found = sqlx::query(&format!(
+            "SELECT {} FROM {table} ORDER BY id",
+            docs::ROW_COLUMNS
+        ))
+        .fetch_all(storage.pool())
+        .await?;
         for row in found {
             rows.push(((*table).to_owned(), docs::row_from(&row)?));
         }

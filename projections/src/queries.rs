@@ -146,7 +146,10 @@ impl ReadModels {
         })
     }
 
-    pub async fn projections(&self, names: &[&str]) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+    pub async fn projections(
+        &self,
+        names: &[&str],
+    ) -> Result<Vec<ProjectionStatus>, ProjectionError> {
         let mut statuses = Vec::with_capacity(names.len());
         for name in names {
             load_checkpoint(self.storage.pool(), name).await?;

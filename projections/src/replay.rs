@@ -28,7 +28,10 @@ impl ReplayProgress {
 }
 
 /// Empties a projection and resets its checkpoint to the start of the log.
-pub async fn reset<P: Projection>(projection: &P, storage: &Storage) -> Result<(), ProjectionError> {
+pub async fn reset<P: Projection>(
+    projection: &P,
+    storage: &Storage,
+) -> Result<(), ProjectionError> {
     let mut conn = storage.pool().acquire().await?;
     let mut tx = conn.begin().await?;
     sqlx::query(

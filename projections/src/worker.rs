@@ -54,7 +54,8 @@ pub enum Step {
 
 /// A hook run after a page is applied and before it commits; an error rolls the page back.
 /// Tests use it to crash a worker at the worst moment.
-pub type BeforeCommit<'a> = &'a (dyn Fn(&[commands::StoredEvent]) -> Result<(), ProjectionError> + Sync);
+pub type BeforeCommit<'a> =
+    &'a (dyn Fn(&[commands::StoredEvent]) -> Result<(), ProjectionError> + Sync);
 
 pub struct Worker<P> {
     projection: P,
@@ -132,10 +133,16 @@ impl<P: Projection> Worker<P> {
     }
 
     /// Applies the next page, running `before_commit` just before the commit.
-    pub async fn step_with(&self, before_commit: BeforeCommit<'_>) -> Result<Step, ProjectionError> {
+    pub async fn step_with(
+        &self,
+        before_commit: BeforeCommit<'_>,
+    ) -> Result<Step, ProjectionError> {
         let name = self.name();
         let checkpoint = load_checkpoint(self.pool(), name).await?;
-        let events = self.log.read_after(checkpoint, self.options.page_size).await?;
+        let events = self
+            .log
+            .read_after(checkpoint, self.options.page_size)
+            .await?;
         let Some(last) = events.last().map(|e| e.at) else {
             return Ok(Step::Idle);
         };

@@ -1,0 +1,165 @@
+//! The `essayflow` command line.
+
+use std::io::{IsTerminal, Read, Write};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use projections::{BatchStateProjection, DashboardProjection, PROJECTIONS, replay};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Role, TokenKeys, add_user, find_user};
+use crate::settings::Settings;
+use crate::startup::{Application, connect, shutdown_signal, spawn_workers};
+
+#[derive(Parser)]
+#[command(
+    name = "essayflow",
+    version,
+    about = "Event-sourced backbone of the essay-processing platform"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API and run the workers (SQLite under ./data unless ESSAYFLOW_DATABASE_URL is set).
+    Serve,
+    /// Run only the projection workers (scale-out).
+    Worker,
+    /// Run the database migrations and exit.
+    Migrate,
+    /// Rebuild a projection from event zero.
+    Replay {
+        #[arg(long)]
+        projection: String,
+    },
+    /// Manage users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Print a signed access token for a user (for local use).
+    Token {
+        #[arg(long)]
+        username: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add a user; the password is read from standard input.
+    Add {
+        #[arg(long)]
+        username: String,
+        #[arg(long, value_parser = ["teacher", "admin", "service"])]
+        role: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    match cli.command {
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Worker => {
+            let storage = connect(&settings).await?;
+            let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+            storage.spawn_signals(cancel.child_token(), &tracker);
+            spawn_workers(&storage, &cancel, &tracker);
+            tracing::info!("workers running");
+            shutdown_signal().await;
+            cancel.cancel();
+            tracker.close();
+            tracker.wait().await;
+            Ok(())
+        }
+        Command::Migrate => {
+            let storage = connect(&settings).await?;
+            println!("migrations applied ({})", storage.engine().name());
+            Ok(())
+        }
+        Command::Replay { projection } => {
+            let storage = connect(&settings).await?;
+            let show = |p: replay::ReplayProgress| progress_bar(&projection, p);
+            let report = match projection.as_str() {
+                "batch_state" => replay::rebuild(BatchStateProjection, &storage, show).await?,
+                "dashboard" => replay::rebuild(DashboardProjection, &storage, show).await?,
+                other => bail!(
+                    "unknown projection {other:?}; known: {}",
+                    PROJECTIONS.join(", ")
+                ),
+            };
+            eprintln!();
+            println!(
+                "replayed {} events into {projection} in {:.2} s ({:.0} events/s)",
+                report.applied,
+                report.elapsed.as_secs_f64(),
+                report.events_per_second()
+            );
+            Ok(())
+        }
+        Command::Users {
+            command:
+                UsersCommand::Add {
+                    username,
+                    role,
+                    password_stdin: _,
+                },
+        } => {
+            let role = Role::parse(&role).context("role")?;
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            let storage = connect(&settings).await?;
+            let user = add_user(storage.pool(), &username, role, password).await?;
+            println!("added {} {} ({})", role.as_str(), user.username, user.id);
+            Ok(())
+        }
+        Command::Token { username } => {
+            let storage = connect(&settings).await?;
+            let user = find_user(storage.pool(), &username)
+                .await?
+                .with_context(|| format!("no user {username:?}"))?;
+            let keys = TokenKeys::new(
+                &settings.jwt_secret()?,
+                &settings.jwt_issuer,
+                &settings.jwt_audience,
+                settings.token_ttl_secs,
+            );
+            println!("{}", keys.issue(&user)?);
+            Ok(())
+        }
+    }
+}
+
+fn progress_bar(name: &str, p: replay::ReplayProgress) {
+    let mut err = std::io::stderr();
+    let ratio = if p.total == 0 {
+        1.0
+    } else {
+        p.applied as f64 / p.total as f64
+    };
+    let filled = (ratio * 30.0).round() as usize;
+    let line = format!(
+        "{name} [{}{}] {}/{} events, {:.0} events/s",
+        "#".repeat(filled),
+        "-".repeat(30 - filled.min(30)),
+        p.applied,
+        p.total,
+        p.events_per_second()
+    );
+    if err.is_terminal() {
+        let _ = write!(err, "\r{line}");
+    } else {
+        let _ = writeln!(err, "{line}");
+    }
+}

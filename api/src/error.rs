@@ -1,0 +1,173 @@
+//! The API's one error type. Every variant documents its status; rejections become
+//! `application/problem+json` (RFC 9457) with a stable `type`; internal failures become an
+//! opaque 500 that is logged with its cause.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use commands::CommandError;
+use domain::BatchError;
+use domain::values::ValidationError;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl From<ValidationError> for FieldError {
+    fn from(e: ValidationError) -> Self {
+        Self {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON.
+    #[error("the request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// 400: a query parameter is invalid.
+    #[error("{}: {}", .0.field, .0.reason)]
+    BadQuery(FieldError),
+    /// 401: no valid access token (or bad credentials at login).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403: the user's role may not do this.
+    #[error("this action needs the {0} role")]
+    Forbidden(&'static str),
+    /// 404: missing, or someone else's.
+    #[error("not found")]
+    NotFound,
+    /// 409: the batch's state does not allow the command.
+    #[error(transparent)]
+    Rejected(BatchError),
+    /// 409: other commands kept changing the batch.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body is over the size limit.
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// 415: the body is not declared as JSON.
+    #[error("expected a body of type application/json")]
+    UnsupportedMediaType,
+    /// 422: the body has the wrong shape or values out of range.
+    #[error("the request is invalid")]
+    Invalid(Vec<FieldError>),
+    /// 503: the read model did not reach the requested position in time.
+    #[error("the read model has not yet reached position {0}; retry shortly")]
+    NotYetConsistent(i64),
+    /// 500: anything else; the cause is logged, not shown.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid(vec![FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }])
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json"),
+            Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "invalid-query"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not-found"),
+            Self::Rejected(BatchError::NotFound) => (StatusCode::NOT_FOUND, "not-found"),
+            Self::Rejected(e) => (StatusCode::CONFLICT, e.code()),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "concurrent-modification"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
+            Self::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            Self::NotYetConsistent(_) => (StatusCode::SERVICE_UNAVAILABLE, "not-yet-consistent"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Rejected(e) => Self::Rejected(e),
+            e @ CommandError::Conflict { .. } => Self::Conflict(e.to_string()),
+            CommandError::Storage(e) => Self::Internal(anyhow::anyhow!(e)),
+        }
+    }
+}
+
+impl From<projections::ProjectionError> for ApiError {
+    fn from(error: projections::ProjectionError) -> Self {
+        Self::Internal(error.into())
+    }
+}
+
+impl From<commands::LogError> for ApiError {
+    fn from(error: commands::LogError) -> Self {
+        Self::Internal(error.into())
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Internal(error.into())
+    }
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        if let Self::Internal(cause) = &self {
+            tracing::error!(error = ?cause, "request failed");
+        }
+        let errors = match &self {
+            Self::Invalid(errors) => errors.clone(),
+            Self::BadQuery(e) => vec![e.clone()],
+            _ => Vec::new(),
+        };
+        let problem = Problem {
+            kind: format!("urn:essayflow:problem:{code}"),
+            title: status.canonical_reason().unwrap_or("error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            errors,
+        };
+        let mut response = (status, axum::Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

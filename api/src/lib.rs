@@ -1,0 +1,17 @@
+//! essayflow's API process: the axum HTTP server, authentication, configuration and the
+//! command-line entry points.
+//!
+//! - [`startup::Application`] builds everything from [`settings::Settings`] and serves.
+//! - [`routes`] has one module per feature; [`error::ApiError`] is the one error type
+//!   (problem+json); [`auth`] holds users, password hashing and access tokens.
+//! - Only this crate knows HTTP.
+
+pub mod auth;
+pub mod cli;
+pub mod error;
+pub mod json;
+mod routes;
+pub mod settings;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

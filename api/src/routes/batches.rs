@@ -1,0 +1,578 @@
+//! Batch commands (answered 202 once their events are durable) and batch queries.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use commands::{Accepted, CommandContext, CommandError};
+use domain::values::{
+    BatchId, ClassDesignation, CourseCode, EssayId, EssayText, EssayTitle, ExpectedEssayCount,
+    Phase, RequestId, Title, ValidationError,
+};
+use domain::{BatchCommand, BatchEvent, BatchStatus, Essay};
+use projections::{BatchView, Page, Reached};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::{AuthUser, Role};
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::json::{self, Json, Query};
+use crate::state::{AppState, Metrics};
+use crate::telemetry::CorrelationId;
+
+// ---- request bodies -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBatchRequest {
+    batch_id: Option<Uuid>,
+    title: String,
+    course_code: String,
+    expected_essay_count: i64,
+    class_designation: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EssayInput {
+    essay_id: Option<String>,
+    title: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddEssaysRequest {
+    essays: Vec<EssayInput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestPipelineRequest {
+    pipeline: String,
+    request_id: Option<Uuid>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    reason: Option<String>,
+}
+
+/// Collects every field error of a body, so that a client sees them all at once.
+#[derive(Default)]
+struct Fields(Vec<FieldError>);
+
+impl Fields {
+    fn check<T>(&mut self, prefix: Option<&str>, parsed: Result<T, ValidationError>) -> Option<T> {
+        match parsed {
+            Ok(value) => Some(value),
+            Err(e) => {
+                let e = match prefix {
+                    Some(p) => e.within(p),
+                    None => e,
+                };
+                self.0.push(e.into());
+                None
+            }
+        }
+    }
+
+    fn finish<T>(self, value: Option<T>) -> ApiResult<T> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ => Err(ApiError::Invalid(self.0)),
+        }
+    }
+}
+
+// ---- responses ------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct AcceptedResponse {
+    batch_id: String,
+    correlation_id: String,
+    /// The consistency token: pass as `min_position` to read this write.
+    position: i64,
+    version: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+}
+
+fn accepted(
+    accepted: Accepted,
+    correlation: CorrelationId,
+    request_id: Option<RequestId>,
+) -> Response {
+    let location = format!("/v1/batches/{}", accepted.batch_id);
+    let body = AcceptedResponse {
+        batch_id: accepted.batch_id.to_string(),
+        correlation_id: correlation.0.to_string(),
+        position: accepted.position.position,
+        version: accepted.version,
+        request_id: request_id.map(|r| r.to_string()),
+    };
+    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+async fn execute(
+    state: &AppState,
+    user: &AuthUser,
+    correlation: CorrelationId,
+    batch_id: BatchId,
+    command: BatchCommand,
+    owner_only: bool,
+) -> ApiResult<Accepted> {
+    let context = CommandContext {
+        correlation_id: correlation.0,
+        causation_id: None,
+        user_id: Some(user.id.to_string()),
+        require_owner: owner_only.then_some(user.id),
+    };
+    let name = command.name();
+    let result = state.commands.execute(batch_id, command, &context).await;
+    let m = &state.metrics;
+    match &result {
+        Ok(_) => Metrics::inc(&m.commands_accepted),
+        Err(CommandError::Rejected(_)) => Metrics::inc(&m.commands_rejected),
+        Err(CommandError::Conflict { .. }) => Metrics::inc(&m.commands_conflicted),
+        Err(CommandError::Storage(_)) => Metrics::inc(&m.commands_failed),
+    }
+    match &result {
+        Ok(a) => {
+            tracing::info!(command = name, %batch_id, events = a.events, position = a.position.position, "command accepted")
+        }
+        Err(e) => tracing::info!(command = name, %batch_id, error = %e, "command not accepted"),
+    }
+    Ok(result?)
+}
+
+fn batch_id(raw: &str) -> ApiResult<BatchId> {
+    raw.parse().map_err(|_| ApiError::NotFound)
+}
+
+// ---- commands -------------------------------------------------------------------------------
+
+async fn register_batch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Extension(correlation): Extension<CorrelationId>,
+    Json(body): Json<RegisterBatchRequest>,
+) -> ApiResult<Response> {
+    user.require(&[Role::Teacher, Role::Admin], "teacher")?;
+    let mut fields = Fields::default();
+    let title = fields.check(None, Title::parse(body.title));
+    let course_code = fields.check(None, CourseCode::parse(body.course_code));
+    let expected = fields.check(None, ExpectedEssayCount::parse(body.expected_essay_count));
+    let class_designation = match body.class_designation {
+        Some(c) => fields.check(None, ClassDesignation::parse(c)).map(Some),
+        None => Some(None),
+    };
+    let batch_id = body.batch_id.map_or_else(BatchId::new, BatchId::from_uuid);
+    let command = fields.finish((|| {
+        Some(BatchCommand::RegisterBatch {
+            batch_id,
+            owner_id: user.id,
+            title: title?,
+            course_code: course_code?,
+            class_designation: class_designation?,
+            expected_essay_count: expected?,
+        })
+    })())?;
+    let done = execute(&state, &user, correlation, batch_id, command, false).await?;
+    Ok(accepted(done, correlation, None))
+}
+
+async fn add_essays(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Extension(correlation): Extension<CorrelationId>,
+    Path(id): Path<String>,
+    Json(body): Json<AddEssaysRequest>,
+) -> ApiResult<Response> {
+    let batch_id = batch_id(&id)?;
+    let mut fields = Fields::default();
+    if body.essays.is_empty() {
+        fields.0.push(FieldError {
+            field: "essays".into(),
+            reason: "must contain at least one essay".into(),
+        });
+    }
+    if body.essays.len() > ExpectedEssayCount::MAX as usize {
+        fields.0.push(FieldError {
+            field: "essays".into(),
+            reason: format!("must contain at most {} essays", ExpectedEssayCount::MAX),
+        });
+    }
+    let mut essays = Vec::with_capacity(body.essays.len());
+    for (i, essay) in body.essays.into_iter().enumerate() {
+        let prefix = format!("essays[{i}]");
+        let essay_id = match essay.essay_id {
+            Some(raw) => fields.check(Some(&prefix), EssayId::parse(raw)),
+            None => EssayId::parse(Uuid::new_v4().to_string()).ok(),
+        };
+        let title = fields.check(Some(&prefix), EssayTitle::parse(essay.title));
+        let text = fields.check(Some(&prefix), EssayText::parse(essay.text));
+        if let (Some(essay_id), Some(title), Some(text)) = (essay_id, title, text) {
+            essays.push(Essay {
+                essay_id,
+                title,
+                text,
+            });
+        }
+    }
+    let command = fields.finish(Some(BatchCommand::AddEssays { essays }))?;
+    let done = execute(&state, &user, correlation, batch_id, command, true).await?;
+    Ok(accepted(done, correlation, None))
+}
+
+async fn request_pipeline(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Extension(correlation): Extension<CorrelationId>,
+    Path(id): Path<String>,
+    Json(body): Json<RequestPipelineRequest>,
+) -> ApiResult<Response> {
+    let batch_id = batch_id(&id)?;
+    let mut fields = Fields::default();
+    let pipeline = fields.check(None, Phase::parse(body.pipeline));
+    if let Some(p) = &pipeline {
+        if !state.commands.services().pipelines.contains(p) {
+            let known: Vec<String> = state
+                .commands
+                .services()
+                .pipelines
+                .phases()
+                .map(|p| p.to_string())
+                .collect();
+            fields.0.push(FieldError {
+                field: "pipeline".into(),
+                reason: format!("unknown pipeline; expected one of {}", known.join(", ")),
+            });
+        }
+    }
+    let request_id = body
+        .request_id
+        .map_or_else(RequestId::new, RequestId::from_uuid);
+    let command = fields.finish(pipeline.map(|pipeline| BatchCommand::RequestPipeline {
+        request_id,
+        pipeline,
+    }))?;
+    let done = execute(&state, &user, correlation, batch_id, command, true).await?;
+    Ok(accepted(done, correlation, Some(request_id)))
+}
+
+async fn cancel_batch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Extension(correlation): Extension<CorrelationId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let batch_id = batch_id(&id)?;
+    let body: CancelRequest = if body.is_empty() {
+        CancelRequest::default()
+    } else {
+        let is_json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        json::parse(&body)?
+    };
+    if let Some(reason) = &body.reason {
+        if reason.chars().count() > 500 {
+            return Err(ApiError::invalid(
+                "reason",
+                "must be at most 500 characters",
+            ));
+        }
+    }
+    let command = BatchCommand::CancelBatch {
+        reason: body.reason,
+    };
+    let done = execute(&state, &user, correlation, batch_id, command, true).await?;
+    Ok(accepted(done, correlation, None))
+}
+
+// ---- queries --------------------------------------------------------------------------------
+
+/// `min_position`: wait until the read model has applied this consistency token.
+#[derive(Deserialize)]
+pub struct Consistency {
+    pub min_position: Option<i64>,
+}
+
+pub async fn wait_until_applied(
+    state: &AppState,
+    projection: &str,
+    min_position: Option<i64>,
+) -> ApiResult<()> {
+    let Some(position) = min_position else {
+        return Ok(());
+    };
+    if position <= 0 {
+        return Ok(());
+    }
+    match state
+        .reads
+        .wait_for(projection, position, state.settings.consistency_wait())
+        .await?
+    {
+        Reached::Yes => Ok(()),
+        Reached::TimedOut => Err(ApiError::NotYetConsistent(position)),
+        Reached::UnknownPosition => Err(ApiError::BadQuery(FieldError {
+            field: "min_position".into(),
+            reason: "no event has this position".into(),
+        })),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchQuery {
+    at_version: Option<i64>,
+    min_position: Option<i64>,
+}
+
+async fn visible_batch(state: &AppState, user: &AuthUser, id: &str) -> ApiResult<BatchView> {
+    let id = batch_id(id)?;
+    match state.reads.batch(&id.to_string()).await? {
+        Some(view) if user.may_read(&view.owner_id) => Ok(view),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+async fn get_batch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Query(query): Query<BatchQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if let Some(version) = query.at_version {
+        return batch_at_version(&state, &user, &id, version).await;
+    }
+    wait_until_applied(&state, "batch_state", query.min_position).await?;
+    let view = visible_batch(&state, &user, &id).await?;
+    let etag = format!("\"{}\"", view.version);
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == etag)
+        });
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        axum::Json(view).into_response()
+    };
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    Ok(response)
+}
+
+/// The batch as it was after event `version`, folded from the event log.
+async fn batch_at_version(
+    state: &AppState,
+    user: &AuthUser,
+    id: &str,
+    version: i64,
+) -> ApiResult<Response> {
+    let batch_id = batch_id(id)?;
+    if version < 1 {
+        return Err(ApiError::BadQuery(FieldError {
+            field: "at_version".into(),
+            reason: "must be 1 or more".into(),
+        }));
+    }
+    let events = state.log.read_batch(batch_id, Some(version)).await?;
+    let owner = events.first().and_then(|e| match &e.event {
+        BatchEvent::BatchRegistered { owner_id, .. } => Some(owner_id.to_string()),
+        _ => None,
+    });
+    if !owner.is_some_and(|o| user.may_read(&o)) {
+        return Err(ApiError::NotFound);
+    }
+    let latest = events.last().map_or(0, |e| e.sequence);
+    if latest < version {
+        return Err(ApiError::BadQuery(FieldError {
+            field: "at_version".into(),
+            reason: format!("the batch's latest version is {latest}"),
+        }));
+    }
+    let view = events.iter().fold(None, BatchView::fold);
+    Ok(axum::Json(view).into_response())
+}
+
+#[derive(Serialize)]
+struct PhaseCounts {
+    succeeded: usize,
+    failed: usize,
+}
+
+#[derive(Serialize)]
+struct BatchStatusResponse {
+    batch_id: String,
+    status: String,
+    version: i64,
+    essays_added: usize,
+    expected_essay_count: u32,
+    pipeline: Option<projections::batch_state::PipelineView>,
+    phases: std::collections::BTreeMap<String, PhaseCounts>,
+}
+
+async fn get_status(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Query(consistency): Query<Consistency>,
+) -> ApiResult<axum::Json<BatchStatusResponse>> {
+    wait_until_applied(&state, "batch_state", consistency.min_position).await?;
+    let view = visible_batch(&state, &user, &id).await?;
+    let phases = view
+        .phases
+        .iter()
+        .map(|(phase, outcomes)| {
+            let failed = outcomes.values().filter(|o| o.outcome == "failed").count();
+            (
+                phase.clone(),
+                PhaseCounts {
+                    succeeded: outcomes.len() - failed,
+                    failed,
+                },
+            )
+        })
+        .collect();
+    Ok(axum::Json(BatchStatusResponse {
+        batch_id: view.batch_id,
+        status: view.status,
+        version: view.version,
+        essays_added: view.essays.len(),
+        expected_essay_count: view.expected_essay_count,
+        pipeline: view.pipeline,
+        phases,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+    min_position: Option<i64>,
+}
+
+async fn list_batches(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<axum::Json<Page<BatchView>>> {
+    let bad = |field: &str, reason: &str| {
+        ApiError::BadQuery(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        })
+    };
+    if let Some(status) = &query.status {
+        if BatchStatus::parse(status).is_none() {
+            return Err(bad("status", "unknown status"));
+        }
+    }
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(bad("limit", "must be between 1 and 100"));
+    }
+    let cursor = match &query.cursor {
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| bad("cursor", "not a cursor from a previous page"))?,
+        ),
+        None => None,
+    };
+    wait_until_applied(&state, "batch_state", query.min_position).await?;
+    let owner = (!user.is_admin()).then(|| user.id.to_string());
+    Ok(axum::Json(
+        state
+            .reads
+            .list_batches(owner.as_deref(), query.status.as_deref(), limit, cursor)
+            .await?,
+    ))
+}
+
+#[derive(Serialize)]
+struct EventResponse {
+    sequence: i64,
+    position: i64,
+    event_type: String,
+    event_version: String,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    correlation_id: Uuid,
+    causation_id: Option<Uuid>,
+    user_id: Option<String>,
+    payload: serde_json::Value,
+}
+
+async fn batch_events(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Vec<EventResponse>>> {
+    let batch_id = batch_id(&id)?;
+    let events = state.log.read_batch(batch_id, None).await?;
+    let owner = events.first().and_then(|e| match &e.event {
+        BatchEvent::BatchRegistered { owner_id, .. } => Some(owner_id.to_string()),
+        _ => None,
+    });
+    if !owner.is_some_and(|o| user.may_read(&o)) {
+        return Err(ApiError::NotFound);
+    }
+    let events = events
+        .into_iter()
+        .map(|e| {
+            // The stored form is {"EventType": {...}}; show the inner payload.
+            let payload = match serde_json::to_value(&e.event) {
+                Ok(serde_json::Value::Object(map)) if map.len() == 1 => {
+                    map.into_iter().next().map(|(_, v)| v).unwrap_or_default()
+                }
+                Ok(other) => other,
+                Err(_) => serde_json::Value::Null,
+            };
+            EventResponse {
+                sequence: e.sequence,
+                position: e.at.position,
+                event_type: e.event_type,
+                event_version: e.event_version,
+                occurred_at: e.metadata.occurred_at,
+                correlation_id: e.metadata.correlation_id,
+                causation_id: e.metadata.causation_id,
+                user_id: e.metadata.user_id,
+                payload,
+            }
+        })
+        .collect();
+    Ok(axum::Json(events))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/batches", post(register_batch).get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/status", get(get_status))
+        .route("/v1/batches/{id}/events", get(batch_events))
+        .route("/v1/batches/{id}/essays", post(add_essays))
+        .route("/v1/batches/{id}/pipelines", post(request_pipeline))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
+}

@@ -1,0 +1,26 @@
+//! `GET /v1/dashboard`: the caller's totals by status, active batches and recent activity.
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use projections::Dashboard;
+
+use crate::auth::AuthUser;
+use crate::error::ApiResult;
+use crate::routes::batches::{Consistency, wait_until_applied};
+use crate::state::AppState;
+
+async fn dashboard(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(consistency): Query<Consistency>,
+) -> ApiResult<axum::Json<Dashboard>> {
+    wait_until_applied(&state, "dashboard", consistency.min_position).await?;
+    Ok(axum::Json(
+        state.reads.dashboard(&user.id.to_string()).await?,
+    ))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/dashboard", get(dashboard))
+}

@@ -1,0 +1,20 @@
+//! The HTTP routes: one module per feature, each exporting `router()`; this file only merges.
+
+mod admin;
+mod auth;
+mod batches;
+mod dashboard;
+mod health;
+
+use axum::Router;
+
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(auth::router())
+        .merge(batches::router())
+        .merge(dashboard::router())
+        .merge(admin::router())
+        .merge(health::router())
+}

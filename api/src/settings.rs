@@ -1,0 +1,233 @@
+//! `Settings`: loaded once, from an optional TOML file (`ESSAYFLOW_CONFIG`) and then the
+//! environment (`ESSAYFLOW_*`), which wins. Secrets are never printed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// `postgres://...` or `sqlite:...`; empty means the embedded default under `data_dir`.
+    pub database_url: String,
+    pub bind: String,
+    pub data_dir: PathBuf,
+    pub jwt_secret: Option<String>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub token_ttl_secs: u64,
+    /// A pipeline file; the built-in definitions when absent.
+    pub pipelines: Option<PathBuf>,
+    /// SQLite only: `full` (fsync every commit) or `normal` (durable across process crashes).
+    pub sqlite_synchronous: String,
+    pub db_max_connections: u32,
+    /// How long a read with `min_position` waits for the read model, in milliseconds.
+    pub consistency_wait_ms: u64,
+    /// Run the projection workers in this process.
+    pub run_workers: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: String::new(),
+            bind: "127.0.0.1:8080".to_owned(),
+            data_dir: PathBuf::from("data"),
+            jwt_secret: None,
+            jwt_issuer: "essayflow".to_owned(),
+            jwt_audience: "essayflow-api".to_owned(),
+            token_ttl_secs: 3600,
+            pipelines: None,
+            sqlite_synchronous: "full".to_owned(),
+            db_max_connections: 32,
+            consistency_wait_ms: 5000,
+            run_workers: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("bind", &self.bind)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("pipelines", &self.pipelines)
+            .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://<redacted>{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Settings {
+    /// Loads the file named by `ESSAYFLOW_CONFIG` (if any), then applies the environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let mut settings = match std::env::var_os("ESSAYFLOW_CONFIG") {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", Path::new(&path).display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing {}", Path::new(&path).display()))?
+            }
+            None => Self::default(),
+        };
+        settings.apply_env(|name| std::env::var(name).ok())?;
+        Ok(settings)
+    }
+
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        let parse_u = |name: &str, value: String| -> anyhow::Result<u64> {
+            value
+                .parse()
+                .with_context(|| format!("{name} must be a whole number"))
+        };
+        if let Some(v) = var("ESSAYFLOW_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = var("ESSAYFLOW_BIND") {
+            self.bind = v;
+        }
+        if let Some(v) = var("ESSAYFLOW_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = var("ESSAYFLOW_JWT_SECRET") {
+            self.jwt_secret = Some(v);
+        }
+        if let Some(v) = var("ESSAYFLOW_TOKEN_TTL_SECS") {
+            self.token_ttl_secs = parse_u("ESSAYFLOW_TOKEN_TTL_SECS", v)?;
+        }
+        if let Some(v) = var("ESSAYFLOW_PIPELINES") {
+            self.pipelines = Some(v.into());
+        }
+        if let Some(v) = var("ESSAYFLOW_SQLITE_SYNCHRONOUS") {
+            self.sqlite_synchronous = v;
+        }
+        if let Some(v) = var("ESSAYFLOW_DB_MAX_CONNECTIONS") {
+            self.db_max_connections = parse_u("ESSAYFLOW_DB_MAX_CONNECTIONS", v)? as u32;
+        }
+        if let Some(v) = var("ESSAYFLOW_CONSISTENCY_WAIT_MS") {
+            self.consistency_wait_ms = parse_u("ESSAYFLOW_CONSISTENCY_WAIT_MS", v)?;
+        }
+        if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal") {
+            bail!("sqlite_synchronous must be \"full\" or \"normal\"");
+        }
+        Ok(())
+    }
+
+    /// The database URL, with the embedded default resolved.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite:{}", self.data_dir.join("essayflow.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.database_url().starts_with("sqlite:")
+    }
+
+    pub fn consistency_wait(&self) -> Duration {
+        Duration::from_millis(self.consistency_wait_ms)
+    }
+
+    /// The JWT signing secret: configured, or (embedded mode only) generated once and kept in
+    /// the data folder with owner-only permissions.
+    pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < 32 {
+                bail!("ESSAYFLOW_JWT_SECRET must be at least 32 characters");
+            }
+            return Ok(secret.as_bytes().to_vec());
+        }
+        if !self.is_embedded() {
+            bail!("ESSAYFLOW_JWT_SECRET must be set when PostgreSQL is used");
+        }
+        let path = self.data_dir.join("jwt-secret");
+        if let Ok(existing) = std::fs::read_to_string(&path) {
+            return Ok(existing.trim().as_bytes().to_vec());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating {}", self.data_dir.display()))?;
+        let secret: String = {
+            use rand::Rng;
+            let bytes: [u8; 32] = rand::rng().random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        write_private(&path, &secret)?;
+        tracing::info!(path = %path.display(), "generated a JWT secret for embedded mode");
+        Ok(secret.into_bytes())
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("creating {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_overrides_defaults_and_bad_values_are_refused() {
+        let mut settings = Settings::default();
+        settings
+            .apply_env(|name| (name == "ESSAYFLOW_BIND").then(|| "0.0.0.0:9".to_owned()))
+            .unwrap();
+        assert_eq!(settings.bind, "0.0.0.0:9");
+        let err = Settings::default()
+            .apply_env(|name| (name == "ESSAYFLOW_TOKEN_TTL_SECS").then(|| "soon".to_owned()))
+            .unwrap_err();
+        assert!(err.to_string().contains("ESSAYFLOW_TOKEN_TTL_SECS"));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets_and_passwords() {
+        let settings = Settings {
+            database_url: "postgres://me:hunter2@db/essayflow".to_owned(),
+            jwt_secret: Some("s".repeat(40)),
+            ..Settings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains(&"s".repeat(40)));
+    }
+
+    #[test]
+    fn postgres_without_a_secret_is_a_start_up_error() {
+        let settings = Settings {
+            database_url: "postgres://localhost/x".to_owned(),
+            ..Settings::default()
+        };
+        assert!(settings.jwt_secret().is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! `Application::build` wires storage, services, workers and the router, and binds the
+//! listener (port 0 allowed); `run_until_stopped` serves until shutdown and drains the workers.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use commands::{CommandService, EventLog, Storage, StorageOptions};
+use domain::{BatchServices, PipelineCatalog};
+use projections::{BatchStateProjection, DashboardProjection, ReadModels, Worker, WorkerOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::TokenKeys;
+use crate::json::BODY_LIMIT;
+use crate::settings::Settings;
+use crate::state::{AppState, Metrics};
+
+/// Opens the database named by the settings (running migrations).
+pub async fn connect(settings: &Settings) -> anyhow::Result<Storage> {
+    let url = settings.database_url();
+    if settings.is_embedded() && settings.database_url.is_empty() {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    }
+    let mut options = StorageOptions::new(url);
+    options.max_write_connections = settings.db_max_connections;
+    options.sqlite_sync_full = settings.sqlite_synchronous == "full";
+    Storage::connect(&options)
+        .await
+        .context("opening the database")
+}
+
+/// Loads the pipeline definitions: the configured file, or the built-in ones.
+pub fn pipelines(settings: &Settings) -> anyhow::Result<PipelineCatalog> {
+    match &settings.pipelines {
+        None => Ok(PipelineCatalog::builtin()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the pipeline file {}", path.display()))?;
+            PipelineCatalog::from_toml(&text)
+                .with_context(|| format!("the pipeline file {} is invalid", path.display()))
+        }
+    }
+}
+
+/// Spawns one worker per projection.
+pub fn spawn_workers(
+    storage: &Storage,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Vec<(&'static str, Arc<std::sync::atomic::AtomicU64>)> {
+    let batch_state = Worker::new(BatchStateProjection, storage, WorkerOptions::default());
+    let dashboard = Worker::new(DashboardProjection, storage, WorkerOptions::default());
+    let errors = vec![
+        (batch_state.name(), batch_state.errors()),
+        (dashboard.name(), dashboard.errors()),
+    ];
+    tracker.spawn(batch_state.run(cancel.child_token()));
+    tracker.spawn(dashboard.run(cancel.child_token()));
+    errors
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let secret = settings.jwt_secret()?;
+        let catalog = pipelines(&settings)?;
+        let storage = connect(&settings).await?;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        storage.spawn_signals(cancel.child_token(), &tracker);
+        let projection_errors = if settings.run_workers {
+            spawn_workers(&storage, &cancel, &tracker)
+        } else {
+            Vec::new()
+        };
+        let tokens = TokenKeys::new(
+            &secret,
+            &settings.jwt_issuer,
+            &settings.jwt_audience,
+            settings.token_ttl_secs,
+        );
+        let state = AppState {
+            commands: CommandService::new(
+                &storage,
+                BatchServices {
+                    pipelines: Arc::new(catalog),
+                },
+            ),
+            reads: ReadModels::new(storage.clone()),
+            log: EventLog::new(storage.clone()),
+            storage,
+            tokens,
+            metrics: Arc::new(Metrics {
+                projection_errors,
+                ..Metrics::default()
+            }),
+            settings: Arc::new(settings),
+        };
+        let router = crate::routes::router()
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::telemetry::correlate,
+            ))
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .with_state(state.clone());
+        let listener = TcpListener::bind(&state.settings.bind)
+            .await
+            .with_context(|| format!("binding {}", state.settings.bind))?;
+        Ok(Self {
+            listener,
+            router,
+            state,
+            cancel,
+            tracker,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then stops the workers and waits for them.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let address = self.listener.local_addr()?;
+        tracing::info!(%address, engine = self.state.storage.engine().name(), "essayflow is serving");
+        let cancel = self.cancel.clone();
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                cancel.cancel();
+            })
+            .await;
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.state.storage.close().await;
+        served.context("serving HTTP")
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,39 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use commands::{CommandService, EventLog, Storage};
+use projections::ReadModels;
+
+use crate::auth::TokenKeys;
+use crate::settings::Settings;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub storage: Storage,
+    pub commands: CommandService,
+    pub reads: ReadModels,
+    pub log: EventLog,
+    pub tokens: TokenKeys,
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counters exported on `/metrics` in Prometheus text format.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub commands_accepted: AtomicU64,
+    pub commands_rejected: AtomicU64,
+    pub commands_conflicted: AtomicU64,
+    pub commands_failed: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_server_errors: AtomicU64,
+    pub projection_errors: Vec<(&'static str, Arc<AtomicU64>)>,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
