@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::{AnyConnection, QueryBuilder, Row};
+use sqlx::{AnyConnection, Row};
 
 use crate::ProjectionError;
 
@@ -49,6 +49,15 @@ pub(crate) fn row_from(row: &sqlx::any::AnyRow) -> Result<DocRow, sqlx::Error> {
 /// Rows per statement; keeps every statement well under SQLite's parameter limit.
 const CHUNK: usize = 400;
 
+/// `$first, $first+1, ...` for `count` parameters. (sqlx's `QueryBuilder` writes `?` for the
+/// Any driver, which PostgreSQL does not accept, so placeholders are numbered here.)
+pub(crate) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Loads the rows of `ids` that exist, parsed.
 pub(crate) async fn load_many<T: DeserializeOwned>(
     conn: &mut AnyConnection,
@@ -57,14 +66,15 @@ pub(crate) async fn load_many<T: DeserializeOwned>(
 ) -> Result<HashMap<String, (DocRow, T)>, ProjectionError> {
     let mut found = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let mut query =
-            QueryBuilder::new(format!("SELECT {ROW_COLUMNS} FROM {table} WHERE id IN ("));
-        let mut list = query.separated(", ");
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM {table} WHERE id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
         for id in chunk {
-            list.push_bind(id.clone());
+            query = query.bind(id.as_str());
         }
-        query.push(")");
-        for row in query.build().fetch_all(&mut *conn).await? {
+        for row in query.fetch_all(&mut *conn).await? {
             let row = row_from(&row)?;
             let doc = row.parse()?;
             found.insert(row.id.clone(), (row, doc));
@@ -79,23 +89,30 @@ pub(crate) async fn upsert_many(
     table: &str,
     rows: &[DocRow],
 ) -> Result<(), ProjectionError> {
+    const COLUMNS: usize = 7;
     for chunk in rows.chunks(CHUNK) {
-        let mut query = QueryBuilder::new(format!("INSERT INTO {table} ({ROW_COLUMNS}) "));
-        query.push_values(chunk, |mut b, row| {
-            b.push_bind(row.id.clone())
-                .push_bind(row.owner_id.clone())
-                .push_bind(row.status.clone())
-                .push_bind(row.created_position)
-                .push_bind(row.version)
-                .push_bind(row.position)
-                .push_bind(row.doc.clone());
-        });
-        query.push(
-            " ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id, \
-             status = excluded.status, created_position = excluded.created_position, \
-             version = excluded.version, position = excluded.position, doc = excluded.doc",
+        let values = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(1 + i * COLUMNS, COLUMNS)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO {table} ({ROW_COLUMNS}) VALUES {values}
+             ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id,
+             status = excluded.status, created_position = excluded.created_position,
+             version = excluded.version, position = excluded.position, doc = excluded.doc"
         );
-        query.build().execute(&mut *conn).await?;
+        let mut query = sqlx::query(&sql);
+        for row in chunk {
+            query = query
+                .bind(row.id.as_str())
+                .bind(row.owner_id.as_str())
+                .bind(row.status.as_str())
+                .bind(row.created_position)
+                .bind(row.version)
+                .bind(row.position)
+                .bind(row.doc.as_str());
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }

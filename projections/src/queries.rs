@@ -84,21 +84,24 @@ impl ReadModels {
         limit: u32,
         cursor: Option<i64>,
     ) -> Result<Page<BatchView>, ProjectionError> {
-        let mut query = sqlx::QueryBuilder::new(format!(
-            "SELECT {ROW_COLUMNS} FROM {} WHERE created_position < ",
+        let mut sql = format!(
+            "SELECT {ROW_COLUMNS} FROM {} WHERE created_position < $1",
             batch_state::TABLE
-        ));
-        query.push_bind(cursor.unwrap_or(i64::MAX));
-        if let Some(owner) = owner {
-            query.push(" AND owner_id = ").push_bind(owner.to_owned());
+        );
+        let mut next = 2;
+        for (column, value) in [("owner_id", owner), ("status", status)] {
+            if value.is_some() {
+                sql.push_str(&format!(" AND {column} = ${next}"));
+                next += 1;
+            }
         }
-        if let Some(status) = status {
-            query.push(" AND status = ").push_bind(status.to_owned());
+        sql.push_str(&format!(" ORDER BY created_position DESC LIMIT ${next}"));
+        let mut query = sqlx::query(&sql).bind(cursor.unwrap_or(i64::MAX));
+        for value in [owner, status].into_iter().flatten() {
+            query = query.bind(value);
         }
-        query
-            .push(" ORDER BY created_position DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows = query.build().fetch_all(self.storage.pool()).await?;
+        let query = query.bind(i64::from(limit) + 1);
+        let rows = query.fetch_all(self.storage.pool()).await?;
         let mut items = Vec::with_capacity(rows.len());
         let mut last = None;
         for row in rows.iter().take(limit as usize) {
