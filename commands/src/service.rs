@@ -81,7 +81,7 @@ impl CommandService {
             store: Arc::new(store),
             log: EventLog::new(storage.clone()),
             services,
-            max_attempts: 8,
+            max_attempts: 25,
         }
     }
 

@@ -272,7 +272,8 @@ impl Projection for DashboardProjection {
         // Per owner: status deltas and new activities, in log order.
         let mut deltas: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
         let mut activity: HashMap<String, Vec<Activity>> = HashMap::new();
-        let mut last: HashMap<String, (i64, i64)> = HashMap::new();
+        // Per owner: events applied, and the positions of the first and last of them.
+        let mut seen_by_owner: HashMap<String, (i64, i64, i64)> = HashMap::new();
         for event in events {
             let id = event.batch_id.to_string();
             let entry = batches
@@ -305,9 +306,12 @@ impl Projection for DashboardProjection {
                 summary: summary(&event.event),
                 occurred_at: event.metadata.occurred_at,
             });
-            let seen = last.entry(owner).or_default();
+            let seen =
+                seen_by_owner
+                    .entry(owner)
+                    .or_insert((0, event.at.position, event.at.position));
             seen.0 += 1;
-            seen.1 = event.at.position;
+            seen.2 = event.at.position;
         }
 
         let mut rows = Vec::with_capacity(batches.len());
@@ -345,14 +349,14 @@ impl Projection for DashboardProjection {
             recent.extend(dashboard.recent_activity.drain(..));
             recent.truncate(RECENT);
             dashboard.recent_activity = recent;
-            let (count, position) = last.get(&owner).copied().unwrap_or_default();
+            let (count, first, position) = seen_by_owner.get(&owner).copied().unwrap_or_default();
             dashboard.events += count;
             dashboard.position = position;
             rows.push(DocRow {
                 id: owner.clone(),
                 owner_id: owner.clone(),
                 status: String::new(),
-                created_position: if created == 0 { position } else { created },
+                created_position: if created == 0 { first } else { created },
                 version: dashboard.events,
                 position,
                 doc: docs::to_doc(&owner, &dashboard)?,
