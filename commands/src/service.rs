@@ -112,10 +112,11 @@ impl CommandService {
                 .await
                 .map_err(storage_error)?;
             let version = loaded.current_sequence;
-            if let Some(owner) = context.require_owner {
-                if version > 0 && loaded.aggregate.owner() != Some(owner) {
-                    return Err(CommandError::Rejected(BatchError::NotFound));
-                }
+            if let Some(owner) = context.require_owner
+                && version > 0
+                && loaded.aggregate.owner() != Some(owner)
+            {
+                return Err(CommandError::Rejected(BatchError::NotFound));
             }
             let events = loaded.aggregate.decide(command.clone(), &self.services)?;
             if events.is_empty() {

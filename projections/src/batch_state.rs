@@ -168,10 +168,10 @@ impl BatchView {
                     p.state = "rejected".to_owned();
                     p.reason = Some(reason.clone());
                 }
-                if view.status == BatchStatus::Processing.as_str() {
-                    if let Some(previous) = view.status_before_request.clone() {
-                        view.status = previous;
-                    }
+                if view.status == BatchStatus::Processing.as_str()
+                    && let Some(previous) = view.status_before_request.clone()
+                {
+                    view.status = previous;
                 }
             }
             BatchEvent::PhaseStarted { phase, .. } => {

@@ -346,7 +346,7 @@ impl Projection for DashboardProjection {
             dashboard.totals.retain(|_, n| *n > 0);
             let mut recent = activity.remove(&owner).unwrap_or_default();
             recent.reverse();
-            recent.extend(dashboard.recent_activity.drain(..));
+            recent.append(&mut dashboard.recent_activity);
             recent.truncate(RECENT);
             dashboard.recent_activity = recent;
             let (count, first, position) = seen_by_owner.get(&owner).copied().unwrap_or_default();

@@ -170,6 +170,7 @@ async fn malformed_json_is_a_400_and_appends_nothing(engine: Engine) {
     ];
     for body in bodies {
         for path in ["/v1/batches", essays.as_str()] {
+            eprintln!("DEBUG {path} {}", String::from_utf8_lossy(body));
             refused_as(
                 &app,
                 post_raw(&app, &teacher, path, body),

@@ -242,20 +242,20 @@ async fn request_pipeline(
     let batch_id = batch_id(&id)?;
     let mut fields = Fields::default();
     let pipeline = fields.check(None, Phase::parse(body.pipeline));
-    if let Some(p) = &pipeline {
-        if !state.commands.services().pipelines.contains(p) {
-            let known: Vec<String> = state
-                .commands
-                .services()
-                .pipelines
-                .phases()
-                .map(|p| p.to_string())
-                .collect();
-            fields.0.push(FieldError {
-                field: "pipeline".into(),
-                reason: format!("unknown pipeline; expected one of {}", known.join(", ")),
-            });
-        }
+    if let Some(p) = &pipeline
+        && !state.commands.services().pipelines.contains(p)
+    {
+        let known: Vec<String> = state
+            .commands
+            .services()
+            .pipelines
+            .phases()
+            .map(|p| p.to_string())
+            .collect();
+        fields.0.push(FieldError {
+            field: "pipeline".into(),
+            reason: format!("unknown pipeline; expected one of {}", known.join(", ")),
+        });
     }
     let request_id = body
         .request_id
@@ -289,13 +289,13 @@ async fn cancel_batch(
         }
         json::parse(&body)?
     };
-    if let Some(reason) = &body.reason {
-        if reason.chars().count() > 500 {
-            return Err(ApiError::invalid(
-                "reason",
-                "must be at most 500 characters",
-            ));
-        }
+    if let Some(reason) = &body.reason
+        && reason.chars().count() > 500
+    {
+        return Err(ApiError::invalid(
+            "reason",
+            "must be at most 500 characters",
+        ));
     }
     let command = BatchCommand::CancelBatch {
         reason: body.reason,
@@ -486,10 +486,10 @@ async fn list_batches(
             reason: reason.into(),
         })
     };
-    if let Some(status) = &query.status {
-        if BatchStatus::parse(status).is_none() {
-            return Err(bad("status", "unknown status"));
-        }
+    if let Some(status) = &query.status
+        && BatchStatus::parse(status).is_none()
+    {
+        return Err(bad("status", "unknown status"));
     }
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): makes sure PostgreSQL runs, then checks formatting,
+# lints, and runs every test (unit, property and integration, on PostgreSQL and SQLite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+export ESSAYFLOW_TEST_PG_URL="${ESSAYFLOW_TEST_PG_URL:-postgres://postgres@${PG_HOST}:${PG_PORT}}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+ensure_postgres() {
+  if pg_isready -h "$PG_HOST" -p "$PG_PORT" -q 2>/dev/null; then return; fi
+  step "starting PostgreSQL"
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -n | tail -n 1)
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 60); do
+    pg_isready -h "$PG_HOST" -p "$PG_PORT" -q && return
+    sleep 0.5
+  done
+  echo "PostgreSQL did not become ready on $PG_HOST:$PG_PORT" >&2
+  exit 1
+}
+
+ensure_postgres
+# Databases left by earlier runs (each test creates its own).
+psql "$ESSAYFLOW_TEST_PG_URL/postgres" -Atqc \
+  "SELECT 'DROP DATABASE ' || quote_ident(datname) || ';' FROM pg_database WHERE datname LIKE 'essayflow_test_%'" \
+  | psql "$ESSAYFLOW_TEST_PG_URL/postgres" -q >/dev/null
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  step "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "building the essayflow binary (used by the replay tests)"
+cargo build -p api --bin essayflow
+
+step "tests"
+cargo nextest run --workspace --no-fail-fast
