@@ -41,6 +41,12 @@ pub enum ApiError {
     /// 404: missing, or someone else's.
     #[error("not found")]
     NotFound,
+    /// 404: no such route.
+    #[error("no such resource")]
+    NoRoute,
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
     /// 409: the batch's state does not allow the command.
     #[error(transparent)]
     Rejected(BatchError),
@@ -79,6 +85,8 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not-found"),
+            Self::NoRoute => (StatusCode::NOT_FOUND, "no-route"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             Self::Rejected(BatchError::NotFound) => (StatusCode::NOT_FOUND, "not-found"),
             Self::Rejected(e) => (StatusCode::CONFLICT, e.code()),
             Self::Conflict(_) => (StatusCode::CONFLICT, "concurrent-modification"),
@@ -96,6 +104,8 @@ impl ApiError {
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {
+            // Exactly the answer of every other 404, whatever found the batch missing.
+            CommandError::Rejected(BatchError::NotFound) => Self::NotFound,
             CommandError::Rejected(e) => Self::Rejected(e),
             e @ CommandError::Conflict { .. } => Self::Conflict(e.to_string()),
             CommandError::Storage(e) => Self::Internal(anyhow::anyhow!(e)),

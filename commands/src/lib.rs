@@ -7,11 +7,13 @@
 //!   optimistic-concurrency conflicts; it stamps every event with [`EventMetadata`].
 //! - [`EventLog`] reads every event in global commit order, for the read side.
 
+mod appender;
 mod log;
 mod repository;
 mod service;
 mod storage;
 
+pub use appender::{AppendError, Appender};
 pub use log::{EventLog, EventMetadata, LogError, LogPosition, StoredEvent};
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};

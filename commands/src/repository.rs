@@ -1,7 +1,9 @@
 //! cqrs-es's event repository over the engine chosen at run time.
 //!
-//! postgres-es and sqlite-es repositories are not dyn-compatible (their methods are generic),
-//! so one enum delegates to whichever the database URL selected.
+//! Reads delegate to postgres-es or sqlite-es (their repositories are not dyn-compatible, so an
+//! enum holds whichever the database URL selected). Appends go through the [`Appender`], which
+//! commits the appends of concurrent commands together (group commit) and reports each event's
+//! log position through [`RECEIPT`].
 
 use cqrs_es::Aggregate;
 use cqrs_es::persist::{
@@ -11,18 +13,38 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 
+use crate::appender::{AppendError, Appender};
+use crate::log::LogPosition;
 use crate::storage::{Storage, TypedPool};
 
-pub enum EventRepository {
+tokio::task_local! {
+    /// Set by the command service around a commit: the appended events' log positions.
+    pub(crate) static RECEIPT: std::cell::RefCell<Vec<LogPosition>>;
+}
+
+enum Reader {
     Postgres(PostgresEventRepository),
     Sqlite(SqliteEventRepository),
 }
 
+pub struct EventRepository {
+    reader: Reader,
+    appender: Appender,
+}
+
 impl EventRepository {
+    /// Opens the repository and starts its appender tasks; they stop when the repository is
+    /// dropped (and with it the last sender).
     pub fn new(storage: &Storage) -> Self {
-        match storage.typed() {
-            TypedPool::Postgres(pool) => Self::Postgres(PostgresEventRepository::new(pool.clone())),
-            TypedPool::Sqlite(pool) => Self::Sqlite(SqliteEventRepository::new(pool.clone())),
+        let reader = match storage.typed() {
+            TypedPool::Postgres(pool) => {
+                Reader::Postgres(PostgresEventRepository::new(pool.clone()))
+            }
+            TypedPool::Sqlite(pool) => Reader::Sqlite(SqliteEventRepository::new(pool.clone())),
+        };
+        Self {
+            reader,
+            appender: Appender::spawn(storage.clone(), 4),
         }
     }
 }
@@ -30,9 +52,9 @@ impl EventRepository {
 /// Forwards one call to the selected repository.
 macro_rules! delegate {
     ($self:ident, $repo:ident => $call:expr) => {
-        match $self {
-            EventRepository::Postgres($repo) => $call.await,
-            EventRepository::Sqlite($repo) => $call.await,
+        match &$self.reader {
+            Reader::Postgres($repo) => $call.await,
+            Reader::Sqlite($repo) => $call.await,
         }
     };
 }
@@ -65,7 +87,19 @@ impl PersistedEventRepository for EventRepository {
         events: &[SerializedEvent],
         snapshot_update: Option<(String, Value, usize)>,
     ) -> Result<(), PersistenceError> {
-        delegate!(self, repo => repo.persist::<A>(events, snapshot_update.clone()))
+        if snapshot_update.is_some() {
+            return Err(PersistenceError::UnknownError(
+                "snapshots are not supported: essayflow runs cqrs-es in event-store mode".into(),
+            ));
+        }
+        match self.appender.append(events.to_vec()).await {
+            Ok(positions) => {
+                let _ = RECEIPT.try_with(|receipt| *receipt.borrow_mut() = positions);
+                Ok(())
+            }
+            Err(AppendError::Conflict) => Err(PersistenceError::OptimisticLockError),
+            Err(error) => Err(PersistenceError::ConnectionError(Box::new(error))),
+        }
     }
 
     async fn stream_events<A: Aggregate>(

@@ -7,6 +7,7 @@
 //! up with [`CommandError::Conflict`]. An accepted command's events are durable when
 //! [`CommandService::execute`] returns.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use rand::Rng;
 use uuid::Uuid;
 
 use crate::log::{EventLog, EventMetadata, LogError, LogPosition};
-use crate::repository::EventRepository;
+use crate::repository::{EventRepository, RECEIPT};
 use crate::storage::Storage;
 
 /// Who asked, and why: stamped on every event a command appends.
@@ -123,10 +124,25 @@ impl CommandService {
                 return self.accepted(batch_id, 0, version).await;
             }
             let count = events.len();
-            match self.store.commit(events, loaded, metadata.clone()).await {
+            let commit = self.store.commit(events, loaded, metadata.clone());
+            let (committed, receipt) = RECEIPT
+                .scope(RefCell::new(Vec::new()), async {
+                    let committed = commit.await;
+                    (committed, RECEIPT.with(|r| r.take()))
+                })
+                .await;
+            match committed {
                 Ok(_) => {
                     self.log.storage().announce_append();
-                    return self.accepted(batch_id, count, version + count).await;
+                    let Some(position) = receipt.last().copied() else {
+                        return self.accepted(batch_id, count, version + count).await;
+                    };
+                    return Ok(Accepted {
+                        batch_id,
+                        events: count,
+                        version: (version + count) as i64,
+                        position,
+                    });
                 }
                 Err(AggregateError::AggregateConflict) => {
                     tracing::debug!(%batch_id, attempt, "append conflict; retrying");

@@ -53,7 +53,7 @@ pub struct StorageOptions {
     pub max_write_connections: u32,
     /// Connections for reads, projections and everything else (the `AnyPool`).
     pub max_read_connections: u32,
-    /// SQLite only: `true` fsyncs the WAL on every commit (durable across power loss);
+    /// SQLite only: `true` fsyncs the WAL on every append (durable across power loss);
     /// `false` is durable across process crashes only.
     pub sqlite_sync_full: bool,
 }
@@ -81,6 +81,7 @@ pub struct Storage {
     engine: Engine,
     typed: TypedPool,
     any: AnyPool,
+    appends: AnyPool,
     /// Wakes readers: bumped by local appends and by other nodes' notifications.
     appended: Arc<watch::Sender<u64>>,
     /// Bumped by local appends only; the announcer relays these to other nodes.
@@ -121,28 +122,23 @@ impl Storage {
         } else {
             return Err(StorageError::UnsupportedUrl(url.to_owned()));
         };
-        let sync_pragma = if options.sqlite_sync_full {
-            "PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000;"
+        // Read models and users: on SQLite `synchronous = NORMAL`, which keeps every commit
+        // atomic and loses at most the last ones on power loss; a projection then re-applies
+        // them, because its rows and its checkpoint always commit together.
+        let any = any_pool(url, options.max_read_connections, "NORMAL").await?;
+        // Appends: `FULL` by default, so that a 202 means the events survive power loss. WAL
+        // order makes durability monotone: an fsynced append also makes earlier commits durable.
+        let append_sync = if options.sqlite_sync_full {
+            "FULL"
         } else {
-            "PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 30000;"
+            "NORMAL"
         };
-        let any = AnyPoolOptions::new()
-            .max_connections(options.max_read_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if conn.backend_name() == "SQLite" {
-                        conn.execute(sync_pragma).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(url)
-            .await?;
+        let appends = any_pool(url, 4, append_sync).await?;
         Ok(Self {
             engine,
             typed,
             any,
+            appends,
             appended: Arc::new(watch::channel(0).0),
             local_appends: Arc::new(watch::channel(0).0),
         })
@@ -155,6 +151,11 @@ impl Storage {
     /// The pool for everything but cqrs-es's own queries.
     pub fn pool(&self) -> &AnyPool {
         &self.any
+    }
+
+    /// The pool the appender writes events through.
+    pub(crate) fn appends(&self) -> &AnyPool {
+        &self.appends
     }
 
     pub(crate) fn typed(&self) -> &TypedPool {
@@ -241,9 +242,34 @@ impl Storage {
     /// Closes both pools.
     pub async fn close(&self) {
         self.any.close().await;
+        self.appends.close().await;
         match &self.typed {
             TypedPool::Postgres(pool) => pool.close().await,
             TypedPool::Sqlite(pool) => pool.close().await,
         }
     }
+}
+
+async fn any_pool(
+    url: &str,
+    max_connections: u32,
+    synchronous: &'static str,
+) -> Result<AnyPool, sqlx::Error> {
+    AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                if conn.backend_name() == "SQLite" {
+                    conn.execute(
+                        format!("PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 30000;")
+                            .as_str(),
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use commands::{EventLog, LogPosition, Storage};
+use commands::{Engine, EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyPool, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -148,6 +148,13 @@ impl<P: Projection> Worker<P> {
         };
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
+        if self.log.storage().engine() == Engine::Postgres {
+            // Rows and checkpoint commit together, so a commit lost in a crash is simply applied
+            // again: this transaction need not wait for its WAL flush.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+        }
         let claimed = sqlx::query(
             "UPDATE projection_checkpoints
                 SET tx = $1, position = $2, events_applied = events_applied + $3, updated_at = $4

@@ -164,13 +164,14 @@ async fn malformed_json_is_a_400_and_appends_nothing(engine: Engine) {
         b"{title: \"Persuasive essays\"}",
         b"not json at all",
         b"",
+        // A valid registration followed by more: the whole body must be JSON.
         b"{\"title\": \"x\", \"course_code\": \"EN\", \"expected_essay_count\": 3} {}",
+        // Not UTF-8.
         b"{\"title\": \"\xff\xfe\", \"course_code\": \"EN\", \"expected_essay_count\": 3}",
         b"{\"expected_essay_count\": 3,,}",
     ];
     for body in bodies {
         for path in ["/v1/batches", essays.as_str()] {
-            eprintln!("DEBUG {path} {}", String::from_utf8_lossy(body));
             refused_as(
                 &app,
                 post_raw(&app, &teacher, path, body),
@@ -180,13 +181,10 @@ async fn malformed_json_is_a_400_and_appends_nothing(engine: Engine) {
             .await;
         }
     }
-    let cancel = post_raw(
-        &app,
-        &teacher,
-        &format!("/v1/batches/{id}/cancel"),
-        "{\"reason\": ",
-    );
-    refused_as(&app, cancel, StatusCode::BAD_REQUEST, "malformed-json").await;
+    for body in ["{\"reason\": ", "{} {}", "{\"reason\": \"x\"}]"] {
+        let cancel = post_raw(&app, &teacher, &format!("/v1/batches/{id}/cancel"), body);
+        refused_as(&app, cancel, StatusCode::BAD_REQUEST, "malformed-json").await;
+    }
     let login = app
         .client
         .post(app.url("/v1/auth/login"))
@@ -260,7 +258,7 @@ async fn wrong_types_are_a_422_naming_the_field(engine: Engine) {
             with(registration(), "class_designation", json!({})),
             "class_designation",
         ),
-        (json!([registration()]), "body"),
+        (json!([]), "body"),
         (json!("a batch"), "body"),
         (json!(null), "body"),
     ];
@@ -494,8 +492,14 @@ async fn a_body_over_four_mebibytes_is_a_413(engine: Engine) {
         assert_eq!(body.len(), size);
         body
     };
+    // Just over the limit, so that the server has read the whole body when it answers: a client
+    // still sending megabytes when the server closes may see a broken pipe, not the answer.
     let over = registration_of(BODY_LIMIT + 1);
-    for path in ["/v1/batches".to_owned(), format!("/v1/batches/{id}/essays")] {
+    for path in [
+        "/v1/batches".to_owned(),
+        format!("/v1/batches/{id}/essays"),
+        format!("/v1/batches/{id}/cancel"),
+    ] {
         refused_as(
             &app,
             post_raw(&app, &teacher, &path, over.clone()),
@@ -504,14 +508,6 @@ async fn a_body_over_four_mebibytes_is_a_413(engine: Engine) {
         )
         .await;
     }
-    let much_over = registration_of(3 * BODY_LIMIT);
-    refused_as(
-        &app,
-        post_raw(&app, &teacher, "/v1/batches", much_over),
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body-too-large",
-    )
-    .await;
     let login = app
         .client
         .post(app.url("/v1/auth/login"))
@@ -613,8 +609,8 @@ async fn a_request_without_a_valid_token_is_a_401(engine: Engine) {
 
     let valid = valid_claims(&teacher);
     let good = sign(&valid, Algorithm::HS256, JWT_SECRET);
-    let payload = good.split('.').nth(1).unwrap().to_owned();
-    let signature = good.split('.').nth(2).unwrap().to_owned();
+    let [header, payload, signature]: [&str; 3] =
+        good.split('.').collect::<Vec<_>>().try_into().unwrap();
     let expired = Claims {
         iat: now() - 7200,
         exp: now() - 3600,
@@ -632,6 +628,8 @@ async fn a_request_without_a_valid_token_is_a_401(engine: Engine) {
         role: Role::Admin,
         ..valid.clone()
     };
+    let escalated_token = sign(&escalated, Algorithm::HS256, "irrelevant");
+    let escalated_payload = escalated_token.split('.').nth(1).unwrap();
     let not_a_user = Claims {
         sub: "not-a-user-id".to_owned(),
         ..valid.clone()
@@ -655,12 +653,8 @@ async fn a_request_without_a_valid_token_is_a_401(engine: Engine) {
             )),
         ),
         (
-            "a tampered payload",
-            Some(format!("Bearer {}", {
-                let forged = sign(&escalated, Algorithm::HS256, "another-secret-long-enough");
-                let forged_payload = forged.split('.').nth(1).unwrap().to_owned();
-                format!("eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.{forged_payload}.{signature}")
-            })),
+            "a real signature over an altered payload",
+            Some(format!("Bearer {header}.{escalated_payload}.{signature}")),
         ),
         (
             "an expired token",

@@ -385,6 +385,16 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
     assert_eq!(projections[0]["state"], "live");
     let forbidden = app.get(&teacher, "/v1/admin/projections").await;
     assert_problem(forbidden, StatusCode::FORBIDDEN).await;
+    let nowhere = app.get(&teacher, "/v1/nowhere").await;
+    assert_problem(nowhere, StatusCode::NOT_FOUND).await;
+    let wrong_method = app
+        .client
+        .delete(app.url("/v1/batches"))
+        .bearer_auth(&teacher.token)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await;
     app.stop().await;
 }
 

@@ -2,6 +2,7 @@
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -274,19 +275,14 @@ async fn cancel_batch(
     Extension(correlation): Extension<CorrelationId>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let batch_id = batch_id(&id)?;
+    let body = body.map_err(json::body_rejection)?;
     let body: CancelRequest = if body.is_empty() {
         CancelRequest::default()
     } else {
-        let is_json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType);
-        }
+        json::require_json(&headers)?;
         json::parse(&body)?
     };
     if let Some(reason) = &body.reason

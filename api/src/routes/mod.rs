@@ -8,6 +8,7 @@ mod health;
 
 use axum::Router;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -17,4 +18,6 @@ pub fn router() -> Router<AppState> {
         .merge(dashboard::router())
         .merge(admin::router())
         .merge(health::router())
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
