@@ -9,7 +9,7 @@ use domain::BatchError;
 use domain::values::ValidationError;
 use serde::Serialize;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub reason: String,
@@ -132,7 +132,7 @@ impl From<sqlx::Error> for ApiError {
 }
 
 /// An RFC 9457 problem document.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
     pub kind: String,

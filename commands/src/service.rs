@@ -1,10 +1,14 @@
-//! The command service: load a batch, decide, append, with optimistic concurrency.
+//! The command service: decide a command against a batch's state and append its events, with
+//! optimistic concurrency.
 //!
-//! Every command is decided against the batch's current state, loaded from the event store in
-//! cqrs-es's event-store mode (the snapshot and aggregate-store modes of cqrs-es 0.5 apply new
-//! events twice). The append fails if another command appended to the same batch since the
-//! load; the service then reloads and decides again, a bounded number of times, before giving
-//! up with [`CommandError::Conflict`]. An accepted command's events are durable when
+//! The state comes from the event store in cqrs-es's event-store mode (its snapshot and
+//! aggregate-store modes apply new events twice in 0.5), or from a cache of the states this
+//! service itself committed. The append fails if another command appended to the same batch
+//! since that state (the appender checks every sequence number); the service then reloads from
+//! the store and decides again, a bounded number of times, before giving up with
+//! [`CommandError::Conflict`]. A rejection or a no-op decided on cached state is re-checked on
+//! loaded state before it is answered, so a stale cache (another node wrote) can delay a command
+//! but never change its outcome. An accepted command's events are durable when
 //! [`CommandService::execute`] returns.
 
 use std::cell::RefCell;
@@ -12,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
 use cqrs_es::{AggregateError, EventStore};
 use domain::values::BatchId;
 use domain::{Batch, BatchCommand, BatchError, BatchServices};
@@ -69,6 +73,9 @@ impl From<LogError> for CommandError {
 #[derive(Clone)]
 pub struct CommandService {
     store: Arc<PersistedEventStore<EventRepository, Batch>>,
+    /// Recently written batches at their version, so that most commands need no load. Only
+    /// states this service itself committed go in; see `execute` for how staleness is caught.
+    cache: moka::sync::Cache<BatchId, Arc<(usize, Batch)>>,
     log: EventLog,
     services: BatchServices,
     max_attempts: u32,
@@ -80,6 +87,7 @@ impl CommandService {
             .with_upcasters(crate::upcasters());
         Self {
             store: Arc::new(store),
+            cache: moka::sync::Cache::new(100_000),
             log: EventLog::new(storage.clone()),
             services,
             max_attempts: 25,
@@ -106,24 +114,52 @@ impl CommandService {
             command: command.name().to_owned(),
         }
         .to_map();
+        // The first attempt decides on the cached state, if any; a stale cache (another node
+        // appended) shows up as an append conflict, and a rejection is only believed once it
+        // holds on state loaded from the store.
+        let mut trust_cache = true;
         for attempt in 1..=self.max_attempts {
-            let loaded = self
-                .store
-                .load_aggregate(&aggregate_id)
-                .await
-                .map_err(storage_error)?;
+            let cached = trust_cache.then(|| self.cache.get(&batch_id)).flatten();
+            let from_cache = cached.is_some();
+            let loaded = match cached {
+                Some(entry) => EventStoreAggregateContext {
+                    aggregate_id: aggregate_id.clone(),
+                    aggregate: entry.1.clone(),
+                    current_sequence: entry.0,
+                    current_snapshot: None,
+                },
+                None => self
+                    .store
+                    .load_aggregate(&aggregate_id)
+                    .await
+                    .map_err(storage_error)?,
+            };
             let version = loaded.current_sequence;
             if let Some(owner) = context.require_owner
                 && version > 0
                 && loaded.aggregate.owner() != Some(owner)
             {
+                if from_cache {
+                    trust_cache = false;
+                    continue;
+                }
                 return Err(CommandError::Rejected(BatchError::NotFound));
             }
-            let events = loaded.aggregate.decide(command.clone(), &self.services)?;
-            if events.is_empty() {
-                return self.accepted(batch_id, 0, version).await;
-            }
+            let events = match loaded.aggregate.decide(command.clone(), &self.services) {
+                Ok(events) if !events.is_empty() => events,
+                // A rejection or a no-op decided on cached state is checked on fresh state.
+                _ if from_cache => {
+                    trust_cache = false;
+                    continue;
+                }
+                Ok(_) => return self.accepted(batch_id, 0, version).await,
+                Err(rejected) => return Err(rejected.into()),
+            };
             let count = events.len();
+            let mut next = loaded.aggregate.clone();
+            for event in &events {
+                next.apply_event(event.clone());
+            }
             let commit = self.store.commit(events, loaded, metadata.clone());
             let (committed, receipt) = RECEIPT
                 .scope(RefCell::new(Vec::new()), async {
@@ -134,6 +170,8 @@ impl CommandService {
             match committed {
                 Ok(_) => {
                     self.log.storage().announce_append();
+                    self.cache
+                        .insert(batch_id, Arc::new((version + count, next)));
                     let Some(position) = receipt.last().copied() else {
                         return self.accepted(batch_id, count, version + count).await;
                     };
@@ -146,12 +184,17 @@ impl CommandService {
                 }
                 Err(AggregateError::AggregateConflict) => {
                     tracing::debug!(%batch_id, attempt, "append conflict; retrying");
+                    self.cache.invalidate(&batch_id);
+                    trust_cache = false;
                     // Jittered backoff so that competing writers stop colliding.
                     let cap = 1u64 << attempt.min(6);
                     let wait = rand::rng().random_range(0..=cap);
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
-                Err(error) => return Err(storage_error(error)),
+                Err(error) => {
+                    self.cache.invalidate(&batch_id);
+                    return Err(storage_error(error));
+                }
             }
         }
         Err(CommandError::Conflict {

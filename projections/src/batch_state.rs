@@ -19,14 +19,14 @@ use crate::{Projection, ProjectionError};
 
 pub const TABLE: &str = "batch_state";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EssayView {
     pub essay_id: String,
     pub title: String,
     pub characters: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EssayOutcomeView {
     /// `succeeded` or `failed`.
     pub outcome: String,
@@ -39,7 +39,7 @@ pub struct EssayOutcomeView {
     pub recorded_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PipelineView {
     pub request_id: String,
     pub requested: String,
@@ -54,7 +54,7 @@ pub struct PipelineView {
 }
 
 /// One batch as the conductor and the owner see it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchView {
     pub batch_id: String,
     pub owner_id: String,

@@ -22,14 +22,14 @@ pub const OWNERS: &str = "dashboard_owners";
 /// How many recent activities an owner's dashboard keeps.
 pub const RECENT: usize = 20;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub succeeded: u32,
     pub failed: u32,
     pub total: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DashboardBatch {
     pub batch_id: String,
     pub owner_id: String,
@@ -50,7 +50,7 @@ pub struct DashboardBatch {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Activity {
     pub position: i64,
     pub batch_id: String,

@@ -13,7 +13,7 @@ use crate::docs::{ROW_COLUMNS, row_from};
 use crate::worker::load_checkpoint;
 
 /// One page of a listing, newest first.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     /// Pass back as `cursor` for the next page; absent on the last page.
@@ -21,7 +21,7 @@ pub struct Page<T> {
 }
 
 /// A teacher's dashboard.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Dashboard {
     pub totals: std::collections::BTreeMap<String, u32>,
     pub active_batches: Vec<DashboardBatch>,
@@ -29,7 +29,7 @@ pub struct Dashboard {
 }
 
 /// Where a projection stands.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ProjectionStatus {
     pub name: String,
     pub checkpoint: i64,

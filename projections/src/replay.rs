@@ -62,7 +62,7 @@ pub async fn rebuild<P: Projection>(
         projection,
         storage,
         WorkerOptions {
-            page_size: 2000,
+            page_size: 5000,
             ..WorkerOptions::default()
         },
     );

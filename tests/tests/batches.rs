@@ -395,6 +395,32 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
         .await
         .unwrap();
     assert_problem(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await;
+
+    let openapi: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/auth/login",
+        "/v1/batches",
+        "/v1/batches/{id}",
+        "/v1/batches/{id}/essays",
+        "/v1/dashboard",
+    ] {
+        assert!(
+            openapi["paths"][path].is_object(),
+            "{path} is not documented"
+        );
+    }
+    let docs = app.client.get(app.url("/docs/")).send().await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("swagger"));
     app.stop().await;
 }
 

@@ -6,10 +6,15 @@ use axum::routing::get;
 use projections::{PROJECTIONS, ProjectionStatus};
 
 use crate::auth::{AuthUser, Role};
-use crate::error::ApiResult;
+use crate::error::{ApiResult, Problem};
 use crate::state::AppState;
 
-async fn projections(
+#[utoipa::path(get, path = "/v1/admin/projections", tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Each projection's checkpoint, lag and state", body = Vec<ProjectionStatus>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn projections(
     State(state): State<AppState>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<ProjectionStatus>>> {

@@ -6,25 +6,28 @@ use axum::{Router, response::IntoResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::authenticate;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Problem};
 use crate::json::Json;
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginRequest {
+pub(super) struct LoginRequest {
     username: String,
     password: String,
 }
 
-#[derive(Serialize)]
-struct TokenResponse {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct TokenResponse {
     access_token: String,
     token_type: &'static str,
     expires_in: u64,
 }
 
-async fn login(
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, description = "An access token", body = TokenResponse),
+        (status = 401, description = "Unknown username or wrong password", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn login(
     State(state): State<AppState>,
     Json(body): Json<LoginRequest>,
 ) -> ApiResult<impl IntoResponse> {

@@ -18,16 +18,16 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::{AuthUser, Role};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::json::{self, Json, Query};
 use crate::state::{AppState, Metrics};
 use crate::telemetry::CorrelationId;
 
 // ---- request bodies -------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterBatchRequest {
+pub(super) struct RegisterBatchRequest {
     batch_id: Option<Uuid>,
     title: String,
     course_code: String,
@@ -35,30 +35,30 @@ struct RegisterBatchRequest {
     class_designation: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EssayInput {
+pub(super) struct EssayInput {
     essay_id: Option<String>,
     title: String,
     text: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AddEssaysRequest {
+pub(super) struct AddEssaysRequest {
     essays: Vec<EssayInput>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RequestPipelineRequest {
+pub(super) struct RequestPipelineRequest {
     pipeline: String,
     request_id: Option<Uuid>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, utoipa::ToSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct CancelRequest {
+pub(super) struct CancelRequest {
     reason: Option<String>,
 }
 
@@ -91,8 +91,8 @@ impl Fields {
 
 // ---- responses ------------------------------------------------------------------------------
 
-#[derive(Serialize)]
-struct AcceptedResponse {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AcceptedResponse {
     batch_id: String,
     correlation_id: String,
     /// The consistency token: pass as `min_position` to read this write.
@@ -160,7 +160,12 @@ fn batch_id(raw: &str) -> ApiResult<BatchId> {
 
 // ---- commands -------------------------------------------------------------------------------
 
-async fn register_batch(
+#[utoipa::path(post, path = "/v1/batches", tag = "batches", request_body = RegisterBatchRequest,
+    security(("bearer" = [])),
+    responses((status = 202, description = "Registered; the event is durable", body = AcceptedResponse, headers(("Location" = String))),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn register_batch(
     State(state): State<AppState>,
     user: AuthUser,
     Extension(correlation): Extension<CorrelationId>,
@@ -190,7 +195,13 @@ async fn register_batch(
     Ok(accepted(done, correlation, None))
 }
 
-async fn add_essays(
+#[utoipa::path(post, path = "/v1/batches/{id}/essays", tag = "batches", request_body = AddEssaysRequest,
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    responses((status = 202, body = AcceptedResponse),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Too many or duplicate essays, or cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn add_essays(
     State(state): State<AppState>,
     user: AuthUser,
     Extension(correlation): Extension<CorrelationId>,
@@ -233,7 +244,13 @@ async fn add_essays(
     Ok(accepted(done, correlation, None))
 }
 
-async fn request_pipeline(
+#[utoipa::path(post, path = "/v1/batches/{id}/pipelines", tag = "batches", request_body = RequestPipelineRequest,
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    responses((status = 202, body = AcceptedResponse),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn request_pipeline(
     State(state): State<AppState>,
     user: AuthUser,
     Extension(correlation): Extension<CorrelationId>,
@@ -269,7 +286,12 @@ async fn request_pipeline(
     Ok(accepted(done, correlation, Some(request_id)))
 }
 
-async fn cancel_batch(
+#[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", request_body(content = Option<CancelRequest>),
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    responses((status = 202, body = AcceptedResponse),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already cancelled", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn cancel_batch(
     State(state): State<AppState>,
     user: AuthUser,
     Extension(correlation): Extension<CorrelationId>,
@@ -335,7 +357,7 @@ pub async fn wait_until_applied(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchQuery {
+pub(super) struct BatchQuery {
     at_version: Option<i64>,
     min_position: Option<i64>,
 }
@@ -348,7 +370,15 @@ async fn visible_batch(state: &AppState, user: &AuthUser, id: &str) -> ApiResult
     }
 }
 
-async fn get_batch(
+#[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches",
+    params(("id" = String, Path, description = "Batch id"),
+        ("at_version" = Option<i64>, Query, description = "The batch as it was after this event, rebuilt from the log"),
+        ("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position")),
+    security(("bearer" = [])),
+    responses((status = 200, body = BatchView, headers(("ETag" = String))), (status = 304, description = "Unchanged since If-None-Match"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "min_position not reached in time", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn get_batch(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
@@ -412,14 +442,14 @@ async fn batch_at_version(
     Ok(axum::Json(view).into_response())
 }
 
-#[derive(Serialize)]
-struct PhaseCounts {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct PhaseCounts {
     succeeded: usize,
     failed: usize,
 }
 
-#[derive(Serialize)]
-struct BatchStatusResponse {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BatchStatusResponse {
     batch_id: String,
     status: String,
     version: i64,
@@ -429,7 +459,11 @@ struct BatchStatusResponse {
     phases: std::collections::BTreeMap<String, PhaseCounts>,
 }
 
-async fn get_status(
+#[utoipa::path(get, path = "/v1/batches/{id}/status", tag = "batches",
+    params(("id" = String, Path, description = "Batch id"), ("min_position" = Option<i64>, Query)),
+    security(("bearer" = [])),
+    responses((status = 200, body = BatchStatusResponse), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn get_status(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
@@ -464,14 +498,19 @@ async fn get_status(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(super) struct ListQuery {
     status: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
     min_position: Option<i64>,
 }
 
-async fn list_batches(
+#[utoipa::path(get, path = "/v1/batches", tag = "batches",
+    params(("status" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("min_position" = Option<i64>, Query)),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<BatchView>), (status = 400, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn list_batches(
     State(state): State<AppState>,
     user: AuthUser,
     Query(query): Query<ListQuery>,
@@ -508,8 +547,8 @@ async fn list_batches(
     ))
 }
 
-#[derive(Serialize)]
-struct EventResponse {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct EventResponse {
     sequence: i64,
     position: i64,
     event_type: String,
@@ -521,7 +560,10 @@ struct EventResponse {
     payload: serde_json::Value,
 }
 
-async fn batch_events(
+#[utoipa::path(get, path = "/v1/batches/{id}/events", tag = "batches",
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    responses((status = 200, body = Vec<EventResponse>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn batch_events(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,

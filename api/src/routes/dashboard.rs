@@ -10,7 +10,10 @@ use crate::error::ApiResult;
 use crate::routes::batches::{Consistency, wait_until_applied};
 use crate::state::AppState;
 
-async fn dashboard(
+#[utoipa::path(get, path = "/v1/dashboard", tag = "dashboard",
+    params(("min_position" = Option<i64>, Query)), security(("bearer" = [])),
+    responses((status = 200, body = Dashboard)))]
+pub(super) async fn dashboard(
     State(state): State<AppState>,
     user: AuthUser,
     Query(consistency): Query<Consistency>,

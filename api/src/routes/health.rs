@@ -13,11 +13,13 @@ use serde_json::json;
 
 use crate::state::AppState;
 
-async fn healthz() -> impl IntoResponse {
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Alive")))]
+pub(super) async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Ready, with dependency detail"), (status = 503, description = "A dependency is down")))]
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let database = state.storage.ping().await;
     let projections = match &database {
         Ok(()) => state.reads.projections(&PROJECTIONS).await.ok(),
@@ -43,7 +45,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, axum::Json(body))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.metrics;
     let mut out = String::new();
     let counters = [

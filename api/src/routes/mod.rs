@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod batches;
 mod dashboard;
+mod docs;
 mod health;
 
 use axum::Router;
@@ -18,6 +19,7 @@ pub fn router() -> Router<AppState> {
         .merge(dashboard::router())
         .merge(admin::router())
         .merge(health::router())
+        .merge(docs::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
