@@ -118,8 +118,13 @@ pub struct User {
     password_hash: String,
 }
 
+/// At most this many argon2 computations at once (each takes about 19 MiB and a core for tens
+/// of milliseconds); further logins queue instead of exhausting memory.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// Hashes a password with argon2id (slow on purpose: run it off the async threads).
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    let _permit = HASHING.acquire().await?;
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .hash_password(password.as_bytes())
@@ -130,6 +135,9 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 }
 
 async fn verify_password(password: String, hash: String) -> bool {
+    let Ok(_permit) = HASHING.acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .verify_password(password.as_bytes(), hash.as_str())

@@ -159,7 +159,14 @@ impl Settings {
         }
         let path = self.data_dir.join("jwt-secret");
         if let Ok(existing) = std::fs::read_to_string(&path) {
-            return Ok(existing.trim().as_bytes().to_vec());
+            let existing = existing.trim();
+            if existing.len() < 32 {
+                bail!(
+                    "{} holds a secret shorter than 32 characters; delete it to generate a new one",
+                    path.display()
+                );
+            }
+            return Ok(existing.as_bytes().to_vec());
         }
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("creating {}", self.data_dir.display()))?;
@@ -174,17 +181,23 @@ impl Settings {
     }
 }
 
+/// Writes a file readable by its owner only, all at once: a temporary file is written and
+/// synced, then renamed into place, so a crash never leaves a short secret behind.
 #[cfg(unix)]
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temporary);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .open(&temporary)
+        .with_context(|| format!("creating {}", temporary.display()))?;
     file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path).with_context(|| format!("creating {}", path.display()))?;
     Ok(())
 }
 
@@ -221,6 +234,35 @@ mod tests {
         let printed = format!("{settings:?}");
         assert!(!printed.contains("hunter2"));
         assert!(!printed.contains(&"s".repeat(40)));
+    }
+
+    #[test]
+    fn the_embedded_secret_is_generated_once_owner_only_and_a_short_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("essayflow-settings-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let first = settings.jwt_secret().unwrap();
+        assert_eq!(first.len(), 64);
+        assert_eq!(
+            settings.jwt_secret().unwrap(),
+            first,
+            "kept, not regenerated"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("jwt-secret"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(dir.join("jwt-secret"), "").unwrap();
+        assert!(settings.jwt_secret().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

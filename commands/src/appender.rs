@@ -103,6 +103,14 @@ async fn write_batch(storage: &Storage, batch: Vec<Request>) {
                 let _ = request.reply.send(outcome);
             }
         }
+        Err(error) if is_transient(&error) => {
+            // A deadlock or serialization failure rolled everything back: each command
+            // reloads and tries again, as after any conflict.
+            tracing::debug!(error = %error, appends = batch.len(), "append group rolled back; retrying as conflicts");
+            for request in batch {
+                let _ = request.reply.send(Err(AppendError::Conflict));
+            }
+        }
         Err(error) => {
             tracing::error!(error = %error, appends = batch.len(), "appending events failed");
             let error = AppendError::Database(error.to_string());
@@ -110,6 +118,17 @@ async fn write_batch(storage: &Storage, batch: Vec<Request>) {
                 let _ = request.reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// Deadlock (40P01), serialization failure (40001), or SQLite busy/locked.
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => matches!(
+            e.code().as_deref(),
+            Some("40P01" | "40001" | "5" | "6" | "517")
+        ),
+        _ => false,
     }
 }
 
@@ -138,12 +157,15 @@ async fn insert_all(
             claimed.extend(keys);
         }
     }
-    let rows: Vec<&SerializedEvent> = batch
+    let mut rows: Vec<&SerializedEvent> = batch
         .iter()
         .zip(&contested)
         .filter(|(_, contested)| !**contested)
         .flat_map(|(r, _)| r.events.iter())
         .collect();
+    // Concurrent transactions (other appender tasks, other nodes) inserting the same keys wait
+    // for each other; taking the keys in one global order means they cannot deadlock.
+    rows.sort_unstable_by(|a, b| (&a.aggregate_id, a.sequence).cmp(&(&b.aggregate_id, b.sequence)));
     let mut inserted: HashMap<Key, LogPosition> = HashMap::with_capacity(rows.len());
     for chunk in rows.chunks(MAX_ROWS) {
         let (payload, metadata) = match engine {
@@ -259,5 +281,8 @@ async fn insert_all(
             .await?;
     }
     tx.commit().await?;
+    if outcomes.iter().any(Result::is_ok) {
+        storage.announce_append();
+    }
     Ok(outcomes)
 }

@@ -17,7 +17,7 @@ pub use appender::{AppendError, Appender};
 pub use log::{EventLog, EventMetadata, LogError, LogPosition, StoredEvent};
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};
-pub use storage::{Engine, Storage, StorageError, StorageOptions};
+pub use storage::{CheckpointBoard, Engine, Storage, StorageError, StorageOptions};
 
 /// The upcasters applied to stored events before they are deserialised. Empty while every
 /// event is at its first version; a changed event shape adds one here.

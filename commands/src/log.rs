@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
 use domain::BatchEvent;
 use domain::values::BatchId;
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -97,6 +98,9 @@ pub struct EventLog {
     upcasters: std::sync::Arc<Vec<Box<dyn EventUpcaster>>>,
 }
 
+/// Payload bytes after which [`EventLog::read_after`] ends a page early.
+pub const PAGE_BYTES: usize = 16 * 1024 * 1024;
+
 const COLUMNS: &str = "global_position, aggregate_id, sequence, event_type, event_version";
 
 impl EventLog {
@@ -111,44 +115,48 @@ impl EventLog {
         &self.storage
     }
 
-    /// Up to `limit` events after `after`, in log order.
+    /// Up to `limit` events after `after`, in log order, and at most about [`PAGE_BYTES`] of
+    /// payload (always at least one event), so that a page of large essays cannot exhaust memory.
     pub async fn read_after(
         &self,
         after: LogPosition,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, LogError> {
-        let rows = match self.storage.engine() {
-            Engine::Postgres => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS}, transaction_id::text AS tx, payload::text AS payload,
-                            metadata::text AS metadata
-                       FROM events
-                      WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
-                        AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-                      ORDER BY transaction_id, global_position
-                      LIMIT $3"
-                ))
-                .bind(after.tx.to_string())
-                .bind(after.position)
-                .bind(limit)
-                .fetch_all(self.storage.pool())
-                .await?
-            }
-            Engine::Sqlite => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS}, '0' AS tx, payload, metadata
-                       FROM events
-                      WHERE global_position > $1
-                      ORDER BY global_position
-                      LIMIT $2"
-                ))
-                .bind(after.position)
-                .bind(limit)
-                .fetch_all(self.storage.pool())
-                .await?
-            }
+        let postgres = format!(
+            "SELECT {COLUMNS}, transaction_id::text AS tx, payload::text AS payload,
+                    metadata::text AS metadata
+               FROM events
+              WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
+                AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY transaction_id, global_position
+              LIMIT $3"
+        );
+        let sqlite = format!(
+            "SELECT {COLUMNS}, '0' AS tx, payload, metadata
+               FROM events
+              WHERE global_position > $1
+              ORDER BY global_position
+              LIMIT $2"
+        );
+        let query = match self.storage.engine() {
+            Engine::Postgres => sqlx::query(&postgres).bind(after.tx.to_string()),
+            Engine::Sqlite => sqlx::query(&sqlite),
         };
-        rows.iter().map(|row| self.decode(row)).collect()
+        let mut rows = query
+            .bind(after.position)
+            .bind(limit)
+            .fetch(self.storage.pool());
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.try_next().await? {
+            let payload: String = row.try_get("payload")?;
+            bytes += payload.len();
+            events.push(self.decode_with(&row, payload)?);
+            if bytes >= PAGE_BYTES {
+                break;
+            }
+        }
+        Ok(events)
     }
 
     /// Every event of one batch, in sequence order, up to `max_sequence` when given.
@@ -235,6 +243,11 @@ impl EventLog {
     }
 
     fn decode(&self, row: &AnyRow) -> Result<StoredEvent, LogError> {
+        let payload: String = row.try_get("payload")?;
+        self.decode_with(row, payload)
+    }
+
+    fn decode_with(&self, row: &AnyRow, payload: String) -> Result<StoredEvent, LogError> {
         let at = position_from_row(row)?;
         let corrupt = |reason: String| LogError::Corrupt {
             position: at.position,
@@ -244,7 +257,6 @@ impl EventLog {
         let batch_id = aggregate_id
             .parse()
             .map_err(|e| corrupt(format!("aggregate id {aggregate_id:?}: {e}")))?;
-        let payload: String = row.try_get("payload")?;
         let metadata: String = row.try_get("metadata")?;
         let payload: serde_json::Value =
             serde_json::from_str(&payload).map_err(|e| corrupt(e.to_string()))?;

@@ -169,7 +169,6 @@ impl CommandService {
                 .await;
             match committed {
                 Ok(_) => {
-                    self.log.storage().announce_append();
                     self.cache
                         .insert(batch_id, Arc::new((version + count, next)));
                     let Some(position) = receipt.last().copied() else {

@@ -5,6 +5,7 @@
 //! other query (the event log, read models, users) goes through one `AnyPool`, so that the same
 //! SQL serves both engines and engine differences stay in [`Engine`]'s few dialect methods.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use sqlx::{AnyPool, Executor, PgPool, SqlitePool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::log::LogPosition;
 
 /// The channel on which appends are announced to other nodes.
 const NOTIFY_CHANNEL: &str = "essayflow_events";
@@ -86,6 +89,40 @@ pub struct Storage {
     appended: Arc<watch::Sender<u64>>,
     /// Bumped by local appends only; the announcer relays these to other nodes.
     local_appends: Arc<watch::Sender<u64>>,
+    checkpoints: CheckpointBoard,
+}
+
+/// The checkpoints this process's projection workers committed, so that a read waiting for
+/// its own write (`min_position`) is woken without asking the database.
+#[derive(Clone, Default)]
+pub struct CheckpointBoard(Arc<std::sync::Mutex<HashMap<String, watch::Sender<LogPosition>>>>);
+
+impl CheckpointBoard {
+    fn sender(&self, name: &str) -> watch::Sender<LogPosition> {
+        let mut board = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        board
+            .entry(name.to_owned())
+            .or_insert_with(|| watch::channel(LogPosition::default()).0)
+            .clone()
+    }
+
+    /// Records that `name` committed everything up to `at`.
+    pub fn publish(&self, name: &str, at: LogPosition) {
+        self.sender(name).send_if_modified(|current| {
+            let newer = at > *current;
+            if newer {
+                *current = at;
+            }
+            newer
+        });
+    }
+
+    pub fn subscribe(&self, name: &str) -> watch::Receiver<LogPosition> {
+        self.sender(name).subscribe()
+    }
 }
 
 impl Storage {
@@ -141,6 +178,7 @@ impl Storage {
             appends,
             appended: Arc::new(watch::channel(0).0),
             local_appends: Arc::new(watch::channel(0).0),
+            checkpoints: CheckpointBoard::default(),
         })
     }
 
@@ -160,6 +198,11 @@ impl Storage {
 
     pub(crate) fn typed(&self) -> &TypedPool {
         &self.typed
+    }
+
+    /// This process's projection checkpoints.
+    pub fn checkpoints(&self) -> &CheckpointBoard {
+        &self.checkpoints
     }
 
     /// Tells this node's readers that events were appended.

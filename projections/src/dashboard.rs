@@ -46,6 +46,8 @@ pub struct DashboardBatch {
     pub phase_progress: Progress,
     /// essay id -> phase -> `succeeded` | `failed`, for the current (or last) pipeline.
     pub essay_outcomes: BTreeMap<String, BTreeMap<String, String>>,
+    /// The status to return to if the pending request is rejected.
+    pub status_before_request: Option<String>,
     pub version: i64,
     pub updated_at: DateTime<Utc>,
 }
@@ -97,6 +99,7 @@ impl DashboardBatch {
                     phases_completed: 0,
                     phase_progress: Progress::default(),
                     essay_outcomes: BTreeMap::new(),
+                    status_before_request: None,
                     version: stored.sequence,
                     updated_at: stored.metadata.occurred_at,
                 })
@@ -109,6 +112,9 @@ impl DashboardBatch {
         view.version = stored.sequence;
         view.updated_at = stored.metadata.occurred_at;
         let cancelled = view.status == BatchStatus::Cancelled.as_str();
+        if let BatchEvent::PipelineRequested { .. } = stored.event {
+            view.status_before_request = Some(view.status.clone());
+        }
         let mut status = |s: BatchStatus| {
             if !cancelled {
                 view.status = s.as_str().to_owned();
@@ -131,20 +137,13 @@ impl DashboardBatch {
                 view.steps = steps.iter().map(ToString::to_string).collect();
             }
             BatchEvent::PipelineRejected { .. } => {
-                // The batch_state model keeps the exact previous status; here a rejected
-                // request only happens when the configuration changed under it, and "ready"
-                // or the last outcome is recomputed the same way.
-                let failed = view
-                    .essay_outcomes
-                    .values()
-                    .flat_map(BTreeMap::values)
-                    .any(|o| o == "failed");
-                let had_outcomes = !view.essay_outcomes.is_empty();
-                status(match (had_outcomes, failed) {
-                    (false, _) => BatchStatus::Ready,
-                    (true, true) => BatchStatus::CompletedWithFailures,
-                    (true, false) => BatchStatus::Completed,
-                });
+                if let Some(previous) = view
+                    .status_before_request
+                    .as_deref()
+                    .and_then(BatchStatus::parse)
+                {
+                    status(previous);
+                }
                 view.pipeline = None;
             }
             BatchEvent::PhaseStarted { phase, essays, .. } => {

@@ -192,22 +192,27 @@ impl ReadModels {
             return Ok(Reached::UnknownPosition);
         };
         let deadline = Instant::now() + timeout;
-        let mut wake = self.storage.appended();
+        // This node's workers announce their commits; another node's are seen by polling the
+        // checkpoint row, at a modest rate so that many waiting readers do not crowd the
+        // workers out of the connection pool.
+        let mut local = self.storage.checkpoints().subscribe(projection);
+        let mut next_poll = Instant::now();
         loop {
-            if load_checkpoint(self.storage.pool(), projection).await? >= target {
+            if *local.borrow_and_update() >= target {
                 return Ok(Reached::Yes);
             }
             let now = Instant::now();
+            if now >= next_poll {
+                if load_checkpoint(self.storage.pool(), projection).await? >= target {
+                    return Ok(Reached::Yes);
+                }
+                next_poll = now + Duration::from_millis(100);
+            }
             if now >= deadline {
                 return Ok(Reached::TimedOut);
             }
-            // Projections commit shortly after the append signal; look again soon after it,
-            // and at least every 20 ms (another node's worker may be the one applying).
-            let pause = Duration::from_millis(20).min(deadline - now);
-            tokio::select! {
-                _ = wake.changed() => tokio::time::sleep(Duration::from_millis(2)).await,
-                _ = tokio::time::sleep(pause) => {}
-            }
+            let until = next_poll.min(deadline);
+            let _ = tokio::time::timeout_at(until.into(), local.changed()).await;
         }
     }
 }

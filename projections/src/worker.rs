@@ -19,7 +19,6 @@ use std::time::Duration;
 use chrono::Utc;
 use commands::{Engine, EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyPool, Row};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Projection, ProjectionError};
@@ -61,7 +60,6 @@ pub struct Worker<P> {
     projection: P,
     log: EventLog,
     options: WorkerOptions,
-    applied: watch::Sender<LogPosition>,
     errors: Arc<AtomicU64>,
 }
 
@@ -71,18 +69,12 @@ impl<P: Projection> Worker<P> {
             projection,
             log: EventLog::new(storage.clone()),
             options,
-            applied: watch::channel(LogPosition::default()).0,
             errors: Arc::default(),
         }
     }
 
     pub fn name(&self) -> &'static str {
         self.projection.name()
-    }
-
-    /// The last position this worker committed, for local read-your-writes waits.
-    pub fn applied(&self) -> watch::Receiver<LogPosition> {
-        self.applied.subscribe()
     }
 
     /// How many steps failed since start.
@@ -176,7 +168,7 @@ impl<P: Projection> Worker<P> {
         self.projection.apply(&mut tx, &events).await?;
         before_commit(&events)?;
         tx.commit().await?;
-        self.applied.send_replace(last);
+        self.log.storage().checkpoints().publish(name, last);
         Ok(Step::Applied(events.len()))
     }
 }

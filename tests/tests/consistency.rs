@@ -105,6 +105,56 @@ async fn fifty_concurrent_writers_on_one_batch_store_each_accepted_command_once(
     assert_replay_equals_live(&app, DashboardProjection).await;
 }
 
+async fn concurrent_writers_across_many_batches_never_fail_the_store(engine: Engine) {
+    let app = TestApp::spawn_with(engine, |s| s.db_max_connections = 16).await;
+    let teacher = app.user(Role::Teacher).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            app.register_batch(&teacher, 12).await["batch_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Interleave the batches so that every append group mixes them, in different orders.
+    let requests = (0..60).map(|i| {
+        let (app, teacher) = (&app, &teacher);
+        let id = ids[(i * 7) % ids.len()].clone();
+        async move {
+            let response = app.add_essays(teacher, &id, &[&format!("e{i}")]).await;
+            response.status()
+        }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    for status in &statuses {
+        assert!(
+            *status == StatusCode::ACCEPTED || *status == StatusCode::CONFLICT,
+            "a concurrent append failed with {status}"
+        );
+    }
+    let accepted = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::ACCEPTED)
+        .count();
+    let log = EventLog::new(app.storage.clone());
+    let mut stored = 0;
+    for id in &ids {
+        for event in log.read_batch(id.parse().unwrap(), None).await.unwrap() {
+            if let BatchEvent::EssaysAdded { essays } = &event.event {
+                stored += essays.len();
+            }
+        }
+    }
+    assert_eq!(
+        stored, accepted,
+        "accepted commands and stored essays differ"
+    );
+    app.wait_for_projections().await;
+    assert_replay_equals_live(&app, BatchStateProjection).await;
+    assert_replay_equals_live(&app, DashboardProjection).await;
+}
+
 /// A `BatchRegistered` event written by hand, as the event store would write it.
 fn registration(owner: &str) -> (String, String, String) {
     let batch_id = uuid::Uuid::new_v4().to_string();
@@ -345,6 +395,7 @@ async fn the_replay_command_rebuilds_rows_identical_to_the_live_ones(engine: Eng
 
 both_engines!(
     fifty_concurrent_writers_on_one_batch_store_each_accepted_command_once,
+    concurrent_writers_across_many_batches_never_fail_the_store,
     an_append_that_commits_late_is_applied_and_nothing_is_applied_twice,
     a_worker_that_dies_before_committing_resumes_from_its_checkpoint,
     the_replay_command_rebuilds_rows_identical_to_the_live_ones,

@@ -32,7 +32,10 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "database": {
                 "engine": state.storage.engine().name(),
                 "status": if database.is_ok() { "ok" } else { "down" },
-                "error": database.err().map(|e| e.to_string()),
+                "error": database.err().map(|e| {
+                    tracing::warn!(error = %e, "readiness: the database does not answer");
+                    "the database does not answer"
+                }),
             },
             "projections": projections,
         }
