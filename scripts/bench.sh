@@ -13,6 +13,8 @@ DURATION=${DURATION:-10}
 REPLAY_EVENTS=${REPLAY_EVENTS:-100000}
 PORT=${PORT:-18181}
 PG=${ESSAYFLOW_BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
+# Both essayflow and the pgbench baseline talk to PostgreSQL over loopback without TLS.
+PG_OPTS="sslmode=disable"
 DB=essayflow_bench
 SECRET=benchmark-secret-benchmark-secret-benchmark
 WORK=$(mktemp -d)
@@ -57,13 +59,13 @@ run_engine() {
   done
 }
 
-run_engine postgres "$PG/$DB"
+run_engine postgres "$PG/$DB?$PG_OPTS"
 run_engine sqlite "sqlite:$WORK/bench.db"
 
 # Baseline: pgbench single-row inserts at 64 clients on the same database, same run.
 psql "$PG/$DB" -qc "CREATE TABLE IF NOT EXISTS pgbench_single_insert (id bigserial PRIMARY KEY, payload text)"
 echo "INSERT INTO pgbench_single_insert (payload) VALUES ('x');" > "$WORK/insert.sql"
-PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB" 2>/dev/null | grep -E '^tps' | head -n 1)
+PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB?$PG_OPTS" 2>/dev/null | grep -E '^tps' | head -n 1)
 
 {
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per level."

@@ -162,7 +162,7 @@ impl Storage {
         // Read models and users: on SQLite `synchronous = NORMAL`, which keeps every commit
         // atomic and loses at most the last ones on power loss; a projection then re-applies
         // them, because its rows and its checkpoint always commit together.
-        let any = any_pool(url, options.max_read_connections, "NORMAL").await?;
+        let any = any_pool(url, options.max_read_connections, "NORMAL", false).await?;
         // Appends: `FULL` by default, so that a 202 means the events survive power loss. WAL
         // order makes durability monotone: an fsynced append also makes earlier commits durable.
         let append_sync = if options.sqlite_sync_full {
@@ -170,7 +170,7 @@ impl Storage {
         } else {
             "NORMAL"
         };
-        let appends = any_pool(url, 4, append_sync).await?;
+        let appends = any_pool(url, 4, append_sync, true).await?;
         Ok(Self {
             engine,
             typed,
@@ -225,6 +225,10 @@ impl Storage {
         let TypedPool::Postgres(pool) = &self.typed else {
             return;
         };
+        // Notifications carry this process's id, so that it ignores its own echo: its local
+        // readers were already woken when the append happened.
+        let node_out = uuid::Uuid::new_v4().to_string();
+        let node_in = node_out.clone();
         let (pool_out, mut local, token) =
             (pool.clone(), self.local_appends.subscribe(), cancel.clone());
         tracker.spawn(async move {
@@ -233,15 +237,16 @@ impl Storage {
                     _ = token.cancelled() => return,
                     changed = local.changed() => if changed.is_err() { return },
                 }
-                if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(NOTIFY_CHANNEL)
+                    .bind(node_out.as_str())
                     .execute(&pool_out)
                     .await
                 {
                     tracing::warn!(%error, "could not announce appended events");
                 }
-                // Coalesce bursts: at most a few hundred notifications a second.
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Coalesce bursts: at most a hundred notifications a second.
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
         let (pool_in, sender, token) = (pool.clone(), self.appended.clone(), cancel);
@@ -265,6 +270,7 @@ impl Storage {
                     tokio::select! {
                         _ = token.cancelled() => return,
                         received = listener.recv() => match received {
+                            Ok(notification) if notification.payload() == node_in => {}
                             Ok(_) => sender.send_modify(|n| *n = n.wrapping_add(1)),
                             Err(error) => {
                                 tracing::warn!(%error, "lost the LISTEN connection; reconnecting");
@@ -293,10 +299,14 @@ impl Storage {
     }
 }
 
+/// An `AnyPool`. On SQLite, `synchronous` sets the pragma; on PostgreSQL a pool that need not be
+/// `durable` commits without waiting for its WAL flush (`synchronous_commit = off`: a crash can
+/// lose its last commits, never corrupt or reorder them).
 async fn any_pool(
     url: &str,
     max_connections: u32,
     synchronous: &'static str,
+    durable: bool,
 ) -> Result<AnyPool, sqlx::Error> {
     AnyPoolOptions::new()
         .max_connections(max_connections)
@@ -309,6 +319,8 @@ async fn any_pool(
                             .as_str(),
                     )
                     .await?;
+                } else if !durable {
+                    conn.execute("SET synchronous_commit = off").await?;
                 }
                 Ok(())
             })

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use commands::{Engine, EventLog, LogPosition, Storage};
+use commands::{EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyPool, Row};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,9 @@ pub struct WorkerOptions {
     pub page_size: i64,
     /// How often to look for new events when no signal arrives.
     pub poll_interval: Duration,
+    /// After a page that was not full, wait this long so that the next page gathers more
+    /// events (fewer, larger transactions), at the cost of this much extra delay.
+    pub gather: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -36,6 +39,7 @@ impl Default for WorkerOptions {
         Self {
             page_size: 500,
             poll_interval: Duration::from_millis(500),
+            gather: Duration::from_millis(10),
         }
     }
 }
@@ -61,6 +65,9 @@ pub struct Worker<P> {
     log: EventLog,
     options: WorkerOptions,
     errors: Arc<AtomicU64>,
+    /// The checkpoint this worker last committed; `None` until read, and after it lost a
+    /// compare-and-set (another worker or a reset moved it).
+    checkpoint: std::sync::Mutex<Option<LogPosition>>,
 }
 
 impl<P: Projection> Worker<P> {
@@ -70,6 +77,7 @@ impl<P: Projection> Worker<P> {
             log: EventLog::new(storage.clone()),
             options,
             errors: Arc::default(),
+            checkpoint: std::sync::Mutex::new(None),
         }
     }
 
@@ -94,9 +102,16 @@ impl<P: Projection> Worker<P> {
         tracing::info!(projection = name, "projection worker started");
         while !cancel.is_cancelled() {
             match self.step().await {
-                Ok(Step::Applied(_) | Step::Superseded) => {
+                Ok(Step::Applied(n)) => {
                     backoff = Duration::from_millis(100);
+                    if (n as i64) < self.options.page_size && !self.options.gather.is_zero() {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(self.options.gather) => {}
+                        }
+                    }
                 }
+                Ok(Step::Superseded) => backoff = Duration::from_millis(100),
                 Ok(Step::Idle) => {
                     backoff = Duration::from_millis(100);
                     tokio::select! {
@@ -130,7 +145,11 @@ impl<P: Projection> Worker<P> {
         before_commit: BeforeCommit<'_>,
     ) -> Result<Step, ProjectionError> {
         let name = self.name();
-        let checkpoint = load_checkpoint(self.pool(), name).await?;
+        let known = *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        let checkpoint = match known {
+            Some(checkpoint) => checkpoint,
+            None => load_checkpoint(self.pool(), name).await?,
+        };
         let events = self
             .log
             .read_after(checkpoint, self.options.page_size)
@@ -140,13 +159,6 @@ impl<P: Projection> Worker<P> {
         };
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
-        if self.log.storage().engine() == Engine::Postgres {
-            // Rows and checkpoint commit together, so a commit lost in a crash is simply applied
-            // again: this transaction need not wait for its WAL flush.
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
-        }
         let claimed = sqlx::query(
             "UPDATE projection_checkpoints
                 SET tx = $1, position = $2, events_applied = events_applied + $3, updated_at = $4
@@ -163,11 +175,13 @@ impl<P: Projection> Worker<P> {
         .await?;
         if claimed.rows_affected() != 1 {
             tx.rollback().await?;
+            *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(Step::Superseded);
         }
         self.projection.apply(&mut tx, &events).await?;
         before_commit(&events)?;
         tx.commit().await?;
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
         self.log.storage().checkpoints().publish(name, last);
         Ok(Step::Applied(events.len()))
     }

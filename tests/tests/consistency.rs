@@ -269,6 +269,7 @@ async fn a_worker_that_dies_before_committing_resumes_from_its_checkpoint(engine
     let options = WorkerOptions {
         page_size: 4,
         poll_interval: Duration::from_millis(50),
+        gather: Duration::ZERO,
     };
     let pool = app.storage.pool();
 
