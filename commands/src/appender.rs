@@ -139,6 +139,7 @@ async fn insert_all(
     batch: &[Request],
 ) -> Result<Vec<Result<Vec<LogPosition>, AppendError>>, sqlx::Error> {
     let engine = storage.engine();
+    let _turn = storage.write_turn().await;
     let mut conn = storage.appends().acquire().await?;
     let mut tx = conn.begin().await?;
     // Two appends of one transaction may claim the same (batch, sequence): RETURNING could not

@@ -44,7 +44,14 @@ impl EventRepository {
         };
         Self {
             reader,
-            appender: Appender::spawn(storage.clone(), 4),
+            // SQLite has one writer: more appender tasks would only queue for it.
+            appender: Appender::spawn(
+                storage.clone(),
+                match storage.engine() {
+                    crate::Engine::Postgres => 4,
+                    crate::Engine::Sqlite => 1,
+                },
+            ),
         }
     }
 }

@@ -90,6 +90,10 @@ pub struct Storage {
     /// Bumped by local appends only; the announcer relays these to other nodes.
     local_appends: Arc<watch::Sender<u64>>,
     checkpoints: CheckpointBoard,
+    /// SQLite only: one writer at a time within this process. SQLite admits one writer anyway,
+    /// and a writer that finds the lock taken backs off with sleeps of up to 100 ms; queueing
+    /// here instead keeps appends and projection pages from stalling each other.
+    write_gate: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// The checkpoints this process's projection workers committed, so that a read waiting for
@@ -179,6 +183,7 @@ impl Storage {
             appended: Arc::new(watch::channel(0).0),
             local_appends: Arc::new(watch::channel(0).0),
             checkpoints: CheckpointBoard::default(),
+            write_gate: (engine == Engine::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(()))),
         })
     }
 
@@ -198,6 +203,15 @@ impl Storage {
 
     pub(crate) fn typed(&self) -> &TypedPool {
         &self.typed
+    }
+
+    /// Waits for this process's turn to write (SQLite; PostgreSQL has no such gate). Hold the
+    /// guard from `BEGIN` until the commit.
+    pub async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.write_gate {
+            Some(gate) => Some(gate.clone().lock_owned().await),
+            None => None,
+        }
     }
 
     /// This process's projection checkpoints.

@@ -32,6 +32,7 @@ pub async fn reset<P: Projection>(
     projection: &P,
     storage: &Storage,
 ) -> Result<(), ProjectionError> {
+    let _turn = storage.write_turn().await;
     let mut conn = storage.pool().acquire().await?;
     let mut tx = conn.begin().await?;
     sqlx::query(

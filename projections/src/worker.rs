@@ -157,6 +157,7 @@ impl<P: Projection> Worker<P> {
         let Some(last) = events.last().map(|e| e.at) else {
             return Ok(Step::Idle);
         };
+        let _turn = self.log.storage().write_turn().await;
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
         let claimed = sqlx::query(
