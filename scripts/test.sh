@@ -44,8 +44,5 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "building the essayflow binary (used by the replay tests)"
-cargo build -p api --bin essayflow
-
 step "tests"
 cargo nextest run --workspace --no-fail-fast

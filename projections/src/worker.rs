@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use commands::{EventLog, LogPosition, Storage};
-use sqlx::{Acquire, AnyPool, Row};
+use commands::{Engine, EventLog, LogPosition, Storage};
+use sqlx::{Acquire, AnyConnection, AnyPool, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Projection, ProjectionError};
@@ -100,7 +100,33 @@ impl<P: Projection> Worker<P> {
         let mut wake = self.log.storage().appended();
         let mut backoff = Duration::from_millis(100);
         tracing::info!(projection = name, "projection worker started");
+        // On PostgreSQL one worker per projection is active across all nodes: the holder of a
+        // session advisory lock. The others wait to take over. (The checkpoint compare-and-set
+        // keeps pages exactly-once even without it; the lock saves the others' wasted reads.)
+        let mut leadership = None;
         while !cancel.is_cancelled() {
+            if leadership.is_none() && self.log.storage().engine() == Engine::Postgres {
+                match self.try_lead().await {
+                    Ok(Some(connection)) => {
+                        tracing::info!(projection = name, "this node now runs the projection");
+                        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        leadership = Some(connection);
+                    }
+                    Ok(None) => {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(self.options.poll_interval * 4) => continue,
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = name, error = %error, "could not take the projection lock");
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => continue,
+                        }
+                    }
+                }
+            }
             match self.step().await {
                 Ok(Step::Applied(n)) => {
                     backoff = Duration::from_millis(100);
@@ -121,6 +147,9 @@ impl<P: Projection> Worker<P> {
                     }
                 }
                 Err(error) => {
+                    // The lock lives on its connection: after a database error, prove
+                    // leadership again rather than assume the session survived.
+                    leadership = None;
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(projection = name, error = %error, retry_in = ?backoff, "projection step failed");
                     tokio::select! {
@@ -132,6 +161,20 @@ impl<P: Projection> Worker<P> {
             }
         }
         tracing::info!(projection = name, "projection worker stopped");
+    }
+
+    /// Takes this projection's advisory lock on a dedicated connection, if no other session
+    /// holds it. The lock is held for as long as the returned connection lives: it is detached
+    /// from the pool, so dropping it closes the session and releases the lock.
+    pub async fn try_lead(&self) -> Result<Option<AnyConnection>, ProjectionError> {
+        let mut connection = self.pool().acquire().await?.detach();
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('essayflow.projection'), hashtext($1))",
+        )
+        .bind(self.name())
+        .fetch_one(&mut connection)
+        .await?;
+        Ok(locked.then_some(connection))
     }
 
     /// Applies the next page, if any.

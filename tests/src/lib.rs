@@ -221,6 +221,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GETs `path` as `user` and returns the JSON body, whatever the status.
+    pub async fn get_json(&self, user: &User, path: &str) -> Value {
+        self.get(user, path).await.json().await.unwrap()
+    }
+
+    /// GETs `path` with no token.
+    pub async fn get_public(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
     pub async fn get(&self, user: &User, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))

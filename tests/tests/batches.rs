@@ -51,20 +51,14 @@ async fn a_registered_batch_with_its_essays_reads_back_as_written(engine: Engine
     assert_eq!(essays, ["e1", "e2"]);
 
     let status: Value = app
-        .get(&teacher, &format!("/v1/batches/{id}/status"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&teacher, &format!("/v1/batches/{id}/status"))
+        .await;
     assert_eq!(status["status"], "ready");
     assert_eq!(status["essays_added"], 2);
 
     let events: Value = app
-        .get(&teacher, &format!("/v1/batches/{id}/events"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&teacher, &format!("/v1/batches/{id}/events"))
+        .await;
     let types: Vec<&str> = events
         .as_array()
         .unwrap()
@@ -79,11 +73,8 @@ async fn a_registered_batch_with_its_essays_reads_back_as_written(engine: Engine
     assert_eq!(events[1]["correlation_id"], added["correlation_id"]);
 
     let first: Value = app
-        .get(&teacher, &format!("/v1/batches/{id}?at_version=1"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&teacher, &format!("/v1/batches/{id}?at_version=1"))
+        .await;
     assert_eq!(first["status"], "registered");
     assert_eq!(first["essays"].as_array().unwrap().len(), 0);
     assert_eq!(first["version"], 1);
@@ -205,13 +196,10 @@ async fn owners_see_only_their_batches_and_admins_see_all(engine: Engine) {
     assert_eq!(app.batch(&admin, id, position).await["owner_id"], alice.id);
     let last = bobs["position"].as_i64().unwrap();
     let listed: Value = app
-        .get(&admin, &format!("/v1/batches?min_position={last}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&admin, &format!("/v1/batches?min_position={last}"))
+        .await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 2);
-    let listed: Value = app.get(&bob, "/v1/batches").await.json().await.unwrap();
+    let listed: Value = app.get_json(&bob, "/v1/batches").await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
     assert_eq!(listed["items"][0]["owner_id"], bob.id);
 }
@@ -236,7 +224,7 @@ async fn listing_pages_through_every_batch_newest_first(engine: Engine) {
     let mut seen = Vec::new();
     let mut path = format!("/v1/batches?limit=2&min_position={last}");
     loop {
-        let page: Value = app.get(&teacher, &path).await.json().await.unwrap();
+        let page: Value = app.get_json(&teacher, &path).await;
         for item in page["items"].as_array().unwrap() {
             seen.push(item["batch_id"].as_str().unwrap().to_owned());
         }
@@ -248,12 +236,7 @@ async fn listing_pages_through_every_batch_newest_first(engine: Engine) {
     ids.reverse();
     assert_eq!(seen, ids);
 
-    let ready: Value = app
-        .get(&teacher, "/v1/batches?status=ready")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.get_json(&teacher, "/v1/batches?status=ready").await;
     assert_eq!(ready["items"].as_array().unwrap().len(), 1);
     let bad = app.get(&teacher, "/v1/batches?status=finished").await;
     assert_eq!(
@@ -279,11 +262,8 @@ async fn the_dashboard_counts_batches_by_status_and_shows_recent_activity(engine
         .unwrap();
 
     let dashboard: Value = app
-        .get(&teacher, &format!("/v1/dashboard?min_position={position}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&teacher, &format!("/v1/dashboard?min_position={position}"))
+        .await;
     assert_eq!(dashboard["totals"], json!({ "ready": 1, "registered": 1 }));
     assert_eq!(dashboard["active_batches"].as_array().unwrap().len(), 2);
     let activity: Vec<&str> = dashboard["recent_activity"]
@@ -344,42 +324,21 @@ async fn an_etag_answers_304_until_the_batch_changes(engine: Engine) {
 
 async fn health_readiness_and_metrics_answer(engine: Engine) {
     let app = TestApp::spawn(engine).await;
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get_public("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
-    let ready: Value = app
-        .client
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.get_public("/readyz").await.json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["checks"]["database"]["status"], "ok");
     let teacher = app.user(Role::Teacher).await;
     app.register_batch(&teacher, 1).await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_public("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("essayflow_commands_accepted_total 1"),
         "{metrics}"
     );
     let admin = app.user(Role::Admin).await;
     app.wait_for_projections().await;
-    let projections: Value = app
-        .get(&admin, "/v1/admin/projections")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let projections: Value = app.get_json(&admin, "/v1/admin/projections").await;
     assert_eq!(projections[0]["name"], "batch_state");
     assert_eq!(projections[0]["lag"], 0);
     assert_eq!(projections[0]["state"], "live");
@@ -396,15 +355,7 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
         .unwrap();
     assert_problem(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await;
 
-    let openapi: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi: Value = app.get_public("/openapi.json").await.json().await.unwrap();
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/v1/auth/login",
@@ -418,7 +369,7 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
             "{path} is not documented"
         );
     }
-    let docs = app.client.get(app.url("/docs/")).send().await.unwrap();
+    let docs = app.get_public("/docs/").await;
     assert_eq!(docs.status(), StatusCode::OK);
     assert!(docs.text().await.unwrap().contains("swagger"));
     app.stop().await;

@@ -394,6 +394,57 @@ async fn the_replay_command_rebuilds_rows_identical_to_the_live_ones(engine: Eng
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown projection"));
 }
 
+/// Two nodes on one PostgreSQL database: one worker per projection leads, the other takes over
+/// when it stops, and every event is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_leads_each_projection_and_another_takes_over() {
+    let quiet = TestApp::spawn_with(Engine::Postgres, |s| s.run_workers = false).await;
+    let url = quiet.db.url.clone();
+    let leader = Worker::new(
+        BatchStateProjection,
+        &quiet.storage,
+        WorkerOptions::default(),
+    );
+    let lock = leader.try_lead().await.unwrap();
+    assert!(lock.is_some(), "a free projection lock is taken");
+    let rival = Worker::new(
+        BatchStateProjection,
+        &quiet.storage,
+        WorkerOptions::default(),
+    );
+    assert!(
+        rival.try_lead().await.unwrap().is_none(),
+        "a held lock is refused"
+    );
+    drop(lock);
+    wait_until(Duration::from_secs(10), || async {
+        rival.try_lead().await.unwrap().is_some()
+    })
+    .await;
+
+    // Two nodes with workers on the same database: commands on either are applied exactly
+    // once, and when one stops the other carries on.
+    let first = TestApp::spawn_with(Engine::Postgres, |s| s.database_url = url.clone()).await;
+    let second = TestApp::spawn_with(Engine::Postgres, |s| s.database_url = url.clone()).await;
+    let teacher = first.user(Role::Teacher).await;
+    let a = first.register_batch(&teacher, 1).await;
+    let b = second.register_batch(&teacher, 1).await;
+    first.stop().await;
+    let c = second.register_batch(&teacher, 1).await;
+    for r in [&a, &b, &c] {
+        let id = r["batch_id"].as_str().unwrap();
+        second
+            .batch(&teacher, id, r["position"].as_i64().unwrap())
+            .await;
+    }
+    second.wait_for_projections().await;
+    let total = EventLog::new(second.storage.clone()).count().await.unwrap();
+    let reads = projections::ReadModels::new(second.storage.clone());
+    for status in reads.projections(&projections::PROJECTIONS).await.unwrap() {
+        assert_eq!(status.events_applied, total, "{}", status.name);
+    }
+}
+
 both_engines!(
     fifty_concurrent_writers_on_one_batch_store_each_accepted_command_once,
     concurrent_writers_across_many_batches_never_fail_the_store,
