@@ -207,7 +207,6 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -216,11 +215,11 @@ mod tests {
         let mut settings = Settings::default();
         settings
             .apply_env(|name| (name == "ESSAYFLOW_BIND").then(|| "0.0.0.0:9".to_owned()))
-            .unwrap();
+            .expect("test setup");
         assert_eq!(settings.bind, "0.0.0.0:9");
         let err = Settings::default()
             .apply_env(|name| (name == "ESSAYFLOW_TOKEN_TTL_SECS").then(|| "soon".to_owned()))
-            .unwrap_err();
+            .expect_err("refused");
         assert!(err.to_string().contains("ESSAYFLOW_TOKEN_TTL_SECS"));
     }
 
@@ -244,10 +243,10 @@ mod tests {
             data_dir: dir.clone(),
             ..Settings::default()
         };
-        let first = settings.jwt_secret().unwrap();
+        let first = settings.jwt_secret().expect("test setup");
         assert_eq!(first.len(), 64);
         assert_eq!(
-            settings.jwt_secret().unwrap(),
+            settings.jwt_secret().expect("test setup"),
             first,
             "kept, not regenerated"
         );
@@ -255,12 +254,12 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(dir.join("jwt-secret"))
-                .unwrap()
+                .expect("test setup")
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        std::fs::write(dir.join("jwt-secret"), "").unwrap();
+        std::fs::write(dir.join("jwt-secret"), "").expect("test setup");
         assert!(settings.jwt_secret().is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
