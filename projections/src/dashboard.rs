@@ -365,3 +365,137 @@ impl Projection for DashboardProjection {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use commands::{EventMetadata, LogPosition, StoredEvent};
+    use domain::values::{
+        BatchId, CourseCode, EssayId, EssayText, EssayTitle, ExpectedEssayCount, MessageId, Phase,
+        RequestId, Title, UserId,
+    };
+    use domain::{BatchEvent, Essay, PipelineOutcome};
+
+    use super::DashboardBatch;
+    use crate::BatchView;
+
+    fn stored(events: Vec<BatchEvent>) -> Vec<StoredEvent> {
+        let batch_id = BatchId::new();
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| StoredEvent {
+                at: LogPosition {
+                    tx: 0,
+                    position: i as i64 + 1,
+                },
+                batch_id,
+                sequence: i as i64 + 1,
+                event_type: event.event_type_str().to_owned(),
+                event_version: domain::EVENT_VERSION.to_owned(),
+                event,
+                metadata: EventMetadata {
+                    correlation_id: uuid::Uuid::nil(),
+                    causation_id: None,
+                    user_id: None,
+                    occurred_at: chrono::DateTime::UNIX_EPOCH,
+                    command: String::new(),
+                },
+            })
+            .collect()
+    }
+
+    fn parse<T>(r: Result<T, domain::values::ValidationError>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A batch that completed a pipeline, then had a second request rejected.
+    fn completed_then_rejected() -> Vec<StoredEvent> {
+        let (first, second) = (RequestId::new(), RequestId::new());
+        let spellcheck = parse(Phase::parse("spellcheck"));
+        let essay = parse(EssayId::parse("e1"));
+        stored(vec![
+            BatchEvent::BatchRegistered {
+                batch_id: BatchId::new(),
+                owner_id: UserId::new(),
+                title: parse(Title::parse("t")),
+                course_code: parse(CourseCode::parse("C")),
+                class_designation: None,
+                expected_essay_count: parse(ExpectedEssayCount::parse(1)),
+            },
+            BatchEvent::EssaysAdded {
+                essays: vec![Essay {
+                    essay_id: essay.clone(),
+                    title: parse(EssayTitle::parse("e")),
+                    text: parse(EssayText::parse("text")),
+                }],
+            },
+            BatchEvent::BatchReadyForProcessing { essay_count: 1 },
+            BatchEvent::PipelineRequested {
+                request_id: first,
+                pipeline: spellcheck.clone(),
+            },
+            BatchEvent::PipelineResolved {
+                request_id: first,
+                requested: spellcheck.clone(),
+                steps: vec![spellcheck.clone()],
+                pruned: vec![],
+            },
+            BatchEvent::PhaseStarted {
+                request_id: first,
+                phase: spellcheck.clone(),
+                essays: vec![essay.clone()],
+            },
+            BatchEvent::EssayPhaseCompleted {
+                request_id: first,
+                essay_id: essay,
+                phase: spellcheck.clone(),
+                message_id: parse(MessageId::parse("m1")),
+                result: serde_json::json!({}),
+            },
+            BatchEvent::PhaseCompleted {
+                request_id: first,
+                phase: spellcheck.clone(),
+                succeeded: 1,
+                failed: 0,
+            },
+            BatchEvent::PipelineCompleted {
+                request_id: first,
+                outcome: PipelineOutcome::Completed,
+            },
+            BatchEvent::PipelineRequested {
+                request_id: second,
+                pipeline: spellcheck,
+            },
+            BatchEvent::PipelineRejected {
+                request_id: second,
+                reason: "removed from the configuration".to_owned(),
+            },
+        ])
+    }
+
+    #[test]
+    fn a_rejected_request_returns_both_models_to_the_status_before_it() {
+        let events = completed_then_rejected();
+        let dashboard = events.iter().fold(None, DashboardBatch::fold);
+        let view = events.iter().fold(None, BatchView::fold);
+        assert_eq!(dashboard.map(|d| d.status).as_deref(), Some("completed"));
+        assert_eq!(view.map(|v| v.status).as_deref(), Some("completed"));
+    }
+
+    #[test]
+    fn folding_an_event_twice_changes_nothing() {
+        let events = completed_then_rejected();
+        let once = events.iter().fold(None, DashboardBatch::fold);
+        let twice = events
+            .iter()
+            .flat_map(|e| [e, e])
+            .fold(None, DashboardBatch::fold);
+        assert_eq!(once, twice);
+        let once = events.iter().fold(None, BatchView::fold);
+        let twice = events
+            .iter()
+            .flat_map(|e| [e, e])
+            .fold(None, BatchView::fold);
+        assert_eq!(once, twice);
+    }
+}
