@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
 use crate::docs::{self, DocRow};
-use crate::{Projection, ProjectionError};
+use crate::{Projection, ProjectionError, TableRows};
 
 pub const BATCHES: &str = "dashboard_batches";
 pub const OWNERS: &str = "dashboard_owners";
@@ -253,11 +253,11 @@ impl Projection for DashboardProjection {
         &[BATCHES, OWNERS]
     }
 
-    async fn apply(
+    async fn fold_page(
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
-    ) -> Result<(), ProjectionError> {
+    ) -> Result<Vec<TableRows>, ProjectionError> {
         let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -319,7 +319,7 @@ impl Projection for DashboardProjection {
                 rows.push(view.to_row(*created, *position)?);
             }
         }
-        docs::upsert_many(conn, BATCHES, &rows).await?;
+        let batch_rows = rows;
 
         let owners: Vec<String> = deltas.keys().cloned().collect();
         let mut existing = docs::load_many::<OwnerDashboard>(conn, OWNERS, &owners).await?;
@@ -361,8 +361,16 @@ impl Projection for DashboardProjection {
                 doc: docs::to_doc(&owner, &dashboard)?,
             });
         }
-        docs::upsert_many(conn, OWNERS, &rows).await?;
-        Ok(())
+        Ok(vec![
+            TableRows {
+                table: BATCHES,
+                rows: batch_rows,
+            },
+            TableRows {
+                table: OWNERS,
+                rows,
+            },
+        ])
     }
 }
 
