@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
 use crate::docs::{self, DocRow};
-use crate::{Projection, ProjectionError, TableRows};
+use crate::{Projection, ProjectionError};
 
 pub const TABLE: &str = "batch_state";
 
@@ -249,7 +249,7 @@ impl BatchView {
             id: self.batch_id.clone(),
             owner_id: self.owner_id.clone(),
             status: self.status.clone(),
-            // The position of the batch's first event; `fold_rows` sets it.
+            // The position of the batch's first event; `apply_page` sets it.
             created_position: 0,
             version: self.version,
             position: self.position,
@@ -259,13 +259,13 @@ impl BatchView {
 }
 
 /// Folds a page of events into the rows of the batches they touch.
-pub(crate) async fn fold_rows<V>(
+pub(crate) async fn apply_page<V>(
     conn: &mut AnyConnection,
     table: &str,
     events: &[StoredEvent],
     fold: impl Fn(Option<V>, &StoredEvent) -> Option<V>,
     to_row: impl Fn(&V) -> Result<DocRow, ProjectionError>,
-) -> Result<Vec<DocRow>, ProjectionError>
+) -> Result<HashMap<String, V>, ProjectionError>
 where
     V: serde::de::DeserializeOwned,
 {
@@ -295,7 +295,8 @@ where
         row.created_position = created.get(id).copied().unwrap_or(row.position);
         rows.push(row);
     }
-    Ok(rows)
+    docs::upsert_many(conn, table, &rows).await?;
+    Ok(views)
 }
 
 /// The batch_state projection.
@@ -311,12 +312,12 @@ impl Projection for BatchStateProjection {
         &[TABLE]
     }
 
-    async fn fold_page(
+    async fn apply(
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
-    ) -> Result<Vec<TableRows>, ProjectionError> {
-        let rows = fold_rows(conn, TABLE, events, BatchView::fold, BatchView::to_row).await?;
-        Ok(vec![TableRows { table: TABLE, rows }])
+    ) -> Result<(), ProjectionError> {
+        apply_page(conn, TABLE, events, BatchView::fold, BatchView::to_row).await?;
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
 use crate::docs::{self, DocRow};
-use crate::{Projection, ProjectionError, TableRows};
+use crate::{Projection, ProjectionError};
 
 pub const BATCHES: &str = "dashboard_batches";
 pub const OWNERS: &str = "dashboard_owners";
@@ -253,11 +253,11 @@ impl Projection for DashboardProjection {
         &[BATCHES, OWNERS]
     }
 
-    async fn fold_page(
+    async fn apply(
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
-    ) -> Result<Vec<TableRows>, ProjectionError> {
+    ) -> Result<(), ProjectionError> {
         let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -319,7 +319,7 @@ impl Projection for DashboardProjection {
                 rows.push(view.to_row(*created, *position)?);
             }
         }
-        let batch_rows = rows;
+        docs::upsert_many(conn, BATCHES, &rows).await?;
 
         let owners: Vec<String> = deltas.keys().cloned().collect();
         let mut existing = docs::load_many::<OwnerDashboard>(conn, OWNERS, &owners).await?;
@@ -361,16 +361,8 @@ impl Projection for DashboardProjection {
                 doc: docs::to_doc(&owner, &dashboard)?,
             });
         }
-        Ok(vec![
-            TableRows {
-                table: BATCHES,
-                rows: batch_rows,
-            },
-            TableRows {
-                table: OWNERS,
-                rows,
-            },
-        ])
+        docs::upsert_many(conn, OWNERS, &rows).await?;
+        Ok(())
     }
 }
 

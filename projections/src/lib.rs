@@ -49,23 +49,13 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The tables this projection owns (emptied by a rebuild).
     fn tables(&self) -> &'static [&'static str];
-    /// Folds a page of events, in log order, into the rows to write: reads the rows the page
-    /// touches through `conn` and returns their new versions per table. It writes nothing; the
-    /// worker writes the rows together with the checkpoint, and only if the checkpoint did not
-    /// move since (so the rows read were current). Must be idempotent per event (rows remember
-    /// the version they applied).
-    fn fold_page(
+    /// Applies a page of events, in log order, inside the caller's transaction. Must be
+    /// idempotent per event (rows remember the version they applied).
+    fn apply(
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
-    ) -> impl Future<Output = Result<Vec<TableRows>, ProjectionError>> + Send;
-}
-
-/// New versions of some rows of one table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableRows {
-    pub table: &'static str,
-    pub rows: Vec<DocRow>,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
 /// Reads every row of a projection's tables, ordered, for comparing a live model with a

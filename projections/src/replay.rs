@@ -36,9 +36,7 @@ pub async fn reset<P: Projection>(
     let mut conn = storage.pool().acquire().await?;
     let mut tx = conn.begin().await?;
     sqlx::query(
-        "UPDATE projection_checkpoints
-            SET tx = 0, position = 0, events_applied = 0, generation = generation + 1
-          WHERE name = $1",
+        "UPDATE projection_checkpoints SET tx = 0, position = 0, events_applied = 0 WHERE name = $1",
     )
     .bind(projection.name())
     .execute(&mut *tx)

@@ -1,12 +1,11 @@
 //! The checkpointed catch-up worker that keeps one projection up to date.
 //!
 //! Guarantees:
-//! - **Exactly-once effect.** A page is folded first (reading the rows it touches, writing
-//!   nothing), then written in one transaction that also moves the checkpoint. That
-//!   transaction's first statement is a compare-and-set on the checkpoint and its generation,
-//!   so a page is applied at most once, and only onto the rows it was folded from, even if two
-//!   workers (two nodes, or a replay beside a live worker) race: the loser rolls back and reads
-//!   again. A crash before commit leaves both the rows and the checkpoint as they were.
+//! - **Exactly-once effect.** Each page of events is applied in one database transaction that
+//!   also moves the projection's checkpoint. The transaction's first statement is a
+//!   compare-and-set on the checkpoint, so a page is applied at most once even if two workers
+//!   (two nodes, or a replay beside a live worker) race: the loser rolls back and reads again.
+//!   A crash before commit leaves both the rows and the checkpoint as they were.
 //! - **No gaps.** Pages come from [`EventLog::read_after`], which never passes an event whose
 //!   transaction may still commit behind it.
 //! - **Liveness.** The worker sleeps until the storage's append signal fires (in-process, or
@@ -22,8 +21,7 @@ use commands::{Engine, EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyConnection, AnyPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::docs;
-use crate::{Projection, ProjectionError, TableRows};
+use crate::{Projection, ProjectionError};
 
 /// How a worker pages through the log.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +67,7 @@ pub struct Worker<P> {
     errors: Arc<AtomicU64>,
     /// The checkpoint this worker last committed; `None` until read, and after it lost a
     /// compare-and-set (another worker or a reset moved it).
-    claim: std::sync::Mutex<Option<Claim>>,
+    checkpoint: std::sync::Mutex<Option<LogPosition>>,
 }
 
 impl<P: Projection> Worker<P> {
@@ -79,7 +77,7 @@ impl<P: Projection> Worker<P> {
             log: EventLog::new(storage.clone()),
             options,
             errors: Arc::default(),
-            claim: std::sync::Mutex::new(None),
+            checkpoint: std::sync::Mutex::new(None),
         }
     }
 
@@ -111,7 +109,7 @@ impl<P: Projection> Worker<P> {
                 match self.try_lead().await {
                     Ok(Some(connection)) => {
                         tracing::info!(projection = name, "this node now runs the projection");
-                        *self.claim.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         leadership = Some(connection);
                     }
                     Ok(None) => {
@@ -190,25 +188,17 @@ impl<P: Projection> Worker<P> {
         before_commit: BeforeCommit<'_>,
     ) -> Result<Step, ProjectionError> {
         let name = self.name();
-        let known = *self.claim.lock().unwrap_or_else(|p| p.into_inner());
-        let claim = match known {
-            Some(claim) => claim,
-            None => load_claim(self.pool(), name).await?,
+        let known = *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        let checkpoint = match known {
+            Some(checkpoint) => checkpoint,
+            None => load_checkpoint(self.pool(), name).await?,
         };
         let events = self
             .log
-            .read_after(claim.at, self.options.page_size)
+            .read_after(checkpoint, self.options.page_size)
             .await?;
         let Some(last) = events.last().map(|e| e.at) else {
             return Ok(Step::Idle);
-        };
-        // Fold before the write transaction, so that on SQLite (one writer) other writers are
-        // not kept waiting while this page is folded. The rows read are those of `claim`: every
-        // write to these tables moves the checkpoint (or, for a reset, the generation), and
-        // the write below happens only if neither moved.
-        let writes = {
-            let mut conn = self.pool().acquire().await?;
-            self.projection.fold_page(&mut conn, &events).await?
         };
         let _turn = self.log.storage().write_turn().await;
         let mut conn = self.pool().acquire().await?;
@@ -216,58 +206,29 @@ impl<P: Projection> Worker<P> {
         let claimed = sqlx::query(
             "UPDATE projection_checkpoints
                 SET tx = $1, position = $2, events_applied = events_applied + $3, updated_at = $4
-              WHERE name = $5 AND tx = $6 AND position = $7 AND generation = $8",
+              WHERE name = $5 AND tx = $6 AND position = $7",
         )
         .bind(last.tx)
         .bind(last.position)
         .bind(events.len() as i64)
         .bind(Utc::now().to_rfc3339())
         .bind(name)
-        .bind(claim.at.tx)
-        .bind(claim.at.position)
-        .bind(claim.generation)
+        .bind(checkpoint.tx)
+        .bind(checkpoint.position)
         .execute(&mut *tx)
         .await?;
         if claimed.rows_affected() != 1 {
             tx.rollback().await?;
-            *self.claim.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(Step::Superseded);
         }
-        for TableRows { table, rows } in &writes {
-            docs::upsert_many(&mut tx, table, rows).await?;
-        }
+        self.projection.apply(&mut tx, &events).await?;
         before_commit(&events)?;
         tx.commit().await?;
-        *self.claim.lock().unwrap_or_else(|p| p.into_inner()) = Some(Claim {
-            at: last,
-            generation: claim.generation,
-        });
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
         self.log.storage().checkpoints().publish(name, last);
         Ok(Step::Applied(events.len()))
     }
-}
-
-/// Where a worker stands: its checkpoint and the checkpoint row's generation (bumped by resets).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Claim {
-    at: LogPosition,
-    generation: i64,
-}
-
-async fn load_claim(pool: &AnyPool, name: &str) -> Result<Claim, ProjectionError> {
-    ensure_checkpoint(pool, name).await?;
-    let row =
-        sqlx::query("SELECT tx, position, generation FROM projection_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_one(pool)
-            .await?;
-    Ok(Claim {
-        at: LogPosition {
-            tx: row.try_get("tx")?,
-            position: row.try_get("position")?,
-        },
-        generation: row.try_get("generation")?,
-    })
 }
 
 /// Makes sure a projection has a checkpoint row (at the start of the log).
