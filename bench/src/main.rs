@@ -4,6 +4,7 @@
 //! Each client repeats a teacher's workload: register a batch of 4 essays, then add them one
 //! by one (5 commands, 6 events: the fourth essay also makes the batch ready).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -100,7 +101,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Arc::new(Args::parse());
     let host = args.url.split("://").nth(1).unwrap_or_default();
     if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
         bail!("the load generator only targets loopback addresses");
@@ -112,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let events_each = args.until_events.map(|n| n.div_ceil(args.clients as u64));
     let started = Instant::now();
-    let reports = futures_join(&args, &http, deadline, events_each).await;
+    let reports = run_clients(args.clone(), &http, deadline, events_each).await;
     let elapsed = started.elapsed().as_secs_f64();
     let mut latencies: Vec<Duration> = reports
         .iter()
@@ -137,22 +138,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn futures_join(
-    args: &Args,
+async fn run_clients(
+    args: Arc<Args>,
     http: &reqwest::Client,
     deadline: Instant,
     events_each: Option<u64>,
 ) -> Vec<ClientReport> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..args.clients {
-        let http = http.clone();
-        let args = Args {
-            url: args.url.clone(),
-            token: args.token.clone(),
-            clients: args.clients,
-            duration: args.duration,
-            until_events: args.until_events,
-        };
+        let (http, args) = (http.clone(), args.clone());
         set.spawn(async move { client(&args, http, deadline, events_each).await });
     }
     let mut reports = Vec::with_capacity(args.clients);
