@@ -156,21 +156,20 @@ impl DashboardBatch {
             }
             BatchEvent::EssayPhaseCompleted {
                 essay_id, phase, ..
-            } => {
-                view.phase_progress.succeeded += 1;
-                view.essay_outcomes
-                    .entry(essay_id.to_string())
-                    .or_default()
-                    .insert(phase.to_string(), "succeeded".to_owned());
             }
-            BatchEvent::EssayPhaseFailed {
+            | BatchEvent::EssayPhaseFailed {
                 essay_id, phase, ..
             } => {
-                view.phase_progress.failed += 1;
+                let succeeded = matches!(stored.event, BatchEvent::EssayPhaseCompleted { .. });
+                if succeeded {
+                    view.phase_progress.succeeded += 1;
+                } else {
+                    view.phase_progress.failed += 1;
+                }
                 view.essay_outcomes
                     .entry(essay_id.to_string())
                     .or_default()
-                    .insert(phase.to_string(), "failed".to_owned());
+                    .insert(phase.to_string(), outcome_name(succeeded).to_owned());
             }
             BatchEvent::PhaseCompleted { .. } => view.phases_completed += 1,
             BatchEvent::PipelineCompleted { outcome, .. } => {
@@ -198,6 +197,10 @@ impl DashboardBatch {
             doc: docs::to_doc(&self.batch_id, self)?,
         })
     }
+}
+
+fn outcome_name(succeeded: bool) -> &'static str {
+    if succeeded { "succeeded" } else { "failed" }
 }
 
 fn summary(event: &BatchEvent) -> String {

@@ -155,7 +155,7 @@ impl ReadModels {
     ) -> Result<Vec<ProjectionStatus>, ProjectionError> {
         let mut statuses = Vec::with_capacity(names.len());
         for name in names {
-            load_checkpoint(self.storage.pool(), name).await?;
+            crate::worker::ensure_checkpoint(self.storage.pool(), name).await?;
             let row = sqlx::query(
                 "SELECT tx, position, events_applied, updated_at
                    FROM projection_checkpoints WHERE name = $1",

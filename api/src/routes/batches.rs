@@ -409,6 +409,25 @@ pub(super) async fn get_batch(
     Ok(response)
 }
 
+/// A batch's events up to `max_sequence`, if the caller may see the batch: the owner comes from
+/// its first event, so history reads need no read model. Anyone else gets a 404.
+async fn visible_history(
+    state: &AppState,
+    user: &AuthUser,
+    batch_id: BatchId,
+    max_sequence: Option<i64>,
+) -> ApiResult<Vec<commands::StoredEvent>> {
+    let events = state.log.read_batch(batch_id, max_sequence).await?;
+    let owner = events.first().and_then(|e| match &e.event {
+        BatchEvent::BatchRegistered { owner_id, .. } => Some(owner_id.to_string()),
+        _ => None,
+    });
+    if !owner.is_some_and(|o| user.may_read(&o)) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(events)
+}
+
 /// The batch as it was after event `version`, folded from the event log.
 async fn batch_at_version(
     state: &AppState,
@@ -423,14 +442,7 @@ async fn batch_at_version(
             reason: "must be 1 or more".into(),
         }));
     }
-    let events = state.log.read_batch(batch_id, Some(version)).await?;
-    let owner = events.first().and_then(|e| match &e.event {
-        BatchEvent::BatchRegistered { owner_id, .. } => Some(owner_id.to_string()),
-        _ => None,
-    });
-    if !owner.is_some_and(|o| user.may_read(&o)) {
-        return Err(ApiError::NotFound);
-    }
+    let events = visible_history(state, user, batch_id, Some(version)).await?;
     let latest = events.last().map_or(0, |e| e.sequence);
     if latest < version {
         return Err(ApiError::BadQuery(FieldError {
@@ -569,14 +581,7 @@ pub(super) async fn batch_events(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Vec<EventResponse>>> {
     let batch_id = batch_id(&id)?;
-    let events = state.log.read_batch(batch_id, None).await?;
-    let owner = events.first().and_then(|e| match &e.event {
-        BatchEvent::BatchRegistered { owner_id, .. } => Some(owner_id.to_string()),
-        _ => None,
-    });
-    if !owner.is_some_and(|o| user.may_read(&o)) {
-        return Err(ApiError::NotFound);
-    }
+    let events = visible_history(&state, &user, batch_id, None).await?;
     let events = events
         .into_iter()
         .map(|e| {
