@@ -6,11 +6,25 @@
 //! - [`CommandService`] loads a batch, decides a command and appends the events, retrying on
 //!   optimistic-concurrency conflicts; it stamps every event with [`EventMetadata`].
 //! - [`EventLog`] reads every event in global commit order, for the read side.
+//! - The pipeline workers: the [`conductor`] (drives pipelines), the [`relay`] (publishes
+//!   events and phase requests to the [`bus`]: Kafka or in process) and the [`ingress`]
+//!   (records processors' results). All three follow the log or a topic with a checkpoint
+//!   ([`follower`]) and are idempotent, so that at-least-once delivery is exactly once in
+//!   effect. [`messages`] is the Kafka contract; [`simulator`] a development stand-in for the
+//!   processing services.
 
 mod appender;
+pub mod bus;
+pub mod checkpoint;
+pub mod conductor;
+pub mod follower;
+pub mod ingress;
 mod log;
+pub mod messages;
+pub mod relay;
 mod repository;
 mod service;
+pub mod simulator;
 mod storage;
 
 pub use appender::{AppendError, Appender};

@@ -297,6 +297,25 @@ impl Storage {
         });
     }
 
+    /// Takes the PostgreSQL advisory lock `(kind, name)` on a dedicated connection, if no other
+    /// session holds it: the way one worker of each kind is active across nodes. The lock is
+    /// held for as long as the returned connection lives: it is detached from the pool, so
+    /// dropping it closes the session and releases the lock.
+    pub async fn try_lead(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<sqlx::AnyConnection>, sqlx::Error> {
+        let mut connection = self.any.acquire().await?.detach();
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))")
+                .bind(kind)
+                .bind(name)
+                .fetch_one(&mut connection)
+                .await?;
+        Ok(locked.then_some(connection))
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.any).await.map(|_| ())

@@ -16,9 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
 use commands::{Engine, EventLog, LogPosition, Storage};
-use sqlx::{Acquire, AnyConnection, AnyPool, Row};
+use sqlx::{Acquire, AnyConnection, AnyPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Projection, ProjectionError};
@@ -163,18 +162,9 @@ impl<P: Projection> Worker<P> {
         tracing::info!(projection = name, "projection worker stopped");
     }
 
-    /// Takes this projection's advisory lock on a dedicated connection, if no other session
-    /// holds it. The lock is held for as long as the returned connection lives: it is detached
-    /// from the pool, so dropping it closes the session and releases the lock.
+    /// Takes this projection's advisory lock (see [`Storage::try_lead`]).
     pub async fn try_lead(&self) -> Result<Option<AnyConnection>, ProjectionError> {
-        let mut connection = self.pool().acquire().await?.detach();
-        let locked: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_lock(hashtext('essayflow.projection'), hashtext($1))",
-        )
-        .bind(self.name())
-        .fetch_one(&mut connection)
-        .await?;
-        Ok(locked.then_some(connection))
+        Ok(self.log.storage().try_lead("essayflow.projection", self.name()).await?)
     }
 
     /// Applies the next page, if any.
@@ -203,21 +193,10 @@ impl<P: Projection> Worker<P> {
         let _turn = self.log.storage().write_turn().await;
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
-        let claimed = sqlx::query(
-            "UPDATE projection_checkpoints
-                SET tx = $1, position = $2, events_applied = events_applied + $3, updated_at = $4
-              WHERE name = $5 AND tx = $6 AND position = $7",
-        )
-        .bind(last.tx)
-        .bind(last.position)
-        .bind(events.len() as i64)
-        .bind(Utc::now().to_rfc3339())
-        .bind(name)
-        .bind(checkpoint.tx)
-        .bind(checkpoint.position)
-        .execute(&mut *tx)
-        .await?;
-        if claimed.rows_affected() != 1 {
+        let claimed =
+            commands::checkpoint::advance_checkpoint(&mut *tx, name, checkpoint, last, events.len())
+                .await?;
+        if !claimed {
             tx.rollback().await?;
             *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(Step::Superseded);
@@ -233,31 +212,10 @@ impl<P: Projection> Worker<P> {
 
 /// Makes sure a projection has a checkpoint row (at the start of the log).
 pub async fn ensure_checkpoint(pool: &AnyPool, name: &str) -> Result<(), ProjectionError> {
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (name, tx, position, events_applied, updated_at)
-         VALUES ($1, 0, 0, 0, $2) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(name)
-    .bind(Utc::now().to_rfc3339())
-    .execute(pool)
-    .await?;
-    Ok(())
+    Ok(commands::checkpoint::ensure_checkpoint(pool, name).await?)
 }
 
 /// A projection's checkpoint: every event at or before it has been applied.
 pub async fn load_checkpoint(pool: &AnyPool, name: &str) -> Result<LogPosition, ProjectionError> {
-    let row = sqlx::query("SELECT tx, position FROM projection_checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await?;
-    match row {
-        Some(row) => Ok(LogPosition {
-            tx: row.try_get("tx")?,
-            position: row.try_get("position")?,
-        }),
-        None => {
-            ensure_checkpoint(pool, name).await?;
-            Ok(LogPosition::default())
-        }
-    }
+    Ok(commands::checkpoint::load_checkpoint(pool, name).await?)
 }

@@ -1,0 +1,293 @@
+//! The results ingress: turns processors' results into `RecordEssayResult` commands, exactly
+//! once in effect.
+//!
+//! - From Kafka: a consumer group on `<prefix>.results.v1`. An offset is committed only after
+//!   the message's command is durable (or the message is dead-lettered), so a crash redelivers
+//!   and never loses. A redelivered or duplicated result is recognised by the aggregate (its
+//!   message id, and its essay and phase) and changes nothing.
+//! - A malformed message, or one the batch refuses (unknown batch or essay, a phase that is not
+//!   running), goes to `<prefix>.results.v1.dlq` with headers naming the original topic,
+//!   partition, offset and the error; consumption goes on.
+//! - A database outage is not the message's fault: the ingress retries the same message with
+//!   backoff (and consumes nothing further) until the database is back.
+//! - [`Ingress::record`] is also the HTTP twin's entry point (`POST /v1/internal/results`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::values::ValidationError;
+use domain::{BatchCommand, BatchError};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::bus::{Bus, InMessage, LagGauge, OutMessage, Subscription, Topics, next_backoff};
+use crate::messages::{ResultMessage, result_causation_id};
+use crate::service::{Accepted, CommandContext, CommandError, CommandService};
+
+/// The user id stamped on commands from the results topic.
+pub const INGRESS_USER: &str = "system:ingress";
+
+/// How many messages are taken from the broker at once, and how many batches are worked on at
+/// once within them (one batch's results are recorded in order).
+const CHUNK: usize = 256;
+const CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    /// The message does not fit the contract.
+    #[error("{}", describe(.0))]
+    Invalid(Vec<ValidationError>),
+    /// The command failed: refused by the batch, or the store failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+fn describe(errors: &[ValidationError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl IngressError {
+    /// Whether retrying the same message later can succeed (the database is down, or other
+    /// commands kept the batch busy), as opposed to a message that will never be recorded.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Command(CommandError::Storage(_) | CommandError::Conflict { .. })
+        )
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct IngressStats {
+    pub recorded: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Attempts that failed on a transient error and were retried.
+    pub retried: AtomicU64,
+    /// Results waiting in the subscription (Kafka: the consumer lag).
+    pub lag: LagGauge,
+}
+
+#[derive(Clone)]
+pub struct Ingress {
+    commands: CommandService,
+    stats: Arc<IngressStats>,
+}
+
+impl Ingress {
+    pub fn new(commands: CommandService) -> Self {
+        Self {
+            commands,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<IngressStats> {
+        self.stats.clone()
+    }
+
+    /// Records one result. `Accepted::events` is 0 for a duplicate.
+    pub async fn record(
+        &self,
+        message: ResultMessage,
+        correlation_id: Uuid,
+        user_id: &str,
+    ) -> Result<Accepted, IngressError> {
+        let result = message.validate().map_err(IngressError::Invalid)?;
+        let context = CommandContext {
+            correlation_id,
+            causation_id: Some(result_causation_id(&result.message_id)),
+            user_id: Some(user_id.to_owned()),
+            require_owner: None,
+        };
+        let command = BatchCommand::RecordEssayResult {
+            essay_id: result.essay_id,
+            phase: result.phase,
+            outcome: result.outcome,
+            message_id: result.message_id,
+            result: result.result,
+            error: result.error,
+        };
+        let accepted = self
+            .commands
+            .execute(result.batch_id, command, &context)
+            .await?;
+        let counter = if accepted.events == 0 {
+            &self.stats.duplicates
+        } else {
+            &self.stats.recorded
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(accepted)
+    }
+
+    /// Consumes the results topic until `cancel` fires.
+    pub async fn run(self, bus: Bus, topics: Topics, group: String, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut subscription = loop {
+            match bus.subscribe(&group, &[topics.results()]) {
+                Ok(subscription) => break subscription,
+                Err(error) => {
+                    tracing::error!(%error, "could not subscribe to the results topic; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = next_backoff(backoff, Duration::from_secs(5));
+                }
+            }
+        };
+        self.run_on(&mut subscription, &bus, &topics, &cancel).await;
+    }
+
+    /// Consumes an existing subscription (the in-process bus subscribes before the relay starts,
+    /// so that no result published in between is missed).
+    pub async fn run_on(
+        &self,
+        subscription: &mut Subscription,
+        bus: &Bus,
+        topics: &Topics,
+        cancel: &CancellationToken,
+    ) {
+        tracing::info!(topic = %topics.results(), bus = bus.kind(), "results ingress started");
+        let gauge = subscription.lag_gauge();
+        loop {
+            let chunk = tokio::select! {
+                _ = cancel.cancelled() => break,
+                chunk = subscription.next_chunk(CHUNK) => match chunk {
+                    Some(chunk) => chunk,
+                    None => break,
+                },
+            };
+            // One batch's results in order; different batches at once.
+            let mut by_key: BTreeMap<Option<&[u8]>, Vec<usize>> = BTreeMap::new();
+            for (i, message) in chunk.iter().enumerate() {
+                by_key.entry(message.key.as_deref()).or_default().push(i);
+            }
+            let chunk_ref = &chunk;
+            let handled: Vec<bool> = futures::stream::iter(by_key.into_values())
+                .map(|indices| async move {
+                    for i in indices {
+                        if !self.handle(&chunk_ref[i], bus, topics, cancel).await {
+                            return false;
+                        }
+                    }
+                    true
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            if handled.iter().all(|done| *done) {
+                for message in &chunk {
+                    subscription.done(message);
+                }
+            }
+            self.stats.lag.set(gauge.get().max(subscription.lag()));
+        }
+        subscription.close();
+        tracing::info!("results ingress stopped");
+    }
+
+    /// Records or dead-letters one message, retrying transient failures until they pass.
+    /// Returns `false` only when cancelled before the message was settled.
+    async fn handle(
+        &self,
+        message: &InMessage,
+        bus: &Bus,
+        topics: &Topics,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = match ResultMessage::from_slice(message.payload.as_deref().unwrap_or(b""))
+            {
+                Err(error) => Err(IngressError::Invalid(vec![error])),
+                Ok(result) => self.record(result, Uuid::new_v4(), INGRESS_USER).await,
+            };
+            match outcome {
+                Ok(_) => return true,
+                Err(error) if error.is_transient() => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, retry_in = ?backoff, "could not record a result; retrying");
+                }
+                Err(error) => {
+                    let reason = match &error {
+                        IngressError::Command(CommandError::Rejected(BatchError::NotFound)) => {
+                            "batch_id: no such batch".to_owned()
+                        }
+                        other => other.to_string(),
+                    };
+                    if self.dead_letter(message, &reason, bus, topics, cancel).await {
+                        return true;
+                    }
+                    return false;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff, Duration::from_secs(5));
+        }
+    }
+
+    /// Publishes a message to the dead-letter topic, retrying until the broker takes it.
+    async fn dead_letter(
+        &self,
+        message: &InMessage,
+        reason: &str,
+        bus: &Bus,
+        topics: &Topics,
+        cancel: &CancellationToken,
+    ) -> bool {
+        tracing::warn!(topic = %message.topic, partition = message.partition, offset = message.offset, error = reason, "dead-lettering a result");
+        let letter = dead_letter(message, reason, topics);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match bus.publish(std::slice::from_ref(&letter)).await {
+                Ok(()) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not publish to the dead-letter topic; retrying");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff, Duration::from_secs(5));
+        }
+    }
+}
+
+/// The dead letter for `message`: its key and bytes unchanged, and headers saying where it came
+/// from and why it was set aside.
+pub fn dead_letter(message: &InMessage, reason: &str, topics: &Topics) -> OutMessage {
+    OutMessage {
+        topic: topics.dead_letters(),
+        key: message
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default(),
+        payload: message.payload.clone().unwrap_or_default(),
+        headers: vec![
+            ("x-original-topic".to_owned(), message.topic.clone()),
+            ("x-original-partition".to_owned(), message.partition.to_string()),
+            ("x-original-offset".to_owned(), message.offset.to_string()),
+            ("x-error".to_owned(), reason.to_owned()),
+            ("x-dead-lettered-at".to_owned(), Utc::now().to_rfc3339()),
+        ],
+    }
+}

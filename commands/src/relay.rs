@@ -1,0 +1,146 @@
+//! The relay (transactional-outbox style): follows the event log and publishes
+//! - every event to `<prefix>.events.v1` (key: batch id; an [`EventEnvelope`]), and
+//! - for each `PhaseStarted`, one [`PhaseRequest`] per essay to
+//!   `<prefix>.phase.<phase>.requested.v1` (key: batch id).
+//!
+//! A page's messages are sent together and the checkpoint moves only after the broker
+//! acknowledged every one of them: delivery is at least once, in log order per batch (one key,
+//! one partition, an idempotent producer). While the broker is down commands are still accepted
+//! (the event store is the outbox); the relay retries with backoff and `/readyz` reports it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use domain::BatchEvent;
+use domain::values::{BatchId, EssayId};
+
+use crate::bus::{Bus, OutMessage, Topics};
+use crate::follower::{Follower, FollowerError};
+use crate::log::{EventLog, StoredEvent};
+use crate::messages::{EventEnvelope, PhaseRequest, phase_request_id};
+
+pub struct Relay {
+    bus: Bus,
+    topics: Topics,
+    /// Every topic to create before the first publish.
+    all_topics: Vec<String>,
+    topics_ready: AtomicBool,
+    log: EventLog,
+    published: Arc<AtomicU64>,
+}
+
+impl Relay {
+    pub fn new(bus: Bus, topics: Topics, all_topics: Vec<String>, log: EventLog) -> Self {
+        Self {
+            bus,
+            topics,
+            all_topics,
+            topics_ready: AtomicBool::new(false),
+            log,
+            published: Arc::default(),
+        }
+    }
+
+    /// Messages acknowledged by the broker since start.
+    pub fn published(&self) -> Arc<AtomicU64> {
+        self.published.clone()
+    }
+
+    /// The messages one page of events becomes.
+    pub async fn messages(&self, events: &[StoredEvent]) -> Result<Vec<OutMessage>, FollowerError> {
+        let mut texts: HashMap<BatchId, HashMap<EssayId, String>> = HashMap::new();
+        let mut messages = Vec::with_capacity(events.len());
+        for event in events {
+            let key = event.batch_id.to_string();
+            let envelope = EventEnvelope::new(event);
+            messages.push(OutMessage {
+                topic: self.topics.events(),
+                key: key.clone(),
+                payload: json(&envelope)?,
+                headers: vec![
+                    ("event_id".to_owned(), envelope.event_id.to_string()),
+                    ("event_type".to_owned(), envelope.event_type.clone()),
+                    ("event_version".to_owned(), envelope.event_version.clone()),
+                ],
+            });
+            let BatchEvent::PhaseStarted {
+                request_id,
+                phase,
+                essays,
+            } = &event.event
+            else {
+                continue;
+            };
+            if !texts.contains_key(&event.batch_id) {
+                let loaded = self.essay_texts(event.batch_id, event.sequence).await?;
+                texts.insert(event.batch_id, loaded);
+            }
+            let batch_texts = &texts[&event.batch_id];
+            let topic = self.topics.phase_requested(phase);
+            for essay_id in essays {
+                let request = PhaseRequest {
+                    request_id: phase_request_id(*request_id, phase, essay_id),
+                    batch_id: event.batch_id.as_uuid(),
+                    essay_id: essay_id.to_string(),
+                    phase: phase.to_string(),
+                    pipeline_request_id: request_id.as_uuid(),
+                    text: batch_texts.get(essay_id).cloned().unwrap_or_default(),
+                };
+                messages.push(OutMessage {
+                    topic: topic.clone(),
+                    key: key.clone(),
+                    payload: json(&request)?,
+                    headers: vec![("request_id".to_owned(), request.request_id.to_string())],
+                });
+            }
+        }
+        Ok(messages)
+    }
+
+    /// The texts of a batch's essays, as added up to `sequence`.
+    async fn essay_texts(
+        &self,
+        batch_id: BatchId,
+        sequence: i64,
+    ) -> Result<HashMap<EssayId, String>, FollowerError> {
+        let events = self.log.read_batch(batch_id, Some(sequence)).await?;
+        Ok(events
+            .into_iter()
+            .filter_map(|e| match e.event {
+                BatchEvent::EssaysAdded { essays } => Some(essays),
+                _ => None,
+            })
+            .flatten()
+            .map(|essay| (essay.essay_id, essay.text.as_str().to_owned()))
+            .collect())
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, FollowerError> {
+    serde_json::to_vec(value).map_err(|e| FollowerError::Downstream(e.to_string()))
+}
+
+impl Follower for Relay {
+    fn name(&self) -> &'static str {
+        "relay"
+    }
+
+    async fn handle(&self, events: &[StoredEvent]) -> Result<(), FollowerError> {
+        if !self.topics_ready.load(Ordering::Relaxed) {
+            self.bus
+                .ensure_topics(&self.all_topics)
+                .await
+                .map_err(|e| FollowerError::Downstream(e.to_string()))?;
+            self.topics_ready.store(true, Ordering::Relaxed);
+        }
+        let messages = self.messages(events).await?;
+        self.bus
+            .publish(&messages)
+            .await
+            .map_err(|e| FollowerError::Downstream(e.to_string()))?;
+        self.published
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! DEVELOPMENT ONLY: a stand-in for the external processing services.
+//!
+//! It consumes phase requests from `<prefix>.phase.<phase>.requested.v1` and answers each with a
+//! made-up result on `<prefix>.results.v1`, after a configurable latency and with a configurable
+//! failure rate: exactly what a real processor would do, over the same topics. It exists so that
+//! a newcomer sees a pipeline complete, and so that tests and benchmarks have processors. Its
+//! results say `"simulated": true`; never run it against real batches.
+//!
+//! Its message ids are derived from the request id, so a redelivered request yields a duplicate
+//! result that the ingress recognises.
+
+use std::time::Duration;
+
+use domain::values::{Outcome, Phase};
+use futures::StreamExt;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics, next_backoff};
+use crate::messages::{PhaseRequest, ResultMessage};
+
+#[derive(Debug, Clone, Copy)]
+pub struct SimulatorOptions {
+    /// How long each essay takes to "process".
+    pub latency: Duration,
+    /// The share of essays that fail (0.0 to 1.0).
+    pub failure_rate: f64,
+    /// How many essays are processed at once.
+    pub concurrency: usize,
+}
+
+impl Default for SimulatorOptions {
+    fn default() -> Self {
+        Self {
+            latency: Duration::from_millis(200),
+            failure_rate: 0.0,
+            concurrency: 64,
+        }
+    }
+}
+
+/// The topics the simulator consumes for the given phases.
+pub fn request_topics<'a>(topics: &Topics, phases: impl IntoIterator<Item = &'a Phase>) -> Vec<String> {
+    phases.into_iter().map(|p| topics.phase_requested(p)).collect()
+}
+
+/// The simulated result for one request.
+pub fn simulate(request: &PhaseRequest, fail: bool) -> ResultMessage {
+    ResultMessage {
+        message_id: format!("sim-{}", request.request_id),
+        batch_id: request.batch_id,
+        essay_id: request.essay_id.clone(),
+        phase: request.phase.clone(),
+        outcome: if fail {
+            Outcome::Failed
+        } else {
+            Outcome::Succeeded
+        },
+        result: (!fail).then(|| {
+            serde_json::json!({
+                "simulated": true,
+                "processor": "essayflow simulate-processors",
+                "phase": request.phase,
+                "words": request.text.split_whitespace().count(),
+            })
+        }),
+        error: fail.then(|| "simulated failure".to_owned()),
+    }
+}
+
+/// Consumes `subscription` and answers every request until `cancel` fires.
+pub async fn run(
+    mut subscription: Subscription,
+    bus: Bus,
+    topics: Topics,
+    options: SimulatorOptions,
+    cancel: CancellationToken,
+) {
+    tracing::warn!(
+        latency_ms = options.latency.as_millis() as u64,
+        failure_rate = options.failure_rate,
+        bus = bus.kind(),
+        "DEVELOPMENT processor simulator running: results are made up"
+    );
+    loop {
+        let chunk = tokio::select! {
+            _ = cancel.cancelled() => break,
+            chunk = subscription.next_chunk(options.concurrency.max(1) * 4) => match chunk {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
+        let answered: Vec<bool> = futures::stream::iter(&chunk)
+            .map(|message| answer(message, &bus, &topics, options, &cancel))
+            .buffer_unordered(options.concurrency.max(1))
+            .collect()
+            .await;
+        if answered.iter().all(|a| *a) {
+            for message in &chunk {
+                subscription.done(message);
+            }
+        }
+    }
+    subscription.close();
+    tracing::info!("processor simulator stopped");
+}
+
+async fn answer(
+    message: &InMessage,
+    bus: &Bus,
+    topics: &Topics,
+    options: SimulatorOptions,
+    cancel: &CancellationToken,
+) -> bool {
+    let request: PhaseRequest =
+        match serde_json::from_slice(message.payload.as_deref().unwrap_or(b"")) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(%error, topic = %message.topic, "simulator: not a phase request; skipped");
+                return true;
+            }
+        };
+    if !options.latency.is_zero() {
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(options.latency) => {}
+        }
+    }
+    let fail = options.failure_rate > 0.0 && rand::rng().random_bool(options.failure_rate.min(1.0));
+    let result = simulate(&request, fail);
+    let out = OutMessage {
+        topic: topics.results(),
+        key: request.batch_id.to_string(),
+        payload: serde_json::to_vec(&result).unwrap_or_default(),
+        headers: Vec::new(),
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match bus.publish(std::slice::from_ref(&out)).await {
+            Ok(()) => return true,
+            Err(error) => tracing::warn!(%error, "simulator: could not publish a result; retrying"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = next_backoff(backoff, Duration::from_secs(5));
+    }
+}
