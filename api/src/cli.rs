@@ -4,13 +4,18 @@ use std::io::{IsTerminal, Read, Write};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use commands::CommandService;
+use commands::bus::Topics;
+use commands::simulator::{self, SimulatorOptions};
+use domain::BatchServices;
 use projections::{BatchStateProjection, DashboardProjection, PROJECTIONS, replay};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Role, TokenKeys, add_user, find_user};
 use crate::settings::Settings;
-use crate::startup::{Application, connect, shutdown_signal, spawn_workers};
+use crate::startup::{Application, connect, pipelines, shutdown_signal, spawn_workers};
 
 #[derive(Parser)]
 #[command(
@@ -26,9 +31,27 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the API and run the workers (SQLite under ./data unless ESSAYFLOW_DATABASE_URL is set).
-    Serve,
-    /// Run only the projection workers (scale-out).
+    Serve {
+        /// DEVELOPMENT ONLY: also run the processor simulator in this process, so that
+        /// pipelines complete without real processing services.
+        #[arg(long)]
+        simulate_processors: bool,
+    },
+    /// Run only the workers: projections, conductor, relay, results ingress (scale-out).
     Worker,
+    /// DEVELOPMENT ONLY: stand in for the processing services over Kafka: answer every phase
+    /// request on the phase topics with a made-up result on the results topic.
+    SimulateProcessors {
+        /// How long each essay takes, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        /// The share of essays that fail, from 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        failure_rate: f64,
+        /// How many essays are processed at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Run the database migrations and exit.
     Migrate,
     /// Rebuild a projection from event zero.
@@ -64,7 +87,11 @@ enum UsersCommand {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load()?;
     match cli.command {
-        Command::Serve => {
+        Command::Serve {
+            simulate_processors,
+        } => {
+            let mut settings = settings;
+            settings.simulate_processors |= simulate_processors;
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await
         }
@@ -73,11 +100,60 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
             storage.spawn_signals(cancel.child_token(), &tracker);
             spawn_workers(&storage, &cancel, &tracker);
+            let catalog = pipelines(&settings)?;
+            let commands = CommandService::new(
+                &storage,
+                BatchServices {
+                    pipelines: Arc::new(catalog.clone()),
+                },
+            );
+            crate::pipeline::start(&settings, &storage, &commands, &catalog, &cancel, &tracker)
+                .await?;
             tracing::info!("workers running");
             shutdown_signal().await;
             cancel.cancel();
             tracker.close();
             tracker.wait().await;
+            Ok(())
+        }
+        Command::SimulateProcessors {
+            latency_ms,
+            failure_rate,
+            concurrency,
+        } => {
+            if !settings.uses_kafka() {
+                bail!(
+                    "simulate-processors talks to Kafka: set ESSAYFLOW_KAFKA_BROKERS. \
+                     On the embedded default, run `essayflow serve --simulate-processors` instead."
+                );
+            }
+            if !(0.0..=1.0).contains(&failure_rate) {
+                bail!("--failure-rate must be from 0 to 1");
+            }
+            let catalog = pipelines(&settings)?;
+            let bus = crate::pipeline::bus(&settings)?;
+            let topics = Topics::new(&settings.topic_prefix);
+            crate::pipeline::create_topics(&bus, &topics.all(catalog.phases())).await;
+            let subscription = bus.subscribe(
+                &format!("{}-simulator", topics.prefix()),
+                &simulator::request_topics(&topics, catalog.phases()),
+            )?;
+            let options = SimulatorOptions {
+                latency: std::time::Duration::from_millis(latency_ms),
+                failure_rate,
+                concurrency: concurrency.max(1),
+            };
+            let cancel = CancellationToken::new();
+            let run = tokio::spawn(simulator::run(
+                subscription,
+                bus,
+                topics,
+                options,
+                cancel.clone(),
+            ));
+            shutdown_signal().await;
+            cancel.cancel();
+            run.await.context("the simulator panicked")?;
             Ok(())
         }
         Command::Migrate => {

@@ -4,12 +4,15 @@
 //! - [`startup::Application`] builds everything from [`settings::Settings`] and serves.
 //! - [`routes`] has one module per feature; [`error::ApiError`] is the one error type
 //!   (problem+json); [`auth`] holds users, password hashing and access tokens.
+//! - [`pipeline`] starts the conductor, the relay, the results ingress and the development
+//!   processor simulator.
 //! - Only this crate knows HTTP.
 
 pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod json;
+pub mod pipeline;
 mod routes;
 pub mod settings;
 pub mod startup;

@@ -25,8 +25,21 @@ pub struct Settings {
     pub db_max_connections: u32,
     /// How long a read with `min_position` waits for the read model, in milliseconds.
     pub consistency_wait_ms: u64,
-    /// Run the projection workers in this process.
+    /// Run the workers (projections, conductor, relay, results ingress) in this process.
     pub run_workers: bool,
+    /// Kafka bootstrap servers (`host:port,...`); empty means the in-process bus.
+    pub kafka_brokers: String,
+    /// The prefix of every topic name (`<prefix>.events.v1`, ...).
+    pub topic_prefix: String,
+    /// Partitions and replication factor of topics created at start-up.
+    pub kafka_partitions: i32,
+    pub kafka_replication: i32,
+    /// How long the producer tries to deliver a message before the relay retries the page.
+    pub kafka_message_timeout_ms: u64,
+    /// DEVELOPMENT ONLY: run the processor simulator in this process.
+    pub simulate_processors: bool,
+    pub simulator_latency_ms: u64,
+    pub simulator_failure_rate: f64,
 }
 
 impl Default for Settings {
@@ -44,6 +57,14 @@ impl Default for Settings {
             db_max_connections: 32,
             consistency_wait_ms: 5000,
             run_workers: true,
+            kafka_brokers: String::new(),
+            topic_prefix: "essayflow".to_owned(),
+            kafka_partitions: 3,
+            kafka_replication: 1,
+            kafka_message_timeout_ms: 30_000,
+            simulate_processors: false,
+            simulator_latency_ms: 200,
+            simulator_failure_rate: 0.0,
         }
     }
 }
@@ -60,6 +81,9 @@ impl std::fmt::Debug for Settings {
             )
             .field("pipelines", &self.pipelines)
             .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("simulate_processors", &self.simulate_processors)
             .finish_non_exhaustive()
     }
 }
@@ -122,8 +146,58 @@ impl Settings {
         if let Some(v) = var("ESSAYFLOW_CONSISTENCY_WAIT_MS") {
             self.consistency_wait_ms = parse_u("ESSAYFLOW_CONSISTENCY_WAIT_MS", v)?;
         }
+        if let Some(v) = var("ESSAYFLOW_KAFKA_BROKERS") {
+            self.kafka_brokers = v;
+        }
+        if let Some(v) = var("ESSAYFLOW_TOPIC_PREFIX") {
+            self.topic_prefix = v;
+        }
+        if let Some(v) = var("ESSAYFLOW_KAFKA_PARTITIONS") {
+            self.kafka_partitions = parse_u("ESSAYFLOW_KAFKA_PARTITIONS", v)? as i32;
+        }
+        if let Some(v) = var("ESSAYFLOW_KAFKA_REPLICATION") {
+            self.kafka_replication = parse_u("ESSAYFLOW_KAFKA_REPLICATION", v)? as i32;
+        }
+        if let Some(v) = var("ESSAYFLOW_KAFKA_MESSAGE_TIMEOUT_MS") {
+            self.kafka_message_timeout_ms = parse_u("ESSAYFLOW_KAFKA_MESSAGE_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = var("ESSAYFLOW_SIMULATE_PROCESSORS") {
+            self.simulate_processors = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => bail!("ESSAYFLOW_SIMULATE_PROCESSORS must be true or false"),
+            };
+        }
+        if let Some(v) = var("ESSAYFLOW_SIMULATOR_LATENCY_MS") {
+            self.simulator_latency_ms = parse_u("ESSAYFLOW_SIMULATOR_LATENCY_MS", v)?;
+        }
+        if let Some(v) = var("ESSAYFLOW_SIMULATOR_FAILURE_RATE") {
+            self.simulator_failure_rate = v
+                .parse()
+                .context("ESSAYFLOW_SIMULATOR_FAILURE_RATE must be a number from 0 to 1")?;
+        }
+        self.check()
+    }
+
+    /// Refuses values that cannot work, with the setting's name.
+    pub fn check(&self) -> anyhow::Result<()> {
         if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal") {
             bail!("sqlite_synchronous must be \"full\" or \"normal\"");
+        }
+        let prefix_ok = !self.topic_prefix.is_empty()
+            && self.topic_prefix.len() <= 100
+            && self
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !prefix_ok {
+            bail!("topic_prefix must be 1 to 100 characters of [A-Za-z0-9._-]");
+        }
+        if self.kafka_partitions < 1 || self.kafka_replication < 1 {
+            bail!("kafka_partitions and kafka_replication must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.simulator_failure_rate) {
+            bail!("simulator_failure_rate must be from 0 to 1");
         }
         Ok(())
     }
@@ -135,6 +209,11 @@ impl Settings {
         } else {
             self.database_url.clone()
         }
+    }
+
+    /// Whether Kafka is configured (otherwise the in-process bus is used).
+    pub fn uses_kafka(&self) -> bool {
+        !self.kafka_brokers.trim().is_empty()
     }
 
     pub fn is_embedded(&self) -> bool {

@@ -91,13 +91,20 @@ impl Application {
             &settings.jwt_audience,
             settings.token_ttl_secs,
         );
+        let catalog = Arc::new(catalog);
+        let commands = CommandService::new(
+            &storage,
+            BatchServices {
+                pipelines: catalog.clone(),
+            },
+        );
+        let (ingress, pipeline) =
+            crate::pipeline::start(&settings, &storage, &commands, &catalog, &cancel, &tracker)
+                .await?;
         let state = AppState {
-            commands: CommandService::new(
-                &storage,
-                BatchServices {
-                    pipelines: Arc::new(catalog),
-                },
-            ),
+            commands,
+            ingress,
+            pipeline: Arc::new(pipeline),
             reads: ReadModels::new(storage.clone()),
             log: EventLog::new(storage.clone()),
             storage,

@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use commands::ingress::Ingress;
 use commands::{CommandService, EventLog, Storage};
 use projections::ReadModels;
 
 use crate::auth::TokenKeys;
+use crate::pipeline::PipelineStatus;
 use crate::settings::Settings;
 
 #[derive(Clone)]
@@ -18,6 +20,9 @@ pub struct AppState {
     pub tokens: TokenKeys,
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
+    /// Records processors' results (the HTTP twin of the results topic).
+    pub ingress: Ingress,
+    pub pipeline: Arc<PipelineStatus>,
 }
 
 /// Counters exported on `/metrics` in Prometheus text format.

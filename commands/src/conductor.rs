@@ -13,8 +13,8 @@
 //! its causation id.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use domain::values::BatchId;
 use domain::{BatchCommand, BatchEvent};
@@ -67,7 +67,11 @@ impl Conductor {
         }
     }
 
-    async fn drive(&self, batch_id: BatchId, events: Vec<&StoredEvent>) -> Result<(), FollowerError> {
+    async fn drive(
+        &self,
+        batch_id: BatchId,
+        events: Vec<&StoredEvent>,
+    ) -> Result<(), FollowerError> {
         for event in events {
             let Some(command) = Self::reaction(&event.event) else {
                 continue;

@@ -226,7 +226,10 @@ impl Ingress {
                         }
                         other => other.to_string(),
                     };
-                    if self.dead_letter(message, &reason, bus, topics, cancel).await {
+                    if self
+                        .dead_letter(message, &reason, bus, topics, cancel)
+                        .await
+                    {
                         return true;
                     }
                     return false;
@@ -284,7 +287,10 @@ pub fn dead_letter(message: &InMessage, reason: &str, topics: &Topics) -> OutMes
         payload: message.payload.clone().unwrap_or_default(),
         headers: vec![
             ("x-original-topic".to_owned(), message.topic.clone()),
-            ("x-original-partition".to_owned(), message.partition.to_string()),
+            (
+                "x-original-partition".to_owned(),
+                message.partition.to_string(),
+            ),
             ("x-original-offset".to_owned(), message.offset.to_string()),
             ("x-error".to_owned(), reason.to_owned()),
             ("x-dead-lettered-at".to_owned(), Utc::now().to_rfc3339()),

@@ -17,7 +17,10 @@ const NAMESPACE: Uuid = Uuid::from_u128(0x6b1d_4f0e_9a57_4c1b_8e2f_5d0c_3a9e_7f4
 
 /// The stable id of a stored event: the same on every read and every node.
 pub fn event_id(batch_id: BatchId, sequence: i64) -> Uuid {
-    Uuid::new_v5(&NAMESPACE, format!("event/{batch_id}/{sequence}").as_bytes())
+    Uuid::new_v5(
+        &NAMESPACE,
+        format!("event/{batch_id}/{sequence}").as_bytes(),
+    )
 }
 
 /// The stable id of the request sent to a processor for one essay in one phase of one pipeline.
@@ -132,8 +135,12 @@ impl ResultMessage {
     /// Checks every field: the value objects' own rules, and the result's shape.
     pub fn validate(self) -> Result<ValidResult, Vec<ValidationError>> {
         let mut errors = Vec::new();
-        let message_id = MessageId::parse(self.message_id).map_err(|e| errors.push(e)).ok();
-        let essay_id = EssayId::parse(self.essay_id).map_err(|e| errors.push(e)).ok();
+        let message_id = MessageId::parse(self.message_id)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let essay_id = EssayId::parse(self.essay_id)
+            .map_err(|e| errors.push(e))
+            .ok();
         let phase = Phase::parse(self.phase)
             .map_err(|e| errors.push(ValidationError::new("phase", e.reason)))
             .ok();
@@ -197,16 +204,24 @@ mod tests {
     #[test]
     fn a_result_names_the_field_that_does_not_fit() {
         let wrong_type = br#"{"message_id":"m","batch_id":"x","essay_id":"e","phase":"nlp","outcome":"succeeded"}"#;
-        assert_eq!(ResultMessage::from_slice(wrong_type).unwrap_err().field, "batch_id");
+        assert_eq!(
+            ResultMessage::from_slice(wrong_type).unwrap_err().field,
+            "batch_id"
+        );
         let bad_outcome = format!(
             r#"{{"message_id":"m","batch_id":"{}","essay_id":"e","phase":"nlp","outcome":"maybe"}}"#,
             Uuid::new_v4()
         );
         assert_eq!(
-            ResultMessage::from_slice(bad_outcome.as_bytes()).unwrap_err().field,
+            ResultMessage::from_slice(bad_outcome.as_bytes())
+                .unwrap_err()
+                .field,
             "outcome"
         );
-        assert_eq!(ResultMessage::from_slice(b"not json").unwrap_err().field, "body");
+        assert_eq!(
+            ResultMessage::from_slice(b"not json").unwrap_err().field,
+            "body"
+        );
     }
 
     #[test]
@@ -220,7 +235,12 @@ mod tests {
             result: Some(serde_json::json!([1])),
             error: None,
         };
-        let fields: Vec<String> = message.validate().unwrap_err().into_iter().map(|e| e.field).collect();
+        let fields: Vec<String> = message
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(fields, ["message_id", "essay_id", "phase", "result"]);
     }
 }

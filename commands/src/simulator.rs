@@ -40,8 +40,14 @@ impl Default for SimulatorOptions {
 }
 
 /// The topics the simulator consumes for the given phases.
-pub fn request_topics<'a>(topics: &Topics, phases: impl IntoIterator<Item = &'a Phase>) -> Vec<String> {
-    phases.into_iter().map(|p| topics.phase_requested(p)).collect()
+pub fn request_topics<'a>(
+    topics: &Topics,
+    phases: impl IntoIterator<Item = &'a Phase>,
+) -> Vec<String> {
+    phases
+        .into_iter()
+        .map(|p| topics.phase_requested(p))
+        .collect()
 }
 
 /// The simulated result for one request.
@@ -90,8 +96,10 @@ pub async fn run(
                 None => break,
             },
         };
-        let answered: Vec<bool> = futures::stream::iter(&chunk)
-            .map(|message| answer(message, &bus, &topics, options, &cancel))
+        let chunk_ref = &chunk;
+        let (bus, topics, cancel) = (&bus, &topics, &cancel);
+        let answered: Vec<bool> = futures::stream::iter(0..chunk.len())
+            .map(|i| answer(&chunk_ref[i], bus, topics, options, cancel))
             .buffer_unordered(options.concurrency.max(1))
             .collect()
             .await;
@@ -112,14 +120,15 @@ async fn answer(
     options: SimulatorOptions,
     cancel: &CancellationToken,
 ) -> bool {
-    let request: PhaseRequest =
-        match serde_json::from_slice(message.payload.as_deref().unwrap_or(b"")) {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::warn!(%error, topic = %message.topic, "simulator: not a phase request; skipped");
-                return true;
-            }
-        };
+    let request: PhaseRequest = match serde_json::from_slice(
+        message.payload.as_deref().unwrap_or(b""),
+    ) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::warn!(%error, topic = %message.topic, "simulator: not a phase request; skipped");
+            return true;
+        }
+    };
     if !options.latency.is_zero() {
         tokio::select! {
             _ = cancel.cancelled() => return false,

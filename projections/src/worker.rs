@@ -164,7 +164,11 @@ impl<P: Projection> Worker<P> {
 
     /// Takes this projection's advisory lock (see [`Storage::try_lead`]).
     pub async fn try_lead(&self) -> Result<Option<AnyConnection>, ProjectionError> {
-        Ok(self.log.storage().try_lead("essayflow.projection", self.name()).await?)
+        Ok(self
+            .log
+            .storage()
+            .try_lead("essayflow.projection", self.name())
+            .await?)
     }
 
     /// Applies the next page, if any.
@@ -193,9 +197,14 @@ impl<P: Projection> Worker<P> {
         let _turn = self.log.storage().write_turn().await;
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
-        let claimed =
-            commands::checkpoint::advance_checkpoint(&mut *tx, name, checkpoint, last, events.len())
-                .await?;
+        let claimed = commands::checkpoint::advance_checkpoint(
+            &mut *tx,
+            name,
+            checkpoint,
+            last,
+            events.len(),
+        )
+        .await?;
         if !claimed {
             tx.rollback().await?;
             *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;

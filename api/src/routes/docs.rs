@@ -38,6 +38,7 @@ impl Modify for BearerAuth {
         super::batches::batch_events,
         super::batches::add_essays,
         super::batches::request_pipeline,
+        super::internal::post_result,
         super::batches::cancel_batch,
         super::dashboard::dashboard,
         super::admin::projections,

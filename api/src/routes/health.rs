@@ -26,8 +26,14 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Err(_) => None,
     };
     let ready = database.is_ok() && projections.is_some();
+    let pipeline = pipeline_health(&state, database.is_ok()).await;
+    let degraded = pipeline["status"] != "ok";
     let body = json!({
-        "status": if ready { "ready" } else { "unavailable" },
+        "status": match (ready, degraded) {
+            (false, _) => "unavailable",
+            (true, true) => "degraded",
+            (true, false) => "ready",
+        },
         "checks": {
             "database": {
                 "engine": state.storage.engine().name(),
@@ -38,6 +44,7 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
                 }),
             },
             "projections": projections,
+            "pipeline": pipeline,
         }
     });
     let status = if ready {
@@ -46,6 +53,55 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(body))
+}
+
+/// Events a log follower (`relay`, `conductor`) has still to handle; `None` when unknown.
+async fn follower_lag(state: &AppState, name: &str) -> Option<i64> {
+    let at = commands::checkpoint::load_checkpoint(state.storage.pool(), name)
+        .await
+        .ok()?;
+    state.log.count_after(at).await.ok()
+}
+
+/// The pipeline workers' health. Commands are still accepted while the broker is down, so a
+/// failing relay makes the node `degraded`, not unready.
+async fn pipeline_health(state: &AppState, database_up: bool) -> serde_json::Value {
+    let p = &state.pipeline;
+    let worker = |status: &Option<std::sync::Arc<commands::follower::FollowerStatus>>,
+                  lag: Option<i64>| match status {
+        None => json!({ "status": "not running on this node" }),
+        Some(s) => {
+            let error = s.last_error();
+            json!({
+                "status": if error.is_some() { "failing" } else { "ok" },
+                "lag": lag,
+                "consecutive_failures": s.failing.load(Ordering::Relaxed),
+                "error": error,
+            })
+        }
+    };
+    let (relay_lag, conductor_lag) = if database_up {
+        (
+            follower_lag(state, "relay").await,
+            follower_lag(state, "conductor").await,
+        )
+    } else {
+        (None, None)
+    };
+    let relay = worker(&p.relay, relay_lag);
+    let conductor = worker(&p.conductor, conductor_lag);
+    let ok = relay["status"] != "failing" && conductor["status"] != "failing";
+    json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "bus": p.bus,
+        "topic_prefix": p.topics.prefix(),
+        "relay": relay,
+        "conductor": conductor,
+        "ingress": {
+            "lag": p.ingress.lag.get(),
+            "dead_lettered": p.ingress.dead_lettered.load(Ordering::Relaxed),
+        },
+    })
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
@@ -115,7 +171,88 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             );
         }
     }
+    pipeline_metrics(&state, &mut out).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+async fn pipeline_metrics(state: &AppState, out: &mut String) {
+    let p = &state.pipeline;
+    let i = &p.ingress;
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, i64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as i64;
+    let errors = |s: &Option<std::sync::Arc<commands::follower::FollowerStatus>>| {
+        s.as_ref().map_or(0, |s| load(&s.errors))
+    };
+    let relay_lag = follower_lag(state, "relay").await.unwrap_or(-1);
+    let conductor_lag = follower_lag(state, "conductor").await.unwrap_or(-1);
+    metric(
+        "essayflow_relay_lag_events",
+        "gauge",
+        "Events not yet acknowledged by the broker",
+        &[("", relay_lag)],
+    );
+    metric(
+        "essayflow_relay_published_total",
+        "counter",
+        "Messages the broker acknowledged",
+        &[("", load(&p.relay_published))],
+    );
+    metric(
+        "essayflow_relay_errors_total",
+        "counter",
+        "Failed relay attempts (retried)",
+        &[("", errors(&p.relay))],
+    );
+    metric(
+        "essayflow_conductor_lag_events",
+        "gauge",
+        "Events the conductor has not yet handled",
+        &[("", conductor_lag)],
+    );
+    metric(
+        "essayflow_conductor_commands_total",
+        "counter",
+        "Conductor commands that moved a pipeline on",
+        &[("", load(&p.conductor_issued))],
+    );
+    metric(
+        "essayflow_conductor_errors_total",
+        "counter",
+        "Failed conductor attempts (retried)",
+        &[("", errors(&p.conductor))],
+    );
+    metric(
+        "essayflow_ingress_lag_messages",
+        "gauge",
+        "Results waiting to be recorded (-1: not yet known)",
+        &[("", i.lag.get())],
+    );
+    metric(
+        "essayflow_ingress_results_total",
+        "counter",
+        "Results taken from the results topic or its HTTP twin",
+        &[
+            ("{outcome=\"recorded\"}", load(&i.recorded)),
+            ("{outcome=\"duplicate\"}", load(&i.duplicates)),
+        ],
+    );
+    metric(
+        "essayflow_ingress_dead_lettered_total",
+        "counter",
+        "Results sent to the dead-letter topic",
+        &[("", load(&i.dead_lettered))],
+    );
+    metric(
+        "essayflow_ingress_retries_total",
+        "counter",
+        "Result attempts retried after a transient failure",
+        &[("", load(&i.retried))],
+    );
 }
 
 pub fn router() -> Router<AppState> {

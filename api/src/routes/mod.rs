@@ -6,6 +6,7 @@ mod batches;
 mod dashboard;
 mod docs;
 mod health;
+mod internal;
 
 use axum::Router;
 
@@ -19,6 +20,7 @@ pub fn router() -> Router<AppState> {
         .merge(dashboard::router())
         .merge(admin::router())
         .merge(health::router())
+        .merge(internal::router())
         .merge(docs::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
