@@ -127,18 +127,22 @@ impl Follower for Relay {
     }
 
     async fn handle(&self, events: &[StoredEvent]) -> Result<(), FollowerError> {
+        // Create the topics before the first publish. A broker without the admin API (or
+        // with topics managed elsewhere) refuses: publishing then tells whether they exist.
         if !self.topics_ready.load(Ordering::Relaxed) {
-            self.bus
-                .ensure_topics(&self.all_topics)
-                .await
-                .map_err(|e| FollowerError::Downstream(e.to_string()))?;
-            self.topics_ready.store(true, Ordering::Relaxed);
+            match self.bus.ensure_topics(&self.all_topics).await {
+                Ok(()) => self.topics_ready.store(true, Ordering::Relaxed),
+                Err(error) => {
+                    tracing::warn!(%error, "could not create the topics; publishing anyway")
+                }
+            }
         }
         let messages = self.messages(events).await?;
         self.bus
             .publish(&messages)
             .await
             .map_err(|e| FollowerError::Downstream(e.to_string()))?;
+        self.topics_ready.store(true, Ordering::Relaxed);
         self.published
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
         Ok(())

@@ -25,6 +25,9 @@ pub struct Page<T> {
 pub struct Dashboard {
     pub totals: std::collections::BTreeMap<String, u32>,
     pub active_batches: Vec<DashboardBatch>,
+    /// The last batches whose pipeline ended (or that were cancelled), latest first, with
+    /// their per-essay outcomes.
+    pub recently_finished: Vec<DashboardBatch>,
     pub recent_activity: Vec<Activity>,
 }
 
@@ -139,12 +142,27 @@ impl ReadModels {
             .iter()
             .map(|row| row_from(row)?.parse())
             .collect::<Result<_, _>>()?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1
+                AND status IN ('completed', 'completed_with_failures', 'cancelled')
+              ORDER BY position DESC LIMIT {}",
+            dashboard::BATCHES,
+            dashboard::RECENT
+        ))
+        .bind(owner)
+        .fetch_all(self.storage.pool())
+        .await?;
+        let recently_finished = rows
+            .iter()
+            .map(|row| row_from(row)?.parse())
+            .collect::<Result<_, _>>()?;
         let (totals, recent_activity) = owner_doc
             .map(|d| (d.totals, d.recent_activity))
             .unwrap_or_default();
         Ok(Dashboard {
             totals,
             active_batches,
+            recently_finished,
             recent_activity,
         })
     }

@@ -20,6 +20,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+pub mod kafka;
+pub mod pipeline;
+
 pub use commands;
 pub use projections;
 

@@ -1,0 +1,80 @@
+//! Helpers for pipeline scenarios: request a pipeline, wait for a batch's status, post results
+//! to the HTTP twin of the results topic.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{TestApp, User, wait_until};
+
+impl TestApp {
+    /// Requests `pipeline` for a batch; returns the 202 body.
+    pub async fn request_pipeline(&self, user: &User, batch_id: &str, pipeline: &str) -> Value {
+        let response = self
+            .post(
+                user,
+                &format!("/v1/batches/{batch_id}/pipelines"),
+                &json!({ "pipeline": pipeline }),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        response.json().await.unwrap()
+    }
+
+    /// The conductor's view of a batch.
+    pub async fn status(&self, user: &User, batch_id: &str) -> Value {
+        self.get_json(user, &format!("/v1/batches/{batch_id}/status"))
+            .await
+    }
+
+    /// Waits until the batch's status is `status`; returns the status document.
+    pub async fn wait_for_status(&self, user: &User, batch_id: &str, status: &str) -> Value {
+        wait_until(Duration::from_secs(60), || async {
+            self.status(user, batch_id).await["status"] == status
+        })
+        .await;
+        self.status(user, batch_id).await
+    }
+
+    /// Waits until the batch's current phase is `phase` (its requests are out).
+    pub async fn wait_for_phase(&self, user: &User, batch_id: &str, phase: &str) {
+        wait_until(Duration::from_secs(30), || async {
+            self.status(user, batch_id).await["pipeline"]["current_phase"] == phase
+        })
+        .await;
+    }
+
+    /// Posts one result to `POST /v1/internal/results`.
+    pub async fn post_result(&self, service: &User, result: &Value) -> reqwest::Response {
+        self.post(service, "/v1/internal/results", result).await
+    }
+
+    /// Waits until the conductor and the relay have handled the whole log.
+    pub async fn wait_for_pipeline_workers(&self) {
+        wait_until(Duration::from_secs(30), || async {
+            let ready: Value = self
+                .get_public("/readyz")
+                .await
+                .json()
+                .await
+                .unwrap_or_default();
+            let pipeline = &ready["checks"]["pipeline"];
+            pipeline["conductor"]["lag"] == 0 && pipeline["relay"]["lag"] == 0
+        })
+        .await;
+    }
+}
+
+/// A result message as processors send it.
+pub fn result(batch_id: &str, essay_id: &str, phase: &str, outcome: &str) -> Value {
+    json!({
+        "message_id": format!("{batch_id}/{phase}/{essay_id}"),
+        "batch_id": batch_id,
+        "essay_id": essay_id,
+        "phase": phase,
+        "outcome": outcome,
+        "result": { "score": 4 },
+        "error": (outcome == "failed").then_some("could not parse the essay"),
+    })
+}
