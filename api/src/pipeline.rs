@@ -109,7 +109,7 @@ pub async fn start(
     if !settings.run_workers {
         return Ok((ingress, status));
     }
-    let mut subscription =
+    let subscription =
         bus.subscribe(&format!("{}-ingress", topics.prefix()), &[topics.results()])?;
     {
         let (ingress, bus, topics, cancel) = (
@@ -118,11 +118,7 @@ pub async fn start(
             topics.clone(),
             cancel.child_token(),
         );
-        tracker.spawn(async move {
-            ingress
-                .run_on(&mut subscription, &bus, &topics, &cancel)
-                .await
-        });
+        tracker.spawn(async move { ingress.run_on(subscription, &bus, &topics, &cancel).await });
     }
     let relay = Relay::new(
         bus.clone(),

@@ -133,7 +133,7 @@ impl Ingress {
     /// Consumes the results topic until `cancel` fires.
     pub async fn run(self, bus: Bus, topics: Topics, group: String, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
-        let mut subscription = loop {
+        let subscription = loop {
             match bus.subscribe(&group, &[topics.results()]) {
                 Ok(subscription) => break subscription,
                 Err(error) => {
@@ -146,14 +146,14 @@ impl Ingress {
                 }
             }
         };
-        self.run_on(&mut subscription, &bus, &topics, &cancel).await;
+        self.run_on(subscription, &bus, &topics, &cancel).await;
     }
 
     /// Consumes an existing subscription (the in-process bus subscribes before the relay starts,
     /// so that no result published in between is missed).
     pub async fn run_on(
         &self,
-        subscription: &mut Subscription,
+        mut subscription: Subscription,
         bus: &Bus,
         topics: &Topics,
         cancel: &CancellationToken,
@@ -193,7 +193,7 @@ impl Ingress {
             }
             self.stats.lag.set(gauge.get().max(subscription.lag()));
         }
-        subscription.close();
+        subscription.close().await;
         tracing::info!("results ingress stopped");
     }
 

@@ -109,7 +109,7 @@ pub async fn run(
             }
         }
     }
-    subscription.close();
+    subscription.close().await;
     tracing::info!("processor simulator stopped");
 }
 

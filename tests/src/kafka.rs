@@ -85,6 +85,19 @@ impl TestConsumer {
         Self { consumer }
     }
 
+    /// Whatever arrives within `wait`.
+    pub async fn receive_for(&self, wait: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut seen = Vec::new();
+        while let Ok(received) = tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+            match received {
+                Ok(message) => seen.push(Received::from(&message)),
+                Err(error) => eprintln!("test consumer: {error}"),
+            }
+        }
+        seen
+    }
+
     /// Receives messages until `enough` says so; panics after `timeout`.
     pub async fn receive_until(
         &self,
@@ -231,8 +244,12 @@ impl Proxy {
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    break;
+                let mut inbound = match listener.accept().await {
+                    Ok((inbound, _)) => inbound,
+                    Err(error) => {
+                        eprintln!("proxy: accept failed: {error}");
+                        continue;
+                    }
                 };
                 if flag.load(Ordering::SeqCst) {
                     break;
@@ -255,6 +272,14 @@ impl Proxy {
             stopped.store(true, Ordering::SeqCst);
             task.abort();
             let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some((task, _)) = self.running.take() {
+            task.abort();
         }
     }
 }

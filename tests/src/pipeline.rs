@@ -37,6 +37,22 @@ impl TestApp {
         self.status(user, batch_id).await
     }
 
+    /// Waits until the pipeline request `request_id` has reached `status`.
+    pub async fn wait_for_request(
+        &self,
+        user: &User,
+        batch_id: &str,
+        request_id: &str,
+        status: &str,
+    ) -> Value {
+        wait_until(Duration::from_secs(60), || async {
+            let current = self.status(user, batch_id).await;
+            current["status"] == status && current["pipeline"]["request_id"] == request_id
+        })
+        .await;
+        self.status(user, batch_id).await
+    }
+
     /// Waits until the batch's current phase is `phase` (its requests are out).
     pub async fn wait_for_phase(&self, user: &User, batch_id: &str, phase: &str) {
         wait_until(Duration::from_secs(30), || async {

@@ -89,9 +89,11 @@ async fn a_pipeline_runs_to_completion_with_the_development_processor(engine: En
     }
 
     // Asked again, the prerequisites done for every essay are pruned.
-    app.request_pipeline(&teacher, &id, "ai_feedback").await;
-    app.wait_for_pipeline_workers().await;
-    let status = app.wait_for_status(&teacher, &id, "completed").await;
+    let again = app.request_pipeline(&teacher, &id, "ai_feedback").await;
+    let request_id = again["request_id"].as_str().unwrap();
+    let status = app
+        .wait_for_request(&teacher, &id, request_id, "completed")
+        .await;
     assert_eq!(strings(&status["pipeline"]["steps"]), ["ai_feedback"]);
     assert_eq!(
         strings(&status["pipeline"]["pruned"]),

@@ -63,7 +63,7 @@ impl KafkaOptions {
 #[derive(Clone)]
 pub struct KafkaBus {
     options: KafkaOptions,
-    /// Replaced when librdkafka reports a fatal error (which ends an idempotent producer).
+    /// Replaced after a failed publish (see `publish`).
     producer: Arc<RwLock<FutureProducer>>,
 }
 
@@ -120,11 +120,22 @@ impl KafkaBus {
         match failed {
             None => Ok(()),
             Some((error, _)) => {
+                // Start a new producer session. After messages time out, librdkafka bumps the
+                // idempotent producer's epoch, which some brokers answer with a fatal
+                // ProducerFenced; and a fatal error ends a producer for good. A new session is
+                // always safe: the caller re-sends the whole page in order (at least once).
                 if let Some(fatal) = producer.client().fatal_error() {
-                    tracing::error!(error = ?fatal, "the Kafka producer hit a fatal error; starting a new one");
-                    let fresh = Self::producer(&self.options)?;
-                    *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                    tracing::error!(error = ?fatal, "the Kafka producer hit a fatal error");
                 }
+                let fresh = Self::producer(&self.options)?;
+                let old = std::mem::replace(
+                    &mut *self.producer.write().unwrap_or_else(|p| p.into_inner()),
+                    fresh,
+                );
+                // Dropping a producer purges, flushes and destroys it: blocking calls, on a
+                // thread of their own so that nothing (not even runtime shutdown) waits on them.
+                drop(producer);
+                std::thread::spawn(move || drop(old));
                 Err(BusError::Publish(error.to_string()))
             }
         }

@@ -136,6 +136,9 @@ impl Bus {
     }
 }
 
+/// How long shutting down waits for a Kafka client to close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A stream of messages from some topics. A message's position is committed only when
 /// [`Subscription::done`] is called for it (at-least-once).
 pub enum Subscription {
@@ -178,10 +181,20 @@ impl Subscription {
         }
     }
 
-    /// Commits what was handled, synchronously.
-    pub fn close(&self) {
+    /// Commits what was handled and leaves the group. librdkafka's close blocks, for as long as
+    /// it takes to reach the group coordinator: it runs on a thread of its own, given at most
+    /// [`CLOSE_TIMEOUT`] (past that, the broker redelivers what was not committed).
+    pub async fn close(self) {
         if let Self::Kafka(s) = self {
-            s.close();
+            let (done, closed) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                s.close();
+                drop(s);
+                let _ = done.send(());
+            });
+            if tokio::time::timeout(CLOSE_TIMEOUT, closed).await.is_err() {
+                tracing::warn!("the Kafka consumer did not close in time; leaving it behind");
+            }
         }
     }
 }
