@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one test command (README, CI): makes sure PostgreSQL runs, then checks formatting,
-# lints, and runs every test (unit, property and integration, on PostgreSQL and SQLite).
+# The one test command (README, CI): makes sure PostgreSQL runs and a Kafka-compatible broker
+# (tansu, built once and cached under ~/.cache/essayflow) is started, then checks formatting,
+# lints, and runs every test (unit, property and integration, on PostgreSQL, SQLite and Kafka).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,12 @@ ensure_postgres
 psql "$ESSAYFLOW_TEST_PG_URL/postgres" -Atqc \
   "SELECT 'DROP DATABASE ' || quote_ident(datname) || ';' FROM pg_database WHERE datname LIKE 'essayflow_test_%'" \
   | psql "$ESSAYFLOW_TEST_PG_URL/postgres" -q >/dev/null
+
+# shellcheck source=scripts/kafka.sh
+. scripts/kafka.sh
+ensure_tansu
+step "starting the tansu broker"
+start_tansu
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"

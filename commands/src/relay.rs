@@ -9,6 +9,7 @@
 //! (the event store is the outbox); the relay retries with backoff and `/readyz` reports it.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -72,11 +73,12 @@ impl Relay {
             else {
                 continue;
             };
-            if !texts.contains_key(&event.batch_id) {
-                let loaded = self.essay_texts(event.batch_id, event.sequence).await?;
-                texts.insert(event.batch_id, loaded);
-            }
-            let batch_texts = &texts[&event.batch_id];
+            let batch_texts = match texts.entry(event.batch_id) {
+                Entry::Occupied(known) => known.into_mut(),
+                Entry::Vacant(slot) => {
+                    slot.insert(self.essay_texts(event.batch_id, event.sequence).await?)
+                }
+            };
             let topic = self.topics.phase_requested(phase);
             for essay_id in essays {
                 let request = PhaseRequest {
