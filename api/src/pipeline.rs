@@ -120,6 +120,24 @@ pub async fn start(
         );
         tracker.spawn(async move { ingress.run_on(subscription, &bus, &topics, &cancel).await });
     }
+    if let Bus::Memory(_) = bus {
+        // The in-process bus lost whatever was in flight when the process last stopped.
+        let again = Relay::new(
+            bus.clone(),
+            topics.clone(),
+            Vec::new(),
+            EventLog::new(storage.clone()),
+        );
+        tracker.spawn(async move {
+            match again.republish_running_phases().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(phases = n, "published the requests of running phases again")
+                }
+                Err(error) => tracing::error!(%error, "could not publish running phases again"),
+            }
+        });
+    }
     let relay = Relay::new(
         bus.clone(),
         topics.clone(),

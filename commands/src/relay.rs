@@ -100,6 +100,58 @@ impl Relay {
         Ok(messages)
     }
 
+    /// The in-process bus keeps nothing across restarts: phase requests that were published
+    /// but not yet answered when the process stopped are gone. This publishes again the requests
+    /// of every phase still running (according to the log), once the batch-state model has
+    /// caught up with what the relay had published. Answers to requests that were already
+    /// answered are duplicates, which the ingress recognises. Returns how many phases.
+    pub async fn republish_running_phases(&self) -> Result<usize, FollowerError> {
+        let pool = self.log.storage().pool();
+        let relayed = crate::checkpoint::load_checkpoint(pool, self.name()).await?;
+        let mut waited = std::time::Duration::ZERO;
+        while crate::checkpoint::load_checkpoint(pool, "batch_state").await? < relayed
+            && waited < std::time::Duration::from_secs(60)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            waited += std::time::Duration::from_millis(100);
+        }
+        let running: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM batch_state WHERE status = 'processing'")
+                .fetch_all(pool)
+                .await?;
+        let mut phases = 0;
+        for id in running {
+            let Ok(batch_id) = id.parse::<BatchId>() else {
+                continue;
+            };
+            let events = self.log.read_batch(batch_id, None).await?;
+            let Some(started) = events
+                .iter()
+                .rev()
+                .take_while(|e| !matches!(e.event, BatchEvent::PipelineCompleted { .. }))
+                .find(|e| matches!(e.event, BatchEvent::PhaseStarted { .. }))
+            else {
+                continue;
+            };
+            // Only what the relay had already published: the rest it publishes in turn.
+            if started.at > relayed {
+                continue;
+            }
+            let requests: Vec<OutMessage> = self
+                .messages(std::slice::from_ref(started))
+                .await?
+                .into_iter()
+                .filter(|m| m.topic != self.topics.events())
+                .collect();
+            self.bus
+                .publish(&requests)
+                .await
+                .map_err(|e| FollowerError::Downstream(e.to_string()))?;
+            phases += 1;
+        }
+        Ok(phases)
+    }
+
     /// The texts of a batch's essays, as added up to `sequence`.
     async fn essay_texts(
         &self,

@@ -158,6 +158,10 @@ impl TestApp {
             ..Settings::default()
         };
         configure(&mut settings);
+        Self::launch(engine, db, settings).await
+    }
+
+    async fn launch(engine: Engine, db: TestDatabase, settings: Settings) -> Self {
         let app = Application::build(settings.clone()).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let storage = app.state().storage.clone();
@@ -175,6 +179,27 @@ impl TestApp {
             shutdown: Some(tx),
             server: Some(server),
         }
+    }
+
+    /// Stops the app (as a crash or a redeploy would, between requests) and starts a new one
+    /// on the same database, after letting `configure` adjust its settings.
+    pub async fn restart(mut self, configure: impl FnOnce(&mut Settings)) -> Self {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+        let db = std::mem::replace(
+            &mut self.db,
+            TestDatabase {
+                url: String::new(),
+                _dir: None,
+            },
+        );
+        let mut settings = self.settings.clone();
+        configure(&mut settings);
+        Self::launch(self.engine, db, settings).await
     }
 
     /// Stops the server and waits for its workers to finish.

@@ -313,7 +313,33 @@ async fn a_conductor_replayed_from_the_start_issues_nothing_twice(engine: Engine
     assert_eq!(status["phases"]["nlp"]["succeeded"], 2);
 }
 
+async fn phase_requests_lost_with_the_in_process_bus_are_sent_again_after_a_restart(
+    engine: Engine,
+) {
+    // No processor yet: the phase requests the relay publishes reach nobody, as if the process
+    // had stopped before its in-process processor answered them.
+    let app = TestApp::spawn(engine).await;
+    let teacher = app.user(Role::Teacher).await;
+    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let requested = app.request_pipeline(&teacher, &id, "nlp").await;
+    app.wait_for_phase(&teacher, &id, "spellcheck").await;
+    app.wait_for_pipeline_workers().await;
+
+    let app = app
+        .restart(|s| {
+            s.simulate_processors = true;
+            s.simulator_latency_ms = 0;
+        })
+        .await;
+    let request_id = requested["request_id"].as_str().unwrap();
+    let status = app
+        .wait_for_request(&teacher, &id, request_id, "completed")
+        .await;
+    assert_eq!(status["phases"]["nlp"]["succeeded"], 2);
+}
+
 both_engines!(
+    phase_requests_lost_with_the_in_process_bus_are_sent_again_after_a_restart,
     a_pipeline_runs_to_completion_with_the_development_processor,
     failing_essays_complete_the_batch_with_failures,
     one_failed_essay_is_skipped_by_later_phases,
