@@ -2,10 +2,14 @@
 # Benchmarks, all in one run so that every figure has its baseline from the same moment:
 # accepted commands/s and latency at 1, 16 and 64 clients on PostgreSQL and SQLite, replay
 # speed over at least 100 000 events, and pgbench single-row inserts at 64 clients on the same
-# PostgreSQL database. Prints a Markdown table; copy it into BENCHMARKS.md.
+# PostgreSQL database; then a pipeline run through Kafka (tansu, started here) with the
+# development processor at zero latency, the relay's throughput re-publishing that log, and a
+# raw rdkafka producer on the same broker as its baseline. Prints Markdown tables; copy them
+# into BENCHMARKS.md.
 #
 #   scripts/bench.sh                 # defaults
 #   DURATION=20 scripts/bench.sh     # seconds per concurrency level
+#   ONLY=pipeline scripts/bench.sh   # only the pipeline and relay figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,9 +24,11 @@ SECRET=benchmark-secret-benchmark-secret-benchmark
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
+ONLY=${ONLY:-all}
 cargo build --release -q -p api -p bench
 BIN=target/release/essayflow
 LOAD=target/release/essayflow-bench
+PIPE=target/release/essayflow-pipeline-bench
 OUT="$WORK/results.md"
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
@@ -59,8 +65,69 @@ run_engine() {
   done
 }
 
-run_engine postgres "$PG/$DB?$PG_OPTS"
-run_engine sqlite "sqlite:$WORK/bench.db"
+metric() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
+
+wait_healthy() {
+  for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && return; sleep 0.05; done
+  echo "essayflow did not start" >&2; exit 1
+}
+
+run_pipeline() {
+  # shellcheck source=scripts/kafka.sh
+  . scripts/kafka.sh
+  ensure_tansu
+  start_tansu
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_pipeline" -c "CREATE DATABASE ${DB}_pipeline" >/dev/null
+  export ESSAYFLOW_DATABASE_URL="$PG/${DB}_pipeline?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+  export ESSAYFLOW_BIND=127.0.0.1:$PORT ESSAYFLOW_KAFKA_BROKERS=$ESSAYFLOW_TEST_KAFKA ESSAYFLOW_TOPIC_PREFIX=bench
+  echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
+  local token
+  token=$("$BIN" token --username bench)
+  "$BIN" serve & local server=$!
+  "$BIN" simulate-processors --latency-ms 0 >/dev/null 2>&1 & local processors=$!
+  wait_healthy
+  local r
+  r=$("$PIPE" run --url "http://127.0.0.1:$PORT" --token "$token" --batches 100 --essays 30)
+  echo "pipeline $r" >&2
+  PIPELINE_ROW=$(printf '| 100 x 30, ai_feedback (3 phases) | %s | %s | %s | %s | %s |' "$(field "$r" essay_phases)" \
+    "$(field "$r" seconds)" "$(field "$r" essay_phases_per_second)" "$(field "$r" p50_ms)" "$(field "$r" p99_ms)")
+  kill "$processors" "$server"; wait "$processors" "$server" 2>/dev/null || true
+
+  # Relay throughput: the same log published again from its start (no processor running).
+  psql "$PG/${DB}_pipeline" -qc "UPDATE projection_checkpoints SET tx = 0, position = 0 WHERE name = 'relay'"
+  export ESSAYFLOW_TOPIC_PREFIX=benchrelay
+  "$BIN" serve & server=$!
+  wait_healthy
+  local started lag ended
+  started=$(date +%s.%N)
+  for _ in $(seq 1 6000); do
+    lag=$(metric essayflow_relay_lag_events)
+    [ "$lag" = "0" ] && break
+    sleep 0.02
+  done
+  ended=$(date +%s.%N)
+  local events messages bytes
+  events=$(psql "$PG/${DB}_pipeline" -Atqc "SELECT count(*) FROM events")
+  messages=$(metric essayflow_relay_published_total)
+  bytes=$(metric essayflow_relay_published_bytes_total)
+  kill "$server"; wait "$server" 2>/dev/null || true
+  RELAY_ROW=$(python3 -c "
+import sys; e, m, b, s = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[5]) - float(sys.argv[4])
+print(f'| relay (log re-published) | {e} events, {m} messages, {b // m} B avg | {s:.2f} | {e / s:.0f} events/s, {m / s:.0f} messages/s |')
+" "$events" "$messages" "$bytes" "$started" "$ended")
+  echo "relay $RELAY_ROW" >&2
+  r=$("$PIPE" raw-producer --brokers "$ESSAYFLOW_TEST_KAFKA" --topic "bench-raw-$RANDOM" --messages "$messages" --size $((bytes / messages)))
+  echo "raw $r" >&2
+  RAW_ROW=$(printf '| raw rdkafka producer (baseline) | %s messages, %s B | %s | %s messages/s |' "$messages" "$((bytes / messages))" \
+    "$(field "$r" seconds)" "$(field "$r" messages_per_second)")
+  unset ESSAYFLOW_KAFKA_BROKERS ESSAYFLOW_TOPIC_PREFIX
+}
+
+if [ "$ONLY" = all ]; then
+  run_engine postgres "$PG/$DB?$PG_OPTS"
+  run_engine sqlite "sqlite:$WORK/bench.db"
+fi
+run_pipeline
 
 # Baseline: pgbench single-row inserts at 64 clients on the same database, same run.
 psql "$PG/$DB" -qc "CREATE TABLE IF NOT EXISTS pgbench_single_insert (id bigserial PRIMARY KEY, payload text)"
@@ -70,13 +137,24 @@ PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB?$PG_OP
 {
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per level."
   echo
-  echo "| engine | clients | accepted commands/s | p50 ms | p99 ms | errors |"
+  if [ "$ONLY" = all ]; then
+    echo "| engine | clients | accepted commands/s | p50 ms | p99 ms | errors |"
+    echo "|---|---|---|---|---|---|"
+    cat "$OUT.load"
+    echo
+    echo "| engine | projection | replay |"
+    echo "|---|---|---|"
+    cat "$OUT.replay"
+    echo
+  fi
+  echo "| pipeline run (PostgreSQL, Kafka, development processor at 0 ms) | essay-phases | seconds | essay-phases/s | PipelineRequested -> PipelineCompleted p50 ms | p99 ms |"
   echo "|---|---|---|---|---|---|"
-  cat "$OUT.load"
+  echo "$PIPELINE_ROW"
   echo
-  echo "| engine | projection | replay |"
-  echo "|---|---|---|"
-  cat "$OUT.replay"
+  echo "| publisher | what | seconds | throughput |"
+  echo "|---|---|---|---|"
+  echo "$RELAY_ROW"
+  echo "$RAW_ROW"
   echo
   echo "Baseline (same run, same database): pgbench single-row INSERT, 64 clients: $PGB"
 } | tee "$OUT"

@@ -1,7 +1,8 @@
 # Sourced by scripts/test.sh and scripts/bench.sh: builds (once, cached) and starts the
 # Kafka-compatible broker tansu, in memory, on a free port of 127.0.0.1.
 #   ensure_tansu   -> sets TANSU_BIN (builds it when missing: about 20 minutes on 2 cores)
-#   start_tansu    -> starts a broker, exports ESSAYFLOW_TEST_KAFKA=127.0.0.1:PORT, stops it on exit
+#   start_tansu    -> starts a broker (pid in TANSU_PID; the caller stops it), exports
+#                     ESSAYFLOW_TEST_KAFKA=127.0.0.1:PORT
 
 TANSU_VERSION=0.6.0
 TANSU_ROOT="${ESSAYFLOW_TANSU_ROOT:-$HOME/.cache/essayflow/tansu-$TANSU_VERSION}"
@@ -28,7 +29,6 @@ start_tansu() {
     --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
     >"$log" 2>&1 &
   TANSU_PID=$!
-  trap 'kill "$TANSU_PID" 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       export ESSAYFLOW_TEST_KAFKA="127.0.0.1:$port"

@@ -39,6 +39,7 @@ psql "$ESSAYFLOW_TEST_PG_URL/postgres" -Atqc \
 ensure_tansu
 step "starting the tansu broker"
 start_tansu
+trap 'kill "$TANSU_PID" 2>/dev/null || true' EXIT
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"

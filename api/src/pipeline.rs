@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
-use commands::bus::{Bus, KafkaBus, KafkaOptions, MemoryBus, Topics};
+use commands::bus::{Bus, KafkaBus, KafkaOptions, LagGauge, MemoryBus, Topics};
 use commands::conductor::Conductor;
 use commands::follower::{Follow, FollowOptions, FollowerStatus};
 use commands::ingress::{Ingress, IngressStats};
@@ -28,8 +28,12 @@ pub struct PipelineStatus {
     pub relay: Option<Arc<FollowerStatus>>,
     pub conductor: Option<Arc<FollowerStatus>>,
     pub relay_published: Arc<AtomicU64>,
+    pub relay_published_bytes: Arc<AtomicU64>,
     pub conductor_issued: Arc<AtomicU64>,
     pub ingress: Arc<IngressStats>,
+    /// Results waiting to be recorded (Kafka: the consumer lag librdkafka reports each
+    /// second); -1 while unknown or when this node runs no ingress.
+    pub ingress_lag: LagGauge,
 }
 
 /// The bus the settings name.
@@ -85,9 +89,12 @@ pub async fn start(
         relay: None,
         conductor: None,
         relay_published: Arc::default(),
+        relay_published_bytes: Arc::default(),
         conductor_issued: Arc::default(),
         ingress: ingress.stats(),
+        ingress_lag: LagGauge::default(),
     };
+    status.ingress_lag.set(-1);
     let all_topics = topics.all(catalog.phases());
     if settings.run_workers || settings.simulate_processors {
         create_topics(&bus, &all_topics).await;
@@ -145,6 +152,7 @@ pub async fn start(
         EventLog::new(storage.clone()),
     );
     status.relay_published = relay.published();
+    status.relay_published_bytes = relay.published_bytes();
     let relay = Follow::new(relay, storage, FollowOptions::default());
     status.relay = Some(relay.status());
     tracker.spawn(relay.run(cancel.child_token()));

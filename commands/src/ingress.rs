@@ -24,7 +24,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{Bus, InMessage, LagGauge, OutMessage, Subscription, Topics, next_backoff};
+use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics, next_backoff};
 use crate::messages::{ResultMessage, result_causation_id};
 use crate::service::{Accepted, CommandContext, CommandError, CommandService};
 
@@ -73,8 +73,6 @@ pub struct IngressStats {
     pub dead_lettered: AtomicU64,
     /// Attempts that failed on a transient error and were retried.
     pub retried: AtomicU64,
-    /// Results waiting in the subscription (Kafka: the consumer lag).
-    pub lag: LagGauge,
 }
 
 #[derive(Clone)]
@@ -159,7 +157,6 @@ impl Ingress {
         cancel: &CancellationToken,
     ) {
         tracing::info!(topic = %topics.results(), bus = bus.kind(), "results ingress started");
-        let gauge = subscription.lag_gauge();
         loop {
             let chunk = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -191,7 +188,6 @@ impl Ingress {
                     subscription.done(message);
                 }
             }
-            self.stats.lag.set(gauge.get().max(subscription.lag()));
         }
         subscription.close().await;
         tracing::info!("results ingress stopped");

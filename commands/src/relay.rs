@@ -29,6 +29,7 @@ pub struct Relay {
     topics_ready: AtomicBool,
     log: EventLog,
     published: Arc<AtomicU64>,
+    published_bytes: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -40,12 +41,18 @@ impl Relay {
             topics_ready: AtomicBool::new(false),
             log,
             published: Arc::default(),
+            published_bytes: Arc::default(),
         }
     }
 
     /// Messages acknowledged by the broker since start.
     pub fn published(&self) -> Arc<AtomicU64> {
         self.published.clone()
+    }
+
+    /// Payload bytes of those messages.
+    pub fn published_bytes(&self) -> Arc<AtomicU64> {
+        self.published_bytes.clone()
     }
 
     /// The messages one page of events becomes.
@@ -199,6 +206,9 @@ impl Follower for Relay {
         self.topics_ready.store(true, Ordering::Relaxed);
         self.published
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+        self.published_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -98,7 +98,7 @@ async fn pipeline_health(state: &AppState, database_up: bool) -> serde_json::Val
         "relay": relay,
         "conductor": conductor,
         "ingress": {
-            "lag": p.ingress.lag.get(),
+            "lag": p.ingress_lag.get(),
             "dead_lettered": p.ingress.dead_lettered.load(Ordering::Relaxed),
         },
     })
@@ -203,6 +203,12 @@ async fn pipeline_metrics(state: &AppState, out: &mut String) {
         &[("", load(&p.relay_published))],
     );
     metric(
+        "essayflow_relay_published_bytes_total",
+        "counter",
+        "Payload bytes the broker acknowledged",
+        &[("", load(&p.relay_published_bytes))],
+    );
+    metric(
         "essayflow_relay_errors_total",
         "counter",
         "Failed relay attempts (retried)",
@@ -230,7 +236,7 @@ async fn pipeline_metrics(state: &AppState, out: &mut String) {
         "essayflow_ingress_lag_messages",
         "gauge",
         "Results waiting to be recorded (-1: not yet known)",
-        &[("", i.lag.get())],
+        &[("", p.ingress_lag.get())],
     );
     metric(
         "essayflow_ingress_results_total",

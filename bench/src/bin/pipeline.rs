@@ -1,0 +1,302 @@
+//! Pipeline benchmarks (scripts/bench.sh runs them):
+//! - `run`: registers B batches of E essays, requests a pipeline for all of them at once, waits
+//!   until every one completed (the processing services being the development processor), and
+//!   reports essay-phases completed per second and the time from `PipelineRequested` to
+//!   `PipelineCompleted`, taken from the events' own timestamps.
+//! - `raw-producer`: the baseline for the relay: N messages of S bytes through a plain
+//!   idempotent rdkafka producer, every send in flight at once.
+//!
+//! Prints one JSON line. Loopback only.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Run {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 100)]
+        batches: usize,
+        #[arg(long, default_value_t = 30)]
+        essays: usize,
+        #[arg(long, default_value = "ai_feedback")]
+        pipeline: String,
+        /// Requests in flight while setting up.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    RawProducer {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        messages: usize,
+        #[arg(long)]
+        size: usize,
+    },
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn loopback(url: &str) -> anyhow::Result<()> {
+    let host = url.split("://").nth(1).unwrap_or_default();
+    if !(host.starts_with("127.") || host.starts_with("localhost")) {
+        bail!("the benchmark only targets loopback addresses");
+    }
+    Ok(())
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let response = http.post(url).bearer_auth(token).json(&body).send().await?;
+    if response.status().as_u16() != 202 {
+        bail!("{url}: {} {}", response.status(), response.text().await?);
+    }
+    Ok(response.json().await?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    url: &str,
+    token: &str,
+    batches: usize,
+    essays: usize,
+    pipeline: &str,
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    loopback(url)?;
+    let http = reqwest::Client::new();
+    let text = "An essay long enough to look like one. ".repeat(20);
+    // Set-up (not timed): the batches and their essays.
+    let ids: Vec<String> = futures::stream::iter(0..batches)
+        .map(|_| {
+            let (http, text) = (&http, &text);
+            async move {
+                let batch = post(
+                    http,
+                    &format!("{url}/v1/batches"),
+                    token,
+                    json!({ "title": "Pipeline benchmark", "course_code": "BENCH", "expected_essay_count": essays }),
+                )
+                .await?;
+                let id = batch["batch_id"].as_str().context("batch_id")?.to_owned();
+                let list: Vec<Value> = (0..essays)
+                    .map(|i| json!({ "essay_id": format!("e{i}"), "title": "Essay", "text": text }))
+                    .collect();
+                post(http, &format!("{url}/v1/batches/{id}/essays"), token, json!({ "essays": list })).await?;
+                anyhow::Ok(id)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    // All pipelines requested at once.
+    let started = Instant::now();
+    futures::stream::iter(&ids)
+        .map(|id| {
+            let http = &http;
+            async move {
+                let path = format!("{url}/v1/batches/{id}/pipelines");
+                post(http, &path, token, json!({ "pipeline": pipeline })).await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    // Wait until every batch finished (the dashboard's totals), then read the timings from the
+    // events themselves.
+    loop {
+        if started.elapsed() > timeout {
+            bail!("the pipelines did not finish within {timeout:?}");
+        }
+        let dashboard: Value = http
+            .get(format!("{url}/v1/dashboard"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let finished = ["completed", "completed_with_failures"]
+            .iter()
+            .map(|s| dashboard["totals"][s].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        if finished as usize >= batches {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    let (mut first, mut last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (None, None);
+    let mut essay_phases = 0u64;
+    for id in &ids {
+        let events: Value = http
+            .get(format!("{url}/v1/batches/{id}/events"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let at = |kind: &str| -> Option<DateTime<Utc>> {
+            events
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|e| e["event_type"] == kind)?["occurred_at"]
+                .as_str()?
+                .parse()
+                .ok()
+        };
+        let (Some(requested), Some(completed)) = (at("PipelineRequested"), at("PipelineCompleted"))
+        else {
+            bail!("batch {id} has no completed pipeline");
+        };
+        latencies.push((completed - requested).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        first = Some(first.map_or(requested, |f| f.min(requested)));
+        last = Some(last.map_or(completed, |l| l.max(completed)));
+        essay_phases += events
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter(|e| {
+                        e["event_type"] == "EssayPhaseCompleted"
+                            || e["event_type"] == "EssayPhaseFailed"
+                    })
+                    .count() as u64
+            })
+            .unwrap_or(0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let span = match (first, last) {
+        (Some(f), Some(l)) => (l - f).num_microseconds().unwrap_or(0) as f64 / 1e6,
+        _ => wall,
+    };
+    Ok(json!({
+        "batches": batches,
+        "essays": essays,
+        "essay_phases": essay_phases,
+        "seconds": span,
+        "essay_phases_per_second": essay_phases as f64 / span,
+        "p50_ms": percentile(&latencies, 0.50),
+        "p99_ms": percentile(&latencies, 0.99),
+        "max_ms": latencies.last().copied().unwrap_or(0.0),
+    }))
+}
+
+async fn raw_producer(
+    brokers: &str,
+    topic: &str,
+    messages: usize,
+    size: usize,
+) -> anyhow::Result<Value> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?;
+    // The topic first, like essayflow's own (3 partitions); tansu creates none on demand.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    admin
+        .create_topics(
+            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?;
+    let payload = vec![b'x'; size];
+    let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+    let started = Instant::now();
+    let sends = (0..messages).map(|i| {
+        producer.send(
+            FutureRecord::to(topic)
+                .key(&keys[i % keys.len()])
+                .payload(&payload),
+            Timeout::Never,
+        )
+    });
+    let results = futures::future::join_all(sends).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of {messages} messages were not delivered");
+    }
+    Ok(json!({
+        "messages": messages,
+        "bytes": size,
+        "failed": failed,
+        "seconds": seconds,
+        "messages_per_second": messages as f64 / seconds,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let report = match Args::parse().command {
+        Command::Run {
+            url,
+            token,
+            batches,
+            essays,
+            pipeline,
+            concurrency,
+            timeout_secs,
+        } => {
+            run(
+                &url,
+                &token,
+                batches,
+                essays,
+                &pipeline,
+                concurrency,
+                Duration::from_secs(timeout_secs),
+            )
+            .await?
+        }
+        Command::RawProducer {
+            brokers,
+            topic,
+            messages,
+            size,
+        } => raw_producer(&brokers, &topic, messages, size).await?,
+    };
+    println!("{report}");
+    Ok(())
+}
