@@ -371,11 +371,16 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
         "/v1/batches/{id}",
         "/v1/batches/{id}/essays",
         "/v1/dashboard",
+        "/v1/internal/results",
     ] {
         assert!(
             openapi["paths"][path].is_object(),
             "{path} is not documented"
         );
+    }
+    let result = &openapi["components"]["schemas"]["ResultMessage"]["properties"];
+    for field in ["message_id", "batch_id", "essay_id", "phase", "outcome", "result", "error"] {
+        assert!(result[field].is_object(), "ResultMessage.{field} is not documented");
     }
     let docs = app.get_public("/docs/").await;
     assert_eq!(docs.status(), StatusCode::OK);

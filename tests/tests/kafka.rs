@@ -412,3 +412,59 @@ async fn the_relay_rides_out_request_errors_and_a_downed_broker() {
     assert_eq!(first_seen, [json!(1), json!(2), json!(3)]);
     app.stop().await;
 }
+
+/// The value of a metric without labels, from `/metrics`.
+async fn metric(app: &TestApp, name: &str) -> Option<i64> {
+    let text = app.get_public("/metrics").await.text().await.ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_pauses_the_ingress_instead_of_dead_lettering() {
+    let brokers = test_brokers();
+    let prefix = unique_prefix();
+    let topics = Topics::new(&prefix);
+    let app = kafka_app(Engine::Postgres, &brokers, &prefix).await;
+    let teacher = app.user(Role::Teacher).await;
+    let id = ready_batch(&app, &teacher, &["e1"]).await;
+    let processor = TestConsumer::new(&brokers, &phase_topics(&topics));
+    let producer = TestProducer::new(&brokers);
+    let requested = app.request_pipeline(&teacher, &id, "spellcheck").await;
+    let request = processor
+        .receive_until(Duration::from_secs(60), |seen| !seen.is_empty())
+        .await;
+
+    // Take the database away: no new connections, and the open ones cut.
+    let database = app.db.url.rsplit('/').next().unwrap().to_owned();
+    let admin = format!("{}/postgres", integration_tests::postgres_admin_url());
+    let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&admin).await.unwrap();
+    sqlx::query(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS false"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&database)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    send_result(&producer, &topics, &answer(&request[0].payload, "succeeded")).await;
+    wait_until(Duration::from_secs(60), || async {
+        metric(&app, "essayflow_ingress_retries_total").await >= Some(2)
+    })
+    .await;
+    assert_eq!(metric(&app, "essayflow_ingress_dead_lettered_total").await, Some(0));
+
+    sqlx::query(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let request_id = requested["request_id"].as_str().unwrap();
+    let status = app
+        .wait_for_request(&teacher, &id, request_id, "completed")
+        .await;
+    assert_eq!(status["phases"]["spellcheck"]["succeeded"], 1);
+    assert_eq!(metric(&app, "essayflow_ingress_dead_lettered_total").await, Some(0));
+    app.stop().await;
+}
