@@ -250,23 +250,13 @@ impl Ingress {
     ) -> bool {
         tracing::warn!(topic = %message.topic, partition = message.partition, offset = message.offset, error = reason, "dead-lettering a result");
         let letter = dead_letter(message, reason, topics);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match bus.publish(std::slice::from_ref(&letter)).await {
-                Ok(()) => {
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "could not publish to the dead-letter topic; retrying");
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = next_backoff(backoff, Duration::from_secs(5));
+        let taken = bus
+            .publish_until_taken(std::slice::from_ref(&letter), cancel)
+            .await;
+        if taken {
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
+        taken
     }
 }
 

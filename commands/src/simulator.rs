@@ -16,7 +16,7 @@ use futures::StreamExt;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics, next_backoff};
+use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics};
 use crate::messages::{PhaseRequest, ResultMessage};
 
 #[derive(Debug, Clone, Copy)]
@@ -143,16 +143,6 @@ async fn answer(
         payload: serde_json::to_vec(&result).unwrap_or_default(),
         headers: Vec::new(),
     };
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match bus.publish(std::slice::from_ref(&out)).await {
-            Ok(()) => return true,
-            Err(error) => tracing::warn!(%error, "simulator: could not publish a result; retrying"),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return false,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = next_backoff(backoff, Duration::from_secs(5));
-    }
+    bus.publish_until_taken(std::slice::from_ref(&out), cancel)
+        .await
 }

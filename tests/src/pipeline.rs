@@ -61,6 +61,19 @@ impl TestApp {
         .await;
     }
 
+    /// The types of a batch's events, in order.
+    pub async fn event_types(&self, user: &User, batch_id: &str) -> Vec<String> {
+        let events = self
+            .get_json(user, &format!("/v1/batches/{batch_id}/events"))
+            .await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_type"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Posts one result to `POST /v1/internal/results`.
     pub async fn post_result(&self, service: &User, result: &Value) -> reqwest::Response {
         self.post(service, "/v1/internal/results", result).await

@@ -439,22 +439,32 @@ async fn a_database_outage_pauses_the_ingress_instead_of_dead_lettering() {
     let database = app.db.url.rsplit('/').next().unwrap().to_owned();
     let admin = format!("{}/postgres", integration_tests::postgres_admin_url());
     let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&admin).await.unwrap();
-    sqlx::query(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS false"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
         .bind(&database)
         .execute(&mut conn)
         .await
         .unwrap();
 
-    send_result(&producer, &topics, &answer(&request[0].payload, "succeeded")).await;
+    send_result(
+        &producer,
+        &topics,
+        &answer(&request[0].payload, "succeeded"),
+    )
+    .await;
     wait_until(Duration::from_secs(60), || async {
         metric(&app, "essayflow_ingress_retries_total").await >= Some(2)
     })
     .await;
-    assert_eq!(metric(&app, "essayflow_ingress_dead_lettered_total").await, Some(0));
+    assert_eq!(
+        metric(&app, "essayflow_ingress_dead_lettered_total").await,
+        Some(0)
+    );
 
     sqlx::query(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
         .execute(&mut conn)
@@ -465,6 +475,9 @@ async fn a_database_outage_pauses_the_ingress_instead_of_dead_lettering() {
         .wait_for_request(&teacher, &id, request_id, "completed")
         .await;
     assert_eq!(status["phases"]["spellcheck"]["succeeded"], 1);
-    assert_eq!(metric(&app, "essayflow_ingress_dead_lettered_total").await, Some(0));
+    assert_eq!(
+        metric(&app, "essayflow_ingress_dead_lettered_total").await,
+        Some(0)
+    );
     app.stop().await;
 }

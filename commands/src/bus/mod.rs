@@ -119,6 +119,29 @@ impl Bus {
         }
     }
 
+    /// Publishes until the broker takes every message, backing off between attempts; `false`
+    /// if `cancel` fired first.
+    pub async fn publish_until_taken(
+        &self,
+        messages: &[OutMessage],
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.publish(messages).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "could not publish; retrying")
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff, Duration::from_secs(5));
+        }
+    }
+
     /// Creates the topics that do not exist yet (Kafka; nothing to do in process).
     pub async fn ensure_topics(&self, topics: &[String]) -> Result<(), BusError> {
         match self {
