@@ -82,7 +82,7 @@ pub async fn start(
 ) -> anyhow::Result<(Ingress, PipelineStatus)> {
     let bus = bus(settings)?;
     let topics = Topics::new(&settings.topic_prefix);
-    let ingress = Ingress::new(commands.clone());
+    let ingress = Ingress::new(commands.clone(), storage.clone());
     let mut status = PipelineStatus {
         bus: bus.kind(),
         topics: topics.clone(),
@@ -118,6 +118,7 @@ pub async fn start(
     }
     let subscription =
         bus.subscribe(&format!("{}-ingress", topics.prefix()), &[topics.results()])?;
+    status.ingress_lag = subscription.lag_gauge();
     {
         let (ingress, bus, topics, cancel) = (
             ingress.clone(),
@@ -135,13 +136,29 @@ pub async fn start(
             Vec::new(),
             EventLog::new(storage.clone()),
         );
+        let cancel = cancel.child_token();
         tracker.spawn(async move {
-            match again.republish_running_phases().await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(phases = n, "published the requests of running phases again")
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let outcome = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    outcome = again.republish_running_phases() => outcome,
+                };
+                match outcome {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        tracing::info!(phases = n, "published the requests of running phases again");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "could not publish running phases again")
+                    }
                 }
-                Err(error) => tracing::error!(%error, "could not publish running phases again"),
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
     }

@@ -31,6 +31,7 @@ pub const CONDUCTOR_USER: &str = "system:conductor";
 /// How many batches the conductor drives at once within a page.
 const CONCURRENCY: usize = 16;
 
+/// The conductor's [`Follower`]: answers `PipelineRequested` and `PhaseCompleted` with commands.
 pub struct Conductor {
     commands: CommandService,
     issued: Arc<AtomicU64>,

@@ -37,7 +37,8 @@ pub enum FollowerError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Log(#[from] crate::log::LogError),
-    /// Something outside the database (the broker) failed; retried with backoff.
+    /// The follower's effect failed (the broker did not take a page, or a command could not
+    /// be stored); retried with backoff.
     #[error("{0}")]
     Downstream(String),
 }
@@ -87,7 +88,9 @@ impl FollowerStatus {
 
 #[derive(Debug, Clone, Copy)]
 pub struct FollowOptions {
+    /// At most this many events per page.
     pub page_size: i64,
+    /// How often to look for new events when no append signal arrives.
     pub poll_interval: Duration,
     /// The longest wait between retries of a failing page.
     pub max_backoff: Duration,
@@ -106,7 +109,9 @@ impl Default for FollowOptions {
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FollowStep {
+    /// This many events were handled and the checkpoint moved past them.
     Handled(usize),
+    /// Nothing new in the log.
     Idle,
     /// Another reader (or a reset) moved the checkpoint; the page will be read again from it.
     Superseded,
@@ -122,6 +127,7 @@ pub struct Follow<F> {
 }
 
 impl<F: Follower> Follow<F> {
+    /// A loop that will run `follower` from its checkpoint (created at the log's start).
     pub fn new(follower: F, storage: &Storage, options: FollowOptions) -> Self {
         Self {
             follower,
@@ -135,6 +141,7 @@ impl<F: Follower> Follow<F> {
         self.status.clone()
     }
 
+    /// Runs until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
         let name = self.follower.name();
         let storage = self.log.storage().clone();
@@ -150,6 +157,8 @@ impl<F: Follower> Follow<F> {
                         leadership = Some(connection);
                     }
                     Ok(None) => {
+                        // Another node runs it: this one is a healthy standby.
+                        self.status.succeeded();
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             _ = tokio::time::sleep(self.options.poll_interval * 4) => continue,
@@ -179,10 +188,9 @@ impl<F: Follower> Follow<F> {
                     }
                 }
                 Err(error) => {
-                    if matches!(error, FollowerError::Database(_) | FollowerError::Log(_)) {
-                        // The lock lives on its connection: prove leadership again.
-                        leadership = None;
-                    }
+                    // The lock lives on its connection, which the failure may have taken
+                    // down: prove leadership again (one query) before the next page.
+                    leadership = None;
                     self.status.failed(&error);
                     tracing::warn!(worker = name, %error, retry_in = ?backoff, "worker step failed");
                     tokio::select! {

@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics, next_backoff};
 use crate::messages::{ResultMessage, result_causation_id};
 use crate::service::{Accepted, CommandContext, CommandError, CommandService};
+use crate::storage::Storage;
 
 /// The user id stamped on commands from the results topic.
 pub const INGRESS_USER: &str = "system:ingress";
@@ -35,6 +36,9 @@ pub const INGRESS_USER: &str = "system:ingress";
 /// once within them (one batch's results are recorded in order).
 const CHUNK: usize = 256;
 const CONCURRENCY: usize = 16;
+
+/// Storage failures on one message, with the database answering, before it is dead-lettered.
+const STORAGE_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
@@ -68,23 +72,30 @@ impl IngressError {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct IngressStats {
+    /// Results that appended events.
     pub recorded: AtomicU64,
+    /// Results already known (a redelivery or a second answer): nothing appended.
     pub duplicates: AtomicU64,
+    /// Messages sent to the dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Attempts that failed on a transient error and were retried.
     pub retried: AtomicU64,
 }
 
+/// Records processors' results: from a subscription ([`Ingress::run`]) or one at a time
+/// ([`Ingress::record`], the HTTP twin). Cheap to clone.
 #[derive(Clone)]
 pub struct Ingress {
     commands: CommandService,
+    storage: Storage,
     stats: Arc<IngressStats>,
 }
 
 impl Ingress {
-    pub fn new(commands: CommandService) -> Self {
+    pub fn new(commands: CommandService, storage: Storage) -> Self {
         Self {
             commands,
+            storage,
             stats: Arc::default(),
         }
     }
@@ -203,15 +214,26 @@ impl Ingress {
         cancel: &CancellationToken,
     ) -> bool {
         let mut backoff = Duration::from_millis(100);
+        let mut storage_failures = 0;
         loop {
             let outcome = match ResultMessage::from_slice(message.payload.as_deref().unwrap_or(b""))
             {
                 Err(error) => Err(IngressError::Invalid(vec![error])),
                 Ok(result) => self.record(result, Uuid::new_v4(), INGRESS_USER).await,
             };
+            if matches!(
+                outcome,
+                Err(IngressError::Command(CommandError::Storage(_)))
+            ) {
+                storage_failures += 1;
+            }
+            // A storage error while the database answers is this batch's (an event that cannot
+            // be read, say), not an outage: after a few attempts, set the message aside rather
+            // than hold up every other batch's results behind it.
+            let stuck = storage_failures >= STORAGE_ATTEMPTS && self.storage.ping().await.is_ok();
             match outcome {
                 Ok(_) => return true,
-                Err(error) if error.is_transient() => {
+                Err(error) if error.is_transient() && !stuck => {
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, retry_in = ?backoff, "could not record a result; retrying");
                 }

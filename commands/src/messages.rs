@@ -106,7 +106,7 @@ pub struct ResultMessage {
     pub error: Option<String>,
 }
 
-/// A result whose every field has been checked.
+/// A result whose every field has been checked: what `RecordEssayResult` is made of.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidResult {
     pub batch_id: BatchId,

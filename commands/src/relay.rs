@@ -21,6 +21,7 @@ use crate::follower::{Follower, FollowerError};
 use crate::log::{EventLog, StoredEvent};
 use crate::messages::{EventEnvelope, PhaseRequest, phase_request_id};
 
+/// The relay's [`Follower`]: turns each page of the log into messages and publishes them.
 pub struct Relay {
     bus: Bus,
     topics: Topics,
@@ -115,12 +116,8 @@ impl Relay {
     pub async fn republish_running_phases(&self) -> Result<usize, FollowerError> {
         let pool = self.log.storage().pool();
         let relayed = crate::checkpoint::load_checkpoint(pool, self.name()).await?;
-        let mut waited = std::time::Duration::ZERO;
-        while crate::checkpoint::load_checkpoint(pool, "batch_state").await? < relayed
-            && waited < std::time::Duration::from_secs(60)
-        {
+        while crate::checkpoint::load_checkpoint(pool, "batch_state").await? < relayed {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            waited += std::time::Duration::from_millis(100);
         }
         let running: Vec<String> =
             sqlx::query_scalar("SELECT id FROM batch_state WHERE status = 'processing'")

@@ -225,19 +225,26 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub async fn new(port: u16, target: u16) -> Self {
+    /// A proxy on a port of its own, to `target`.
+    pub async fn new(target: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let mut proxy = Self {
-            port,
+            port: listener.local_addr().unwrap().port(),
             target,
             running: None,
         };
-        proxy.start().await;
+        proxy.serve(listener);
         proxy
     }
 
+    /// Listens again on the same port.
     pub async fn start(&mut self) {
         assert!(self.running.is_none());
         let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
         let stopped = Arc::new(AtomicBool::new(false));
         let target = self.target;
         let flag = stopped.clone();

@@ -61,6 +61,14 @@ impl TestApp {
         .await;
     }
 
+    /// The value of a metric without labels (or with the labels written out in `name`), from
+    /// `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<i64> {
+        let text = self.get_public("/metrics").await.text().await.ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The types of a batch's events, in order.
     pub async fn event_types(&self, user: &User, batch_id: &str) -> Vec<String> {
         let events = self

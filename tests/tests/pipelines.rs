@@ -290,8 +290,9 @@ async fn a_conductor_replayed_from_the_start_issues_nothing_twice(engine: Engine
     app.wait_for_pipeline_workers().await;
     // The replayed phase requests reach the simulator again; its results are duplicates.
     integration_tests::wait_until(std::time::Duration::from_secs(30), || async {
-        let metrics = app.get_public("/metrics").await.text().await.unwrap();
-        metrics.contains("essayflow_ingress_results_total{outcome=\"duplicate\"} 4")
+        app.metric("essayflow_ingress_results_total{outcome=\"duplicate\"}")
+            .await
+            == Some(4)
     })
     .await;
     app.wait_for_projections().await;

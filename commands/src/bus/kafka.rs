@@ -60,11 +60,57 @@ impl KafkaOptions {
     }
 }
 
+/// Publishes to Kafka (idempotent producer), creates topics, and opens consumer groups.
+/// Cheap to clone: clones share one producer.
 #[derive(Clone)]
 pub struct KafkaBus {
     options: KafkaOptions,
-    /// Replaced after a failed publish (see `publish`).
-    producer: Arc<RwLock<FutureProducer>>,
+    producer: Arc<ProducerSlot>,
+}
+
+/// The current producer session, replaced after a failed publish (see [`KafkaBus::publish`]).
+/// librdkafka's teardown of a client blocks (purge, flush, joining its threads), so a client is
+/// always dropped on a thread of its own, never on the async runtime.
+struct ProducerSlot(RwLock<Arc<FutureProducer>>);
+
+impl ProducerSlot {
+    fn current(&self) -> Arc<FutureProducer> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `fresh` in place of `failed`, unless another publisher already replaced it.
+    fn replace(&self, failed: &Arc<FutureProducer>, fresh: FutureProducer) {
+        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, failed) {
+            drop_off_runtime(std::mem::replace(&mut *slot, Arc::new(fresh)));
+        } else {
+            drop_off_runtime(Arc::new(fresh));
+        }
+    }
+}
+
+impl Drop for ProducerSlot {
+    fn drop(&mut self) {
+        let slot = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
+        drop_off_runtime(slot.clone());
+    }
+}
+
+/// Drops a Kafka client on a thread of its own (its teardown blocks).
+fn drop_off_runtime<T: Send + 'static>(client: T) {
+    std::thread::spawn(move || drop(client));
+}
+
+/// Holds a Kafka client that must be dropped off the runtime, even when the future using it is
+/// cancelled.
+struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop_off_runtime(client);
+        }
+    }
 }
 
 impl KafkaBus {
@@ -72,7 +118,7 @@ impl KafkaBus {
         let producer = Self::producer(&options)?;
         Ok(Self {
             options,
-            producer: Arc::new(RwLock::new(producer)),
+            producer: Arc::new(ProducerSlot(RwLock::new(Arc::new(producer)))),
         })
     }
 
@@ -94,13 +140,34 @@ impl KafkaBus {
             .map_err(|e| BusError::Client(e.to_string()))
     }
 
+    /// Sends every message, in order, and waits for every acknowledgement. Messages are queued
+    /// one after another (when librdkafka's local queue is full, the sends already queued are
+    /// awaited first), so the order of `messages` is the order within each partition.
     pub async fn publish(&self, messages: &[OutMessage]) -> Result<(), BusError> {
-        let producer = self
-            .producer
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let sends = messages.iter().map(|message| {
+        let producer = self.producer.current();
+        let outcome = Self::send_in_order(&producer, messages).await;
+        if let Err(error) = &outcome {
+            // Start a new producer session. After messages time out, librdkafka bumps the
+            // idempotent producer's epoch, which some brokers answer with a fatal
+            // ProducerFenced; and a fatal error ends a producer for good. A new session is
+            // always safe: the caller re-sends the whole page in order (at least once).
+            if let Some(fatal) = producer.client().fatal_error() {
+                tracing::error!(error = ?fatal, "the Kafka producer hit a fatal error");
+            }
+            tracing::debug!(%error, "starting a new producer session");
+            self.producer
+                .replace(&producer, Self::producer(&self.options)?);
+        }
+        drop_off_runtime(producer);
+        outcome
+    }
+
+    async fn send_in_order(
+        producer: &FutureProducer,
+        messages: &[OutMessage],
+    ) -> Result<(), BusError> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
             let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
             for (key, value) in &message.headers {
                 headers = headers.insert(Header {
@@ -108,37 +175,40 @@ impl KafkaBus {
                     value: Some(value.as_bytes()),
                 });
             }
-            let record = FutureRecord::to(&message.topic)
+            let mut record = FutureRecord::to(&message.topic)
                 .key(message.key.as_bytes())
                 .payload(&message.payload)
                 .headers(headers);
-            // Waits for room when the local queue is full.
-            producer.send(record, Timeout::Never)
-        });
-        let results = join_all(sends).await;
-        let failed = results.into_iter().filter_map(|r| r.err()).next();
-        match failed {
-            None => Ok(()),
-            Some((error, _)) => {
-                // Start a new producer session. After messages time out, librdkafka bumps the
-                // idempotent producer's epoch, which some brokers answer with a fatal
-                // ProducerFenced; and a fatal error ends a producer for good. A new session is
-                // always safe: the caller re-sends the whole page in order (at least once).
-                if let Some(fatal) = producer.client().fatal_error() {
-                    tracing::error!(error = ?fatal, "the Kafka producer hit a fatal error");
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        Self::settle(std::mem::take(&mut pending)).await?;
+                        if producer.in_flight_count() > 0 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                    Err((error, _)) => return Err(BusError::Publish(error.to_string())),
                 }
-                let fresh = Self::producer(&self.options)?;
-                let old = std::mem::replace(
-                    &mut *self.producer.write().unwrap_or_else(|p| p.into_inner()),
-                    fresh,
-                );
-                // Dropping a producer purges, flushes and destroys it: blocking calls, on a
-                // thread of their own so that nothing (not even runtime shutdown) waits on them.
-                drop(producer);
-                std::thread::spawn(move || drop(old));
-                Err(BusError::Publish(error.to_string()))
             }
         }
+        Self::settle(pending).await
+    }
+
+    /// Waits for every delivery; the first failure is the error.
+    async fn settle(pending: Vec<rdkafka::producer::DeliveryFuture>) -> Result<(), BusError> {
+        for result in join_all(pending).await {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(BusError::Publish(error.to_string())),
+                Err(_) => return Err(BusError::Publish("the producer went away".to_owned())),
+            }
+        }
+        Ok(())
     }
 
     pub async fn ensure_topics(&self, topics: &[String]) -> Result<(), BusError> {
@@ -160,7 +230,11 @@ impl KafkaBus {
         let options = AdminOptions::new()
             .request_timeout(Some(Timeout::After(Duration::from_secs(10))))
             .operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
+        let admin = OffRuntime(Some(admin));
         let results = admin
+            .0
+            .as_ref()
+            .ok_or_else(|| BusError::Client("no admin client".to_owned()))?
             .create_topics(&new, &options)
             .await
             .map_err(|e| BusError::Topics(e.to_string()))?;

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::{InMessage, LagGauge, OutMessage};
 
+/// Topics of this process: per-subscriber unbounded queues. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct MemoryBus {
     subscribers: Arc<Mutex<HashMap<String, Vec<mpsc::UnboundedSender<InMessage>>>>>,
@@ -55,6 +56,7 @@ impl MemoryBus {
     }
 }
 
+/// A queue of the messages published to the subscribed topics since the subscription.
 pub struct MemorySubscription {
     receiver: mpsc::UnboundedReceiver<InMessage>,
     gauge: LagGauge,
