@@ -212,6 +212,21 @@ async fn a_pipeline_runs_end_to_end_through_kafka() {
         .await;
     assert_eq!(status["pipeline"]["steps"], json!(["ai_feedback"]));
     assert_eq!(status["pipeline"]["pruned"], json!(["spellcheck", "nlp"]));
+    // librdkafka reports the consumer lag every second: everything was consumed.
+    wait_until(Duration::from_secs(30), || async {
+        app.metric("essayflow_ingress_lag_messages").await == Some(0)
+    })
+    .await;
+    assert_eq!(
+        app.metric("essayflow_ingress_results_total{outcome=\"recorded\"}")
+            .await,
+        Some(12)
+    );
+    assert!(
+        app.metric("essayflow_ingress_results_total{outcome=\"duplicate\"}")
+            .await
+            >= Some(9)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
