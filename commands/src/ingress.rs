@@ -125,6 +125,7 @@ impl Ingress {
             message_id: result.message_id,
             result: result.result,
             error: result.error,
+            pipeline_request_id: result.pipeline_request_id,
         };
         let accepted = self
             .commands

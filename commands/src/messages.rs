@@ -104,6 +104,11 @@ pub struct ResultMessage {
     /// Why processing failed (for `failed`).
     #[serde(default)]
     pub error: Option<String>,
+    /// The `pipeline_request_id` of the phase request answered. Optional, but processors should
+    /// echo it: an answer to an earlier run of the same phase is then recognised as stale even
+    /// under a new message id.
+    #[serde(default)]
+    pub pipeline_request_id: Option<Uuid>,
 }
 
 /// A result whose every field has been checked: what `RecordEssayResult` is made of.
@@ -116,6 +121,7 @@ pub struct ValidResult {
     pub message_id: MessageId,
     pub result: serde_json::Value,
     pub error: Option<String>,
+    pub pipeline_request_id: Option<RequestId>,
 }
 
 /// The longest `error` text a result may carry.
@@ -170,6 +176,7 @@ impl ResultMessage {
                     message_id,
                     result,
                     error: self.error,
+                    pipeline_request_id: self.pipeline_request_id.map(RequestId::from_uuid),
                 })
             }
             _ => Err(errors),
@@ -234,6 +241,7 @@ mod tests {
             outcome: Outcome::Succeeded,
             result: Some(serde_json::json!([1])),
             error: None,
+            pipeline_request_id: None,
         };
         let fields: Vec<String> = message
             .validate()

@@ -71,6 +71,7 @@ pub fn simulate(request: &PhaseRequest, fail: bool) -> ResultMessage {
             })
         }),
         error: fail.then(|| "simulated failure".to_owned()),
+        pipeline_request_id: Some(request.pipeline_request_id),
     }
 }
 

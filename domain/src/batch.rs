@@ -281,12 +281,17 @@ impl Batch {
                 message_id,
                 result,
                 error,
+                pipeline_request_id,
             } => {
                 self.registered()?;
                 if !self.essays.contains(&essay_id) {
                     return Err(BatchError::UnknownEssay(essay_id));
                 }
-                if self.recorded_messages.contains(&message_id)
+                let stale = pipeline_request_id.is_some_and(|answered| {
+                    self.request_ids.contains(&answered) && self.run.request_id != Some(answered)
+                });
+                if stale
+                    || self.recorded_messages.contains(&message_id)
                     || self
                         .run
                         .recorded

@@ -37,6 +37,9 @@ pub enum BatchCommand {
         message_id: MessageId,
         result: serde_json::Value,
         error: Option<String>,
+        /// The pipeline request the processor answered (echoed from the phase request), when it
+        /// says: an answer to another request than the running one is stale and changes nothing.
+        pipeline_request_id: Option<RequestId>,
     },
     /// Issued by the conductor after `completed_phase` completed: start the next step.
     /// Idempotent: if the next step already started, this changes nothing.

@@ -195,6 +195,7 @@ fn record(request_id: RequestId, essay: &str, phase_name: &str, outcome: Outcome
         message_id: message_id(request_id, essay, phase_name),
         result: result_of(essay, phase_name),
         error: (outcome == Outcome::Failed).then(|| error_of(phase_name)),
+        pipeline_request_id: Some(request_id),
     }
 }
 
@@ -758,6 +759,7 @@ fn a_failed_result_without_an_error_message_gets_a_generic_one() {
         message_id: message_id(req(1), "e1", "spellcheck"),
         result: json!({}),
         error: None,
+        pipeline_request_id: None,
     };
     given(running(
         &["e1", "e2"],
@@ -1475,6 +1477,7 @@ impl Harness {
                         Outcome::Succeeded
                     },
                     message_id: MessageId::parse(format!("m{}", self.sent)).unwrap(),
+                    pipeline_request_id: None,
                     result: json!({ "score": score, "notes": ["ok"] }),
                     error: failed.then(|| "boom".to_owned()),
                 }
@@ -1710,4 +1713,38 @@ fn random_scenarios_reach_every_part_of_the_pipeline_lifecycle() {
     assert!(total.second_pipelines >= 20, "{total:?}");
     assert!(total.late_results >= 5, "{total:?}");
     assert!(total.redeliveries >= 400, "{total:?}");
+}
+
+#[test]
+fn an_answer_to_an_earlier_run_of_the_same_phase_changes_nothing() {
+    // spellcheck ran and completed for req(1); then spellcheck is asked for again (req(2)).
+    let history = [
+        running(&["e1"], req(1), "spellcheck", &["spellcheck"]),
+        phase_succeeds(req(1), "spellcheck", &["e1"]),
+        vec![
+            pipeline_completed(req(1), PipelineOutcome::Completed),
+            pipeline_requested(req(2), "cj_assessment"),
+            pipeline_resolved(
+                req(2),
+                "cj_assessment",
+                &["spellcheck", "cj_assessment"],
+                &[],
+            ),
+            phase_started(req(2), "spellcheck", &["e1"]),
+        ],
+    ]
+    .concat();
+    // A processor answers req(1)'s request again, under a new message id: stale.
+    let mut stale = record(req(1), "e1", "spellcheck", Outcome::Failed);
+    if let BatchCommand::RecordEssayResult { message_id, .. } = &mut stale {
+        *message_id = MessageId::parse("a-new-delivery").unwrap();
+    }
+    given(history.clone()).when(stale).then_expect(vec![]);
+    // The answer to the running request is recorded.
+    given(history)
+        .when(record(req(2), "e1", "spellcheck", Outcome::Succeeded))
+        .then_expect(vec![
+            essay_succeeded(req(2), "e1", "spellcheck"),
+            phase_completed(req(2), "spellcheck", 1, 0),
+        ]);
 }

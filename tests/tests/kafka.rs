@@ -59,6 +59,7 @@ fn answer(request: &Value, outcome: &str) -> Value {
         "phase": request["phase"],
         "outcome": outcome,
         "result": { "words": request["text"].as_str().unwrap().split_whitespace().count() },
+        "pipeline_request_id": request["pipeline_request_id"],
     })
 }
 
