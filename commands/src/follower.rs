@@ -16,8 +16,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{advance_checkpoint, load_checkpoint};
+use crate::leadership::{Lead, Leadership};
 use crate::log::{EventLog, LogPosition, StoredEvent};
-use crate::storage::{Engine, Storage};
+use crate::storage::Storage;
 
 /// What a follower does with each page of the log.
 pub trait Follower: Send + Sync + 'static {
@@ -124,6 +125,9 @@ pub struct Follow<F> {
     log: EventLog,
     options: FollowOptions,
     status: Arc<FollowerStatus>,
+    /// The checkpoint this loop last committed; `None` until read, and whenever another
+    /// reader may have moved it (a lost compare-and-set, a change of leader, a failure).
+    checkpoint: std::sync::Mutex<Option<LogPosition>>,
 }
 
 impl<F: Follower> Follow<F> {
@@ -134,7 +138,12 @@ impl<F: Follower> Follow<F> {
             log: EventLog::new(storage.clone()),
             options,
             status: FollowerStatus::new(),
+            checkpoint: std::sync::Mutex::new(None),
         }
+    }
+
+    fn forget_checkpoint(&self) {
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub fn status(&self) -> Arc<FollowerStatus> {
@@ -147,31 +156,30 @@ impl<F: Follower> Follow<F> {
         let storage = self.log.storage().clone();
         let mut wake = storage.appended();
         let mut backoff = Duration::from_millis(100);
-        let mut leadership = None;
+        let mut leadership = Leadership::new(storage.clone(), "essayflow.follower", name);
         tracing::info!(worker = name, "worker started");
         while !cancel.is_cancelled() {
-            if leadership.is_none() && storage.engine() == Engine::Postgres {
-                match storage.try_lead("essayflow.follower", name).await {
-                    Ok(Some(connection)) => {
-                        tracing::info!(worker = name, "this node now runs the worker");
-                        leadership = Some(connection);
+            match leadership.ensure().await {
+                Ok(Lead::Held) => {}
+                Ok(Lead::Taken) => {
+                    tracing::info!(worker = name, "this node now runs the worker");
+                    self.forget_checkpoint();
+                }
+                Ok(Lead::Standby) => {
+                    // Another node runs it: this one is a healthy standby.
+                    self.status.succeeded();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(self.options.poll_interval * 4) => continue,
                     }
-                    Ok(None) => {
-                        // Another node runs it: this one is a healthy standby.
-                        self.status.succeeded();
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(self.options.poll_interval * 4) => continue,
-                        }
-                    }
-                    Err(error) => {
-                        let error = FollowerError::from(error);
-                        self.status.failed(&error);
-                        tracing::warn!(worker = name, %error, "could not take the worker lock");
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(backoff) => continue,
-                        }
+                }
+                Err(error) => {
+                    let error = FollowerError::from(error);
+                    self.status.failed(&error);
+                    tracing::warn!(worker = name, %error, "could not take the worker lock");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => continue,
                     }
                 }
             }
@@ -190,7 +198,8 @@ impl<F: Follower> Follow<F> {
                 Err(error) => {
                     // The lock lives on its connection, which the failure may have taken
                     // down: prove leadership again (one query) before the next page.
-                    leadership = None;
+                    leadership.release();
+                    self.forget_checkpoint();
                     self.status.failed(&error);
                     tracing::warn!(worker = name, %error, retry_in = ?backoff, "worker step failed");
                     tokio::select! {
@@ -208,12 +217,19 @@ impl<F: Follower> Follow<F> {
     pub async fn step(&self) -> Result<FollowStep, FollowerError> {
         let name = self.follower.name();
         let pool = self.log.storage().pool();
-        let checkpoint = load_checkpoint(pool, name).await?;
+        let known = *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        let checkpoint = match known {
+            Some(checkpoint) => checkpoint,
+            None => load_checkpoint(pool, name).await?,
+        };
         let events = self
             .log
             .read_after(checkpoint, self.options.page_size)
             .await?;
         let Some(last) = events.last().map(|e| e.at) else {
+            // Idle: read the checkpoint afresh next time, so that a checkpoint moved from
+            // outside (an operator rewinding the worker) is seen.
+            self.forget_checkpoint();
             self.status.succeeded();
             self.publish(checkpoint);
             return Ok(FollowStep::Idle);
@@ -225,8 +241,10 @@ impl<F: Follower> Follow<F> {
         };
         self.status.succeeded();
         if !moved {
+            self.forget_checkpoint();
             return Ok(FollowStep::Superseded);
         }
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
         self.status
             .handled
             .fetch_add(events.len() as u64, Ordering::Relaxed);

@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod conductor;
 pub mod follower;
 pub mod ingress;
+pub mod leadership;
 mod log;
 pub mod messages;
 pub mod relay;

@@ -119,6 +119,26 @@ impl ReadModels {
         Ok(Page { items, next_cursor })
     }
 
+    /// An owner's dashboard rows whose status is in `statuses` (an SQL list of literals), the
+    /// greatest `order_by` first.
+    async fn owner_batches(
+        &self,
+        owner: &str,
+        statuses: &'static str,
+        order_by: &'static str,
+        limit: usize,
+    ) -> Result<Vec<DashboardBatch>, ProjectionError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1 AND status IN {statuses}
+              ORDER BY {order_by} DESC LIMIT {limit}",
+            dashboard::BATCHES
+        ))
+        .bind(owner)
+        .fetch_all(self.storage.pool())
+        .await?;
+        rows.iter().map(|row| row_from(row)?.parse()).collect()
+    }
+
     pub async fn dashboard(&self, owner: &str) -> Result<Dashboard, ProjectionError> {
         let row = sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {} WHERE id = $1",
@@ -129,33 +149,22 @@ impl ReadModels {
         .await?;
         let owner_doc: Option<OwnerDashboard> =
             row.map(|row| row_from(&row)?.parse()).transpose()?;
-        let rows = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1
-                AND status IN ('registered', 'ready', 'processing')
-              ORDER BY created_position DESC LIMIT 50",
-            dashboard::BATCHES
-        ))
-        .bind(owner)
-        .fetch_all(self.storage.pool())
-        .await?;
-        let active_batches = rows
-            .iter()
-            .map(|row| row_from(row)?.parse())
-            .collect::<Result<_, _>>()?;
-        let rows = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1
-                AND status IN ('completed', 'completed_with_failures', 'cancelled')
-              ORDER BY position DESC LIMIT {}",
-            dashboard::BATCHES,
-            dashboard::RECENT
-        ))
-        .bind(owner)
-        .fetch_all(self.storage.pool())
-        .await?;
-        let recently_finished = rows
-            .iter()
-            .map(|row| row_from(row)?.parse())
-            .collect::<Result<_, _>>()?;
+        let active_batches = self
+            .owner_batches(
+                owner,
+                "('registered', 'ready', 'processing')",
+                "created_position",
+                50,
+            )
+            .await?;
+        let recently_finished = self
+            .owner_batches(
+                owner,
+                "('completed', 'completed_with_failures', 'cancelled')",
+                "position",
+                dashboard::RECENT,
+            )
+            .await?;
         let (totals, recent_activity) = owner_doc
             .map(|d| (d.totals, d.recent_activity))
             .unwrap_or_default();

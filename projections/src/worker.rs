@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use commands::{Engine, EventLog, LogPosition, Storage};
+use commands::leadership::{Lead, Leadership};
+use commands::{EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyConnection, AnyPool};
 use tokio_util::sync::CancellationToken;
 
@@ -102,27 +103,26 @@ impl<P: Projection> Worker<P> {
         // On PostgreSQL one worker per projection is active across all nodes: the holder of a
         // session advisory lock. The others wait to take over. (The checkpoint compare-and-set
         // keeps pages exactly-once even without it; the lock saves the others' wasted reads.)
-        let mut leadership = None;
+        let mut leadership =
+            Leadership::new(self.log.storage().clone(), "essayflow.projection", name);
         while !cancel.is_cancelled() {
-            if leadership.is_none() && self.log.storage().engine() == Engine::Postgres {
-                match self.try_lead().await {
-                    Ok(Some(connection)) => {
-                        tracing::info!(projection = name, "this node now runs the projection");
-                        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                        leadership = Some(connection);
+            match leadership.ensure().await {
+                Ok(Lead::Held) => {}
+                Ok(Lead::Taken) => {
+                    tracing::info!(projection = name, "this node now runs the projection");
+                    *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                Ok(Lead::Standby) => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(self.options.poll_interval * 4) => continue,
                     }
-                    Ok(None) => {
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(self.options.poll_interval * 4) => continue,
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(projection = name, error = %error, "could not take the projection lock");
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(backoff) => continue,
-                        }
+                }
+                Err(error) => {
+                    tracing::warn!(projection = name, error = %error, "could not take the projection lock");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => continue,
                     }
                 }
             }
@@ -148,7 +148,7 @@ impl<P: Projection> Worker<P> {
                 Err(error) => {
                     // The lock lives on its connection: after a database error, prove
                     // leadership again rather than assume the session survived.
-                    leadership = None;
+                    leadership.release();
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(projection = name, error = %error, retry_in = ?backoff, "projection step failed");
                     tokio::select! {

@@ -9,6 +9,17 @@ use serde_json::{Value, json};
 use crate::{TestApp, User, wait_until};
 
 impl TestApp {
+    /// Registers a batch of `essays` and adds them all (it is then ready); returns its id.
+    pub async fn ready_batch(&self, teacher: &User, essays: &[&str]) -> String {
+        let batch = self.register_batch(teacher, essays.len() as u32).await;
+        let id = batch["batch_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            self.add_essays(teacher, &id, essays).await.status(),
+            StatusCode::ACCEPTED
+        );
+        id
+    }
+
     /// Requests `pipeline` for a batch; returns the 202 body.
     pub async fn request_pipeline(&self, user: &User, batch_id: &str, pipeline: &str) -> Value {
         let response = self

@@ -15,10 +15,9 @@ use domain::values::Phase;
 use integration_tests::kafka::{
     Proxy, Received, Tansu, TestConsumer, TestProducer, free_port, test_brokers, unique_prefix,
 };
-use integration_tests::{TestApp, User, wait_until};
+use integration_tests::{TestApp, wait_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const PHASES: [&str; 4] = ["spellcheck", "nlp", "cj_assessment", "ai_feedback"];
@@ -38,16 +37,6 @@ fn phase_topics(topics: &Topics) -> Vec<String> {
         .iter()
         .map(|p| topics.phase_requested(&Phase::parse(*p).unwrap()))
         .collect()
-}
-
-async fn ready_batch(app: &TestApp, teacher: &User, essays: &[&str]) -> String {
-    let batch = app.register_batch(teacher, essays.len() as u32).await;
-    let id = batch["batch_id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        app.add_essays(teacher, &id, essays).await.status(),
-        StatusCode::ACCEPTED
-    );
-    id
 }
 
 /// The result a processor sends for a phase request.
@@ -106,7 +95,7 @@ async fn a_pipeline_runs_end_to_end_through_kafka() {
     let topics = Topics::new(&prefix);
     let app = kafka_app(Engine::Postgres, &brokers, &prefix).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2", "e3"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2", "e3"]).await;
     let processor = TestConsumer::new(&brokers, &phase_topics(&topics));
     let producer = TestProducer::new(&brokers);
 
@@ -237,7 +226,7 @@ async fn poison_results_are_dead_lettered_and_consumption_goes_on() {
     let topics = Topics::new(&prefix);
     let app = kafka_app(Engine::Sqlite, &brokers, &prefix).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2"]).await;
     let processor = TestConsumer::new(&brokers, &phase_topics(&topics));
     let producer = TestProducer::new(&brokers);
     let requested = app.request_pipeline(&teacher, &id, "spellcheck").await;
@@ -338,7 +327,7 @@ async fn a_broker_outage_mid_run_loses_nothing() {
     let processor = TestConsumer::new(&brokers, &phase_topics(&topics));
     let producer = TestProducer::new(&brokers);
 
-    let first = ready_batch(&app, &teacher, &["a1", "a2"]).await;
+    let first = app.ready_batch(&teacher, &["a1", "a2"]).await;
     let first_request = app.request_pipeline(&teacher, &first, "nlp").await;
     let spellcheck = processor
         .receive_until(Duration::from_secs(60), |seen| seen.len() >= 2)
@@ -350,7 +339,7 @@ async fn a_broker_outage_mid_run_loses_nothing() {
 
     proxy.stop().await;
     // Commands are still accepted while the broker is away.
-    let second = ready_batch(&app, &teacher, &["b1", "b2", "b3"]).await;
+    let second = app.ready_batch(&teacher, &["b1", "b2", "b3"]).await;
     let second_request = app.request_pipeline(&teacher, &second, "spellcheck").await;
     wait_until(Duration::from_secs(60), || async {
         let ready = readiness(&app).await;
@@ -412,11 +401,11 @@ async fn the_relay_rides_out_request_errors_and_a_downed_broker() {
         .unwrap();
     let app = kafka_app(Engine::Sqlite, &brokers, &prefix).await;
     let teacher = app.user(Role::Teacher).await;
-    let first = ready_batch(&app, &teacher, &["a1", "a2"]).await;
+    let first = app.ready_batch(&teacher, &["a1", "a2"]).await;
     app.wait_for_pipeline_workers().await;
 
     mock.broker_down(1).unwrap();
-    let second = ready_batch(&app, &teacher, &["b1"]).await;
+    let second = app.ready_batch(&teacher, &["b1"]).await;
     wait_until(Duration::from_secs(60), || async {
         readiness(&app).await["checks"]["pipeline"]["relay"]["status"] == "failing"
     })
@@ -447,7 +436,7 @@ async fn a_database_outage_pauses_the_ingress_instead_of_dead_lettering() {
     let topics = Topics::new(&prefix);
     let app = kafka_app(Engine::Postgres, &brokers, &prefix).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1"]).await;
+    let id = app.ready_batch(&teacher, &["e1"]).await;
     let processor = TestConsumer::new(&brokers, &phase_topics(&topics));
     let producer = TestProducer::new(&brokers);
     let requested = app.request_pipeline(&teacher, &id, "spellcheck").await;

@@ -18,16 +18,6 @@ async fn with_simulator(engine: Engine, failure_rate: f64) -> TestApp {
     .await
 }
 
-async fn ready_batch(app: &TestApp, teacher: &integration_tests::User, essays: &[&str]) -> String {
-    let batch = app.register_batch(teacher, essays.len() as u32).await;
-    let id = batch["batch_id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        app.add_essays(teacher, &id, essays).await.status(),
-        StatusCode::ACCEPTED
-    );
-    id
-}
-
 fn strings(value: &Value) -> Vec<&str> {
     value
         .as_array()
@@ -40,7 +30,7 @@ fn strings(value: &Value) -> Vec<&str> {
 async fn a_pipeline_runs_to_completion_with_the_development_processor(engine: Engine) {
     let app = with_simulator(engine, 0.0).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2", "e3"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2", "e3"]).await;
 
     let requested = app.request_pipeline(&teacher, &id, "ai_feedback").await;
     let status = app.wait_for_status(&teacher, &id, "completed").await;
@@ -108,7 +98,7 @@ async fn a_pipeline_runs_to_completion_with_the_development_processor(engine: En
 async fn failing_essays_complete_the_batch_with_failures(engine: Engine) {
     let app = with_simulator(engine, 1.0).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2"]).await;
     app.request_pipeline(&teacher, &id, "nlp").await;
     let status = app
         .wait_for_status(&teacher, &id, "completed_with_failures")
@@ -122,7 +112,7 @@ async fn one_failed_essay_is_skipped_by_later_phases(engine: Engine) {
     let app = TestApp::spawn(engine).await;
     let teacher = app.user(Role::Teacher).await;
     let service = app.user(Role::Service).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2", "e3"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2", "e3"]).await;
     app.request_pipeline(&teacher, &id, "nlp").await;
 
     app.wait_for_phase(&teacher, &id, "spellcheck").await;
@@ -155,7 +145,7 @@ async fn cancelling_stops_further_phases(engine: Engine) {
     let app = TestApp::spawn(engine).await;
     let teacher = app.user(Role::Teacher).await;
     let service = app.user(Role::Service).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2"]).await;
     app.request_pipeline(&teacher, &id, "ai_feedback").await;
     app.wait_for_phase(&teacher, &id, "spellcheck").await;
 
@@ -191,7 +181,7 @@ async fn the_http_twin_records_a_result_once_and_refuses_bad_ones(engine: Engine
     let app = TestApp::spawn(engine).await;
     let teacher = app.user(Role::Teacher).await;
     let service = app.user(Role::Service).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2"]).await;
     app.request_pipeline(&teacher, &id, "spellcheck").await;
     app.wait_for_phase(&teacher, &id, "spellcheck").await;
 
@@ -274,7 +264,7 @@ async fn the_http_twin_records_a_result_once_and_refuses_bad_ones(engine: Engine
 async fn a_conductor_replayed_from_the_start_issues_nothing_twice(engine: Engine) {
     let app = with_simulator(engine, 0.0).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2"]).await;
     app.request_pipeline(&teacher, &id, "nlp").await;
     app.wait_for_status(&teacher, &id, "completed").await;
     app.wait_for_pipeline_workers().await;
@@ -313,7 +303,7 @@ async fn phase_requests_lost_with_the_in_process_bus_are_sent_again_after_a_rest
     // had stopped before its in-process processor answered them.
     let app = TestApp::spawn(engine).await;
     let teacher = app.user(Role::Teacher).await;
-    let id = ready_batch(&app, &teacher, &["e1", "e2"]).await;
+    let id = app.ready_batch(&teacher, &["e1", "e2"]).await;
     let requested = app.request_pipeline(&teacher, &id, "nlp").await;
     app.wait_for_phase(&teacher, &id, "spellcheck").await;
     app.wait_for_pipeline_workers().await;
