@@ -53,4 +53,6 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "tests"
+# Tests that run the binary as separate server processes (two nodes, the CLI) use this build.
+cargo build --quiet -p api --bin essayflow
 cargo nextest run --workspace --no-fail-fast

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Role, TokenKeys, add_user, find_user};
 use crate::settings::Settings;
-use crate::startup::{Application, connect, pipelines, shutdown_signal, spawn_workers};
+use crate::startup::{Application, connect, pipelines, retention, shutdown_signal, spawn_workers};
 
 #[derive(Parser)]
 #[command(
@@ -99,7 +99,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let storage = connect(&settings).await?;
             let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
             storage.spawn_signals(cancel.child_token(), &tracker);
-            spawn_workers(&storage, &cancel, &tracker);
+            // Changes are recorded for the API nodes' WebSocket clients; nobody listens here.
+            let feed = projections::Feed::new(storage.clone(), 16);
+            feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
+            spawn_workers(&storage, &feed, &cancel, &tracker);
             let catalog = pipelines(&settings)?;
             let commands = CommandService::new(
                 &storage,

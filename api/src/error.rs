@@ -68,6 +68,9 @@ pub enum ApiError {
     /// 500: anything else; the cause is logged, not shown.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
+    /// 426: `GET /v1/ws` without a WebSocket upgrade.
+    #[error("this endpoint speaks WebSocket only: {0}")]
+    UpgradeRequired(String),
 }
 
 impl ApiError {
@@ -97,6 +100,9 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
             Self::NotYetConsistent(_) => (StatusCode::SERVICE_UNAVAILABLE, "not-yet-consistent"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::UpgradeRequired(_) => {
+                (StatusCode::UPGRADE_REQUIRED, "websocket-upgrade-required")
+            }
         }
     }
 }

@@ -6,15 +6,19 @@
 //!   (problem+json); [`auth`] holds users, password hashing and access tokens.
 //! - [`pipeline`] starts the conductor, the relay, the results ingress and the development
 //!   processor simulator.
+//! - [`live`] streams projection changes to WebSocket clients (`GET /v1/ws`); [`tls`] serves
+//!   HTTPS and WSS.
 //! - Only this crate knows HTTP.
 
 pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod json;
+pub mod live;
 pub mod pipeline;
 mod routes;
 pub mod settings;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod tls;

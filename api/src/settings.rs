@@ -40,6 +40,46 @@ pub struct Settings {
     pub simulate_processors: bool,
     pub simulator_latency_ms: u64,
     pub simulator_failure_rate: f64,
+    /// PEM certificate chain and private key: serve HTTPS and WSS (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// WebSocket sessions (`GET /v1/ws`), see `api::live`.
+    pub ws: WsSettings,
+}
+
+/// Limits and timers of WebSocket sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsSettings {
+    /// The server pings this often.
+    pub ping_interval_secs: u64,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout_secs: u64,
+    pub max_subscriptions: usize,
+    /// Client messages: a sustained rate per second and a burst.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// Largest client message, in bytes; larger ones close the connection (1009).
+    pub max_message_bytes: usize,
+    /// Messages waiting to be written to one client; past it the oldest changes are dropped.
+    pub send_buffer: usize,
+    /// How long changes are kept for clients that resume with `since`.
+    pub history_secs: u64,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            ping_interval_secs: 30,
+            idle_timeout_secs: 300,
+            max_subscriptions: 100,
+            messages_per_second: 10,
+            message_burst: 20,
+            max_message_bytes: 4096,
+            send_buffer: 256,
+            history_secs: 900,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -65,6 +105,9 @@ impl Default for Settings {
             simulate_processors: false,
             simulator_latency_ms: 200,
             simulator_failure_rate: 0.0,
+            tls_cert: None,
+            tls_key: None,
+            ws: WsSettings::default(),
         }
     }
 }
@@ -84,6 +127,8 @@ impl std::fmt::Debug for Settings {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("topic_prefix", &self.topic_prefix)
             .field("simulate_processors", &self.simulate_processors)
+            .field("tls_cert", &self.tls_cert)
+            .field("ws", &self.ws)
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +221,45 @@ impl Settings {
                 .parse()
                 .context("ESSAYFLOW_SIMULATOR_FAILURE_RATE must be a number from 0 to 1")?;
         }
+        if let Some(v) = var("ESSAYFLOW_TLS_CERT") {
+            self.tls_cert = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
+        if let Some(v) = var("ESSAYFLOW_TLS_KEY") {
+            self.tls_key = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
+        let ws = &mut self.ws;
+        for (name, slot) in [
+            (
+                "ESSAYFLOW_WS_PING_INTERVAL_SECS",
+                &mut ws.ping_interval_secs,
+            ),
+            ("ESSAYFLOW_WS_IDLE_TIMEOUT_SECS", &mut ws.idle_timeout_secs),
+            ("ESSAYFLOW_WS_HISTORY_SECS", &mut ws.history_secs),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)?;
+            }
+        }
+        for (name, slot) in [
+            ("ESSAYFLOW_WS_MAX_SUBSCRIPTIONS", &mut ws.max_subscriptions),
+            ("ESSAYFLOW_WS_MAX_MESSAGE_BYTES", &mut ws.max_message_bytes),
+            ("ESSAYFLOW_WS_SEND_BUFFER", &mut ws.send_buffer),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)? as usize;
+            }
+        }
+        for (name, slot) in [
+            (
+                "ESSAYFLOW_WS_MESSAGES_PER_SECOND",
+                &mut ws.messages_per_second,
+            ),
+            ("ESSAYFLOW_WS_MESSAGE_BURST", &mut ws.message_burst),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)? as u32;
+            }
+        }
         self.check()
     }
 
@@ -198,6 +282,23 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&self.simulator_failure_rate) {
             bail!("simulator_failure_rate must be from 0 to 1");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("ESSAYFLOW_TLS_CERT and ESSAYFLOW_TLS_KEY must be set together");
+        }
+        let ws = &self.ws;
+        if ws.ping_interval_secs == 0
+            || ws.idle_timeout_secs == 0
+            || ws.max_subscriptions == 0
+            || ws.messages_per_second == 0
+            || ws.message_burst == 0
+            || ws.max_message_bytes < 256
+            || ws.send_buffer < 4
+        {
+            bail!(
+                "ws settings: intervals, limits and rates must be positive, \
+                 max_message_bytes at least 256 and send_buffer at least 4"
+            );
         }
         Ok(())
     }

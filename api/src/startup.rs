@@ -3,19 +3,24 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use commands::{CommandService, EventLog, Storage, StorageOptions};
 use domain::{BatchServices, PipelineCatalog};
-use projections::{BatchStateProjection, DashboardProjection, ReadModels, Worker, WorkerOptions};
+use projections::feed::Retention;
+use projections::{
+    BatchStateProjection, DashboardProjection, Feed, ReadModels, Worker, WorkerOptions,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::TokenKeys;
 use crate::json::BODY_LIMIT;
+use crate::live::{Hub, Live};
 use crate::settings::Settings;
 use crate::state::{AppState, Metrics};
 
@@ -47,14 +52,17 @@ pub fn pipelines(settings: &Settings) -> anyhow::Result<PipelineCatalog> {
     }
 }
 
-/// Spawns one worker per projection.
+/// Spawns one worker per projection; their committed changes go to `feed`.
 pub fn spawn_workers(
     storage: &Storage,
+    feed: &Feed,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Vec<(&'static str, Arc<std::sync::atomic::AtomicU64>)> {
-    let batch_state = Worker::new(BatchStateProjection, storage, WorkerOptions::default());
-    let dashboard = Worker::new(DashboardProjection, storage, WorkerOptions::default());
+    let batch_state = Worker::new(BatchStateProjection, storage, WorkerOptions::default())
+        .with_feed(feed.clone());
+    let dashboard =
+        Worker::new(DashboardProjection, storage, WorkerOptions::default()).with_feed(feed.clone());
     let errors = vec![
         (batch_state.name(), batch_state.errors()),
         (dashboard.name(), dashboard.errors()),
@@ -64,8 +72,17 @@ pub fn spawn_workers(
     errors
 }
 
+/// How long live changes are kept for resuming clients.
+pub fn retention(settings: &Settings) -> Retention {
+    Retention {
+        keep: Duration::from_secs(settings.ws.history_secs),
+        ..Retention::default()
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
     state: AppState,
     cancel: CancellationToken,
@@ -80,8 +97,22 @@ impl Application {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         storage.spawn_signals(cancel.child_token(), &tracker);
+        let tls = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+            _ => None,
+        };
+        let feed = Feed::new(storage.clone(), 1024);
+        feed.spawn_listener(cancel.child_token(), &tracker);
+        feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
+        let live = Arc::new(Live {
+            hub: Arc::new(Hub::new(settings.ws.send_buffer)),
+            feed: feed.clone(),
+            cancel: cancel.child_token(),
+            tracker: tracker.clone(),
+        });
+        tracker.spawn(live.hub.clone().run(feed.clone(), cancel.child_token()));
         let projection_errors = if settings.run_workers {
-            spawn_workers(&storage, &cancel, &tracker)
+            spawn_workers(&storage, &feed, &cancel, &tracker)
         } else {
             Vec::new()
         };
@@ -105,6 +136,7 @@ impl Application {
             commands,
             ingress,
             pipeline: Arc::new(pipeline),
+            live,
             reads: ReadModels::new(storage.clone()),
             log: EventLog::new(storage.clone()),
             storage,
@@ -127,6 +159,7 @@ impl Application {
             .with_context(|| format!("binding {}", state.settings.bind))?;
         Ok(Self {
             listener,
+            tls,
             router,
             state,
             cancel,
@@ -148,14 +181,32 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let address = self.listener.local_addr()?;
-        tracing::info!(%address, engine = self.state.storage.engine().name(), "essayflow is serving");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(%address, scheme, engine = self.state.storage.engine().name(), "essayflow is serving");
         let cancel = self.cancel.clone();
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                cancel.cancel();
-            })
-            .await;
+        // Cancelling also closes every WebSocket session (1001); the tracker waits for them.
+        let stopped = async move {
+            shutdown.await;
+            cancel.cancel();
+        };
+        let served = match self.tls {
+            Some(config) => {
+                let listener = crate::tls::TlsListener::new(
+                    self.listener,
+                    config,
+                    self.cancel.child_token(),
+                    &self.tracker,
+                )?;
+                axum::serve(listener, self.router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            None => {
+                axum::serve(self.listener, self.router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;

@@ -23,6 +23,8 @@ pub struct AppState {
     /// Records processors' results (the HTTP twin of the results topic).
     pub ingress: Ingress,
     pub pipeline: Arc<PipelineStatus>,
+    /// Live projection streams (`GET /v1/ws`).
+    pub live: Arc<crate::live::Live>,
 }
 
 /// Counters exported on `/metrics` in Prometheus text format.

@@ -316,6 +316,17 @@ impl Storage {
         Ok(locked.then_some(connection))
     }
 
+    /// On PostgreSQL, a connection listening on `channel` (its own session, outside the pools'
+    /// limits); `None` on SQLite.
+    pub async fn listen(&self, channel: &str) -> Result<Option<PgListener>, sqlx::Error> {
+        let TypedPool::Postgres(pool) = &self.typed else {
+            return Ok(None);
+        };
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(channel).await?;
+        Ok(Some(listener))
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.any).await.map(|_| ())

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
 use crate::docs::{self, DocRow};
+use crate::feed::Change;
 use crate::{Projection, ProjectionError};
 
 pub const TABLE: &str = "batch_state";
@@ -258,16 +259,29 @@ impl BatchView {
     }
 }
 
-/// Folds a page of events into the rows of the batches they touch.
+/// A read-model row that remembers the version of the last event it applied.
+pub(crate) trait Versioned {
+    fn version(&self) -> i64;
+}
+
+impl Versioned for BatchView {
+    fn version(&self) -> i64 {
+        self.version
+    }
+}
+
+/// Folds a page of events into the rows of the batches they touch, calling `changed` with
+/// each new version of a row.
 pub(crate) async fn apply_page<V>(
     conn: &mut AnyConnection,
     table: &str,
     events: &[StoredEvent],
     fold: impl Fn(Option<V>, &StoredEvent) -> Option<V>,
     to_row: impl Fn(&V) -> Result<DocRow, ProjectionError>,
+    mut changed: impl FnMut(&V) -> Result<(), ProjectionError>,
 ) -> Result<HashMap<String, V>, ProjectionError>
 where
-    V: serde::de::DeserializeOwned,
+    V: serde::de::DeserializeOwned + Versioned,
 {
     let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
     ids.sort_unstable();
@@ -282,8 +296,15 @@ where
     for event in events {
         let id = event.batch_id.to_string();
         created.entry(id.clone()).or_insert(event.at.position);
-        let view = views.remove(&id).flatten();
-        views.insert(id, fold(view, event));
+        let before = views.remove(&id).flatten();
+        let was = before.as_ref().map(Versioned::version);
+        let view = fold(before, event);
+        if let Some(view) = &view
+            && was != Some(view.version())
+        {
+            changed(view)?;
+        }
+        views.insert(id, view);
     }
     let views: HashMap<String, V> = views
         .into_iter()
@@ -316,8 +337,38 @@ impl Projection for BatchStateProjection {
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
+        changes: Option<&mut Vec<Change>>,
     ) -> Result<(), ProjectionError> {
-        apply_page(conn, TABLE, events, BatchView::fold, BatchView::to_row).await?;
+        let Some(changes) = changes else {
+            apply_page(
+                conn,
+                TABLE,
+                events,
+                BatchView::fold,
+                BatchView::to_row,
+                |_| Ok(()),
+            )
+            .await?;
+            return Ok(());
+        };
+        // One change per event that moved a batch to a new version: the whole view after it.
+        let changed = |view: &BatchView| {
+            changes.push(Change {
+                topic: Change::batch_topic(&view.batch_id),
+                version: view.version,
+                data: docs::to_doc(&view.batch_id, view)?,
+            });
+            Ok(())
+        };
+        apply_page(
+            conn,
+            TABLE,
+            events,
+            BatchView::fold,
+            BatchView::to_row,
+            changed,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 
 use crate::docs::{self, DocRow};
+use crate::feed::Change;
 use crate::{Projection, ProjectionError};
 
 pub const BATCHES: &str = "dashboard_batches";
@@ -260,6 +261,7 @@ impl Projection for DashboardProjection {
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
+        changes: Option<&mut Vec<Change>>,
     ) -> Result<(), ProjectionError> {
         let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
         ids.sort_unstable();
@@ -365,6 +367,17 @@ impl Projection for DashboardProjection {
             });
         }
         docs::upsert_many(conn, OWNERS, &rows).await?;
+        if let Some(changes) = changes {
+            // One change per owner touched by the page: the whole dashboard, as GET
+            // /v1/dashboard answers it once this transaction commits.
+            for row in &rows {
+                let dashboard = crate::queries::dashboard_on(conn, &row.id).await?;
+                let data = docs::to_doc(&row.id, &dashboard)?;
+                changes.push(
+                    crate::feed::next_version(conn, Change::dashboard_topic(&row.id), data).await?,
+                );
+            }
+        }
         Ok(())
     }
 }

@@ -11,6 +11,7 @@
 pub mod batch_state;
 pub mod dashboard;
 mod docs;
+pub mod feed;
 pub mod queries;
 pub mod replay;
 pub mod worker;
@@ -23,6 +24,7 @@ use sqlx::AnyConnection;
 pub use batch_state::{BatchStateProjection, BatchView};
 pub use dashboard::DashboardProjection;
 pub use docs::DocRow;
+pub use feed::{Change, Feed, FeedEvent};
 pub use queries::{Dashboard, Page, ProjectionStatus, Reached, ReadModels};
 pub use worker::{Step, Worker, WorkerOptions};
 
@@ -50,11 +52,14 @@ pub trait Projection: Send + Sync + 'static {
     /// The tables this projection owns (emptied by a rebuild).
     fn tables(&self) -> &'static [&'static str];
     /// Applies a page of events, in log order, inside the caller's transaction. Must be
-    /// idempotent per event (rows remember the version they applied).
+    /// idempotent per event (rows remember the version they applied). With `changes`, also
+    /// lists the live changes the page makes (see [`feed`]), in order; only events that
+    /// changed a row make one.
     fn apply(
         &self,
         conn: &mut AnyConnection,
         events: &[StoredEvent],
+        changes: Option<&mut Vec<Change>>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 

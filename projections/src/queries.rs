@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use commands::{EventLog, LogPosition, Storage};
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use crate::ProjectionError;
 use crate::batch_state::{self, BatchView};
@@ -119,61 +119,9 @@ impl ReadModels {
         Ok(Page { items, next_cursor })
     }
 
-    /// An owner's dashboard rows whose status is in `statuses` (an SQL list of literals), the
-    /// greatest `order_by` first.
-    async fn owner_batches(
-        &self,
-        owner: &str,
-        statuses: &'static str,
-        order_by: &'static str,
-        limit: usize,
-    ) -> Result<Vec<DashboardBatch>, ProjectionError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1 AND status IN {statuses}
-              ORDER BY {order_by} DESC LIMIT {limit}",
-            dashboard::BATCHES
-        ))
-        .bind(owner)
-        .fetch_all(self.storage.pool())
-        .await?;
-        rows.iter().map(|row| row_from(row)?.parse()).collect()
-    }
-
     pub async fn dashboard(&self, owner: &str) -> Result<Dashboard, ProjectionError> {
-        let row = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM {} WHERE id = $1",
-            dashboard::OWNERS
-        ))
-        .bind(owner)
-        .fetch_optional(self.storage.pool())
-        .await?;
-        let owner_doc: Option<OwnerDashboard> =
-            row.map(|row| row_from(&row)?.parse()).transpose()?;
-        let active_batches = self
-            .owner_batches(
-                owner,
-                "('registered', 'ready', 'processing')",
-                "created_position",
-                50,
-            )
-            .await?;
-        let recently_finished = self
-            .owner_batches(
-                owner,
-                "('completed', 'completed_with_failures', 'cancelled')",
-                "position",
-                dashboard::RECENT,
-            )
-            .await?;
-        let (totals, recent_activity) = owner_doc
-            .map(|d| (d.totals, d.recent_activity))
-            .unwrap_or_default();
-        Ok(Dashboard {
-            totals,
-            active_batches,
-            recently_finished,
-            recent_activity,
-        })
+        let mut conn = self.storage.pool().acquire().await?;
+        dashboard_on(&mut conn, owner).await
     }
 
     pub async fn projections(
@@ -242,4 +190,64 @@ impl ReadModels {
             let _ = tokio::time::timeout_at(until.into(), local.changed()).await;
         }
     }
+}
+
+/// An owner's dashboard, read on `conn` (a projection worker reads it inside its transaction).
+pub(crate) async fn dashboard_on(
+    conn: &mut AnyConnection,
+    owner: &str,
+) -> Result<Dashboard, ProjectionError> {
+    let row = sqlx::query(&format!(
+        "SELECT {ROW_COLUMNS} FROM {} WHERE id = $1",
+        dashboard::OWNERS
+    ))
+    .bind(owner)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let owner_doc: Option<OwnerDashboard> = row.map(|row| row_from(&row)?.parse()).transpose()?;
+    let active_batches = owner_batches(
+        conn,
+        owner,
+        "('registered', 'ready', 'processing')",
+        "created_position",
+        50,
+    )
+    .await?;
+    let recently_finished = owner_batches(
+        conn,
+        owner,
+        "('completed', 'completed_with_failures', 'cancelled')",
+        "position",
+        dashboard::RECENT,
+    )
+    .await?;
+    let (totals, recent_activity) = owner_doc
+        .map(|d| (d.totals, d.recent_activity))
+        .unwrap_or_default();
+    Ok(Dashboard {
+        totals,
+        active_batches,
+        recently_finished,
+        recent_activity,
+    })
+}
+
+/// An owner's dashboard rows whose status is in `statuses` (an SQL list of literals), the
+/// greatest `order_by` first.
+async fn owner_batches(
+    conn: &mut AnyConnection,
+    owner: &str,
+    statuses: &'static str,
+    order_by: &'static str,
+    limit: usize,
+) -> Result<Vec<DashboardBatch>, ProjectionError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1 AND status IN {statuses}
+          ORDER BY {order_by} DESC LIMIT {limit}",
+        dashboard::BATCHES
+    ))
+    .bind(owner)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|row| row_from(row)?.parse()).collect()
 }

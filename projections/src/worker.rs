@@ -21,7 +21,7 @@ use commands::{EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyConnection, AnyPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Projection, ProjectionError};
+use crate::{Feed, Projection, ProjectionError};
 
 /// How a worker pages through the log.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +68,9 @@ pub struct Worker<P> {
     /// The checkpoint this worker last committed; `None` until read, and after it lost a
     /// compare-and-set (another worker or a reset moved it).
     checkpoint: std::sync::Mutex<Option<LogPosition>>,
+    /// Where committed changes go for live clients; `None` for a rebuild, which changes
+    /// nothing a client could see once it is done.
+    feed: Option<Feed>,
 }
 
 impl<P: Projection> Worker<P> {
@@ -78,7 +81,15 @@ impl<P: Projection> Worker<P> {
             options,
             errors: Arc::default(),
             checkpoint: std::sync::Mutex::new(None),
+            feed: None,
         }
+    }
+
+    /// Records every change this worker commits in the live feed and publishes it after the
+    /// commit (see [`crate::feed`]).
+    pub fn with_feed(mut self, feed: Feed) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     pub fn name(&self) -> &'static str {
@@ -210,9 +221,21 @@ impl<P: Projection> Worker<P> {
             *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(Step::Superseded);
         }
-        self.projection.apply(&mut tx, &events).await?;
+        let mut changes = Vec::new();
+        match &self.feed {
+            Some(feed) => {
+                self.projection
+                    .apply(&mut tx, &events, Some(&mut changes))
+                    .await?;
+                feed.record(&mut tx, &changes).await?;
+            }
+            None => self.projection.apply(&mut tx, &events, None).await?,
+        }
         before_commit(&events)?;
         tx.commit().await?;
+        if let Some(feed) = &self.feed {
+            feed.publish(changes);
+        }
         *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
         self.log.storage().checkpoints().publish(name, last);
         Ok(Step::Applied(events.len()))

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 pub mod kafka;
 pub mod pipeline;
+pub mod ws;
 
 pub use commands;
 pub use projections;

@@ -42,6 +42,7 @@ impl Modify for BearerAuth {
         super::batches::cancel_batch,
         super::dashboard::dashboard,
         super::admin::projections,
+        super::ws::ws,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,

@@ -172,7 +172,69 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         }
     }
     pipeline_metrics(&state, &mut out).await;
+    live_metrics(&state, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+fn live_metrics(state: &AppState, out: &mut String) {
+    let m = &state.live.hub.metrics;
+    let rows: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 8] = [
+        (
+            "essayflow_ws_connections",
+            "gauge",
+            "Open WebSocket connections",
+            &m.connections,
+        ),
+        (
+            "essayflow_ws_subscriptions",
+            "gauge",
+            "Live topic subscriptions",
+            &m.subscriptions,
+        ),
+        (
+            "essayflow_ws_changes_sent_total",
+            "counter",
+            "Changes sent to clients",
+            &m.changes_sent,
+        ),
+        (
+            "essayflow_ws_snapshots_sent_total",
+            "counter",
+            "Snapshots sent to clients",
+            &m.snapshots_sent,
+        ),
+        (
+            "essayflow_ws_dropped_total",
+            "counter",
+            "Changes dropped from full send buffers",
+            &m.dropped,
+        ),
+        (
+            "essayflow_ws_lagged_total",
+            "counter",
+            "Subscriptions ended with a lagged message",
+            &m.lagged,
+        ),
+        (
+            "essayflow_ws_refused_total",
+            "counter",
+            "Client messages refused",
+            &m.refused,
+        ),
+        (
+            "essayflow_ws_resyncs_total",
+            "counter",
+            "Times this node checked every topic after possibly missing changes",
+            &m.resyncs,
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
 }
 
 async fn pipeline_metrics(state: &AppState, out: &mut String) {

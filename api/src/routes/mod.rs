@@ -7,6 +7,7 @@ mod dashboard;
 mod docs;
 mod health;
 mod internal;
+mod ws;
 
 use axum::Router;
 
@@ -21,6 +22,7 @@ pub fn router() -> Router<AppState> {
         .merge(admin::router())
         .merge(health::router())
         .merge(internal::router())
+        .merge(ws::router())
         .merge(docs::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

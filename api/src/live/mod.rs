@@ -1,0 +1,376 @@
+//! Live projection streams: `GET /v1/ws` (protocol: docs/websocket.md).
+//!
+//! - [`Hub`] is this node's registry of WebSocket subscriptions. Its dispatcher reads the
+//!   change feed ([`projections::Feed`]: this node's committed changes and, on PostgreSQL,
+//!   every other node's) and pushes each change into the [`Outbox`] of every connection
+//!   subscribed to its topic. A change's frame is serialised once, whatever the fan-out.
+//! - [`Outbox`] is one connection's bounded send buffer. When it is full the oldest change is
+//!   dropped and its topic marked *lagged*: the session stops that topic, tells the client with
+//!   a `lagged` message, and the client resubscribes with `since` (missing nothing).
+//! - [`session`] runs one connection: authentication happened at the upgrade; it answers
+//!   subscribe/unsubscribe, sends snapshots and changes with contiguous versions, pings, closes
+//!   idle connections, rate-limits client messages and closes with 1001 on shutdown.
+
+pub mod session;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use axum::extract::ws::Utf8Bytes;
+use projections::{Change, Feed, FeedEvent};
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The WebSocket subprotocol this server speaks (offer it in `Sec-WebSocket-Protocol`).
+pub const PROTOCOL: &str = "essayflow.v1";
+
+/// What sessions share: this node's hub, the feed, and the shutdown signal.
+pub struct Live {
+    pub hub: Arc<Hub>,
+    pub feed: Feed,
+    /// Cancelled at shutdown: every session closes with 1001.
+    pub cancel: CancellationToken,
+    /// Tracks every session, so that shutdown waits for them.
+    pub tracker: TaskTracker,
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct LiveMetrics {
+    pub connections: AtomicU64,
+    pub subscriptions: AtomicU64,
+    pub changes_sent: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    /// Changes dropped from full send buffers.
+    pub dropped: AtomicU64,
+    pub lagged: AtomicU64,
+    /// Client messages refused (malformed, rate-limited, over a limit).
+    pub refused: AtomicU64,
+    /// Times the feed told this node it may have missed changes.
+    pub resyncs: AtomicU64,
+}
+
+impl LiveMetrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// A change on its way to one client: the topic's internal name, its version and the frame.
+#[derive(Clone)]
+pub struct Item {
+    pub topic: Arc<str>,
+    pub version: i64,
+    pub frame: Utf8Bytes,
+}
+
+/// What a session takes from its outbox in one go.
+#[derive(Default)]
+pub struct Drained {
+    pub items: VecDeque<Item>,
+    /// Topics whose oldest changes were dropped; not yet reported.
+    pub lagged: Vec<Arc<str>>,
+    /// The feed may have missed changes: check every topic.
+    pub resync: bool,
+}
+
+#[derive(Default)]
+struct Pending {
+    items: VecDeque<Item>,
+    /// Lagged topics: their changes are refused until the session drops the subscription.
+    lagged: Vec<Arc<str>>,
+    reported: usize,
+    resync: bool,
+}
+
+/// One connection's bounded send buffer.
+pub struct Outbox {
+    pending: Mutex<Pending>,
+    notify: Notify,
+    capacity: usize,
+    metrics: Arc<LiveMetrics>,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, item: Item) {
+        {
+            let mut pending = self.lock();
+            if pending.lagged.contains(&item.topic) {
+                LiveMetrics::add(&self.metrics.dropped, 1);
+                return;
+            }
+            if pending.items.len() >= self.capacity
+                && let Some(oldest) = pending.items.pop_front()
+            {
+                LiveMetrics::add(&self.metrics.dropped, 1);
+                if !pending.lagged.contains(&oldest.topic) {
+                    pending.lagged.push(oldest.topic);
+                }
+                if pending.lagged.contains(&item.topic) {
+                    LiveMetrics::add(&self.metrics.dropped, 1);
+                    return;
+                }
+            }
+            pending.items.push_back(item);
+        }
+        self.notify.notify_one();
+    }
+
+    fn resync(&self) {
+        self.lock().resync = true;
+        self.notify.notify_one();
+    }
+
+    /// Waits until something is pending.
+    pub async fn ready(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Takes everything pending (changes of lagged topics stay out).
+    pub fn drain(&self) -> Drained {
+        let mut pending = self.lock();
+        let lagged = pending.lagged[pending.reported..].to_vec();
+        pending.reported = pending.lagged.len();
+        let mut items = std::mem::take(&mut pending.items);
+        if !pending.lagged.is_empty() {
+            items.retain(|item| !pending.lagged.contains(&item.topic));
+        }
+        Drained {
+            items,
+            lagged,
+            resync: std::mem::take(&mut pending.resync),
+        }
+    }
+
+    /// Forgets that `topic` lagged (the session dropped the subscription) and its queued
+    /// changes.
+    pub fn clear_lagged(&self, topic: &str) {
+        let mut pending = self.lock();
+        let before = pending.lagged.len();
+        pending.lagged.retain(|t| &**t != topic);
+        pending.reported -= before - pending.lagged.len();
+        pending.items.retain(|item| &*item.topic != topic);
+    }
+}
+
+/// The outboxes subscribed to one topic, by connection id.
+type Subscribers = HashMap<u64, Arc<Outbox>>;
+
+/// This node's WebSocket subscriptions.
+pub struct Hub {
+    topics: RwLock<HashMap<Arc<str>, Subscribers>>,
+    connections: Mutex<HashMap<u64, Weak<Outbox>>>,
+    next_id: AtomicU64,
+    send_buffer: usize,
+    pub metrics: Arc<LiveMetrics>,
+}
+
+impl Hub {
+    pub fn new(send_buffer: usize) -> Self {
+        Self {
+            topics: RwLock::default(),
+            connections: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            send_buffer,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Registers a connection.
+    pub fn connect(&self) -> (u64, Arc<Outbox>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let outbox = Arc::new(Outbox {
+            pending: Mutex::default(),
+            notify: Notify::new(),
+            capacity: self.send_buffer,
+            metrics: self.metrics.clone(),
+        });
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::downgrade(&outbox));
+        LiveMetrics::add(&self.metrics.connections, 1);
+        (id, outbox)
+    }
+
+    pub fn disconnect(&self, id: u64) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        LiveMetrics::sub(&self.metrics.connections, 1);
+    }
+
+    pub fn subscribe(&self, topic: &Arc<str>, id: u64, outbox: &Arc<Outbox>) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if topics
+            .entry(topic.clone())
+            .or_default()
+            .insert(id, outbox.clone())
+            .is_none()
+        {
+            LiveMetrics::add(&self.metrics.subscriptions, 1);
+        }
+    }
+
+    pub fn unsubscribe(&self, topic: &str, id: u64) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(subscribers) = topics.get_mut(topic) {
+            if subscribers.remove(&id).is_some() {
+                LiveMetrics::sub(&self.metrics.subscriptions, 1);
+            }
+            if subscribers.is_empty() {
+                topics.remove(topic);
+            }
+        }
+    }
+
+    /// Pushes committed changes to their subscribers.
+    pub fn dispatch(&self, changes: &[Change]) {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        for change in changes {
+            let Some((topic, subscribers)) = topics.get_key_value(change.topic.as_str()) else {
+                continue;
+            };
+            let item = Item {
+                topic: topic.clone(),
+                version: change.version,
+                frame: frame(
+                    "change",
+                    visible_topic(&change.topic),
+                    change.version,
+                    &change.data,
+                ),
+            };
+            for outbox in subscribers.values() {
+                outbox.push(item.clone());
+            }
+        }
+    }
+
+    /// Tells every connection to check its topics against the store.
+    pub fn resync_all(&self) {
+        LiveMetrics::add(&self.metrics.resyncs, 1);
+        let connections: Vec<Arc<Outbox>> = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for outbox in connections {
+            outbox.resync();
+        }
+    }
+
+    /// Feeds the hub from the change feed until `cancel` fires.
+    pub async fn run(self: Arc<Self>, feed: Feed, cancel: CancellationToken) {
+        let mut changes = feed.subscribe();
+        loop {
+            let received = tokio::select! {
+                _ = cancel.cancelled() => return,
+                received = changes.recv() => received,
+            };
+            match received {
+                Ok(FeedEvent::Changes(changes)) => self.dispatch(&changes),
+                Ok(FeedEvent::Resync) => self.resync_all(),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "the WebSocket hub fell behind the change feed; resyncing"
+                    );
+                    self.resync_all();
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// The name a client uses for an internal topic (`dashboard:<owner>` is its `dashboard`).
+pub fn visible_topic(topic: &str) -> &str {
+    if topic.starts_with("dashboard:") {
+        "dashboard"
+    } else {
+        topic
+    }
+}
+
+/// A `snapshot` or `change` frame; `data` is JSON text.
+pub fn frame(kind: &str, topic: &str, version: i64, data: &str) -> Utf8Bytes {
+    let topic = serde_json::Value::from(topic);
+    Utf8Bytes::from(format!(
+        r#"{{"type":"{kind}","topic":{topic},"version":{version},"data":{data}}}"#
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(topic: &str, version: i64) -> Change {
+        Change {
+            topic: topic.to_owned(),
+            version,
+            data: format!(r#"{{"v":{version}}}"#),
+        }
+    }
+
+    #[test]
+    fn a_full_outbox_drops_the_oldest_change_and_marks_its_topic_lagged() {
+        let hub = Hub::new(4);
+        let (id, outbox) = hub.connect();
+        let (a, b): (Arc<str>, Arc<str>) = ("batch:a".into(), "batch:b".into());
+        hub.subscribe(&a, id, &outbox);
+        hub.subscribe(&b, id, &outbox);
+        hub.dispatch(&[change("batch:a", 1), change("batch:b", 1)]);
+        hub.dispatch(&[change("batch:b", 2), change("batch:b", 3)]);
+        // The fifth change pushes out a:1; a is lagged, b's changes all stay.
+        hub.dispatch(&[change("batch:b", 4), change("batch:a", 2)]);
+        let drained = outbox.drain();
+        assert_eq!(drained.lagged, vec![a.clone()]);
+        let versions: Vec<(String, i64)> = drained
+            .items
+            .iter()
+            .map(|i| (i.topic.to_string(), i.version))
+            .collect();
+        assert_eq!(
+            versions,
+            vec![
+                ("batch:b".to_owned(), 1),
+                ("batch:b".to_owned(), 2),
+                ("batch:b".to_owned(), 3),
+                ("batch:b".to_owned(), 4)
+            ]
+        );
+        // Reported once; refused until the session drops the subscription.
+        hub.dispatch(&[change("batch:a", 3)]);
+        let drained = outbox.drain();
+        assert!(drained.lagged.is_empty() && drained.items.is_empty());
+        outbox.clear_lagged("batch:a");
+        hub.dispatch(&[change("batch:a", 4)]);
+        assert_eq!(outbox.drain().items.len(), 1);
+        // a:1 pushed out, a:2 and a:3 refused.
+        assert_eq!(hub.metrics.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_change_frame_is_the_documented_json() {
+        let text = frame("change", visible_topic("dashboard:u1"), 7, r#"{"x":[1]}"#);
+        let value: serde_json::Value =
+            serde_json::from_str(text.as_str()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            value,
+            serde_json::json!({"type": "change", "topic": "dashboard", "version": 7, "data": {"x": [1]}})
+        );
+    }
+}

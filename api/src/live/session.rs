@@ -1,0 +1,541 @@
+//! One WebSocket connection: the protocol of docs/websocket.md.
+//!
+//! The session owns the socket and runs on one task. Per subscribed topic it remembers the last
+//! version the client has; a change is sent only if it is exactly the next one. An older one is
+//! a duplicate (dropped); a newer one means something was missed (another node's change not yet
+//! seen, a resync) and the topic is caught up from the feed's history, or with a fresh
+//! snapshot, before anything else of that topic is sent. So versions on the wire are always
+//! contiguous per topic, and a gap is only ever announced by a `lagged` message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use futures::SinkExt;
+use projections::Change;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::{Hub, Item, LiveMetrics, Outbox, frame, visible_topic};
+use crate::auth::AuthUser;
+use crate::state::AppState;
+use tokio_tungstenite::tungstenite;
+
+/// Catching up from history sends at most this many changes; beyond, a snapshot.
+const MAX_REPLAY: i64 = 1000;
+
+/// A connection's identity, fixed at the upgrade.
+pub struct Connect {
+    pub state: AppState,
+    pub user: AuthUser,
+    /// When the access token expires: the connection closes then (1008).
+    pub expires_at: Instant,
+}
+
+impl Connect {
+    fn hub(&self) -> &Hub {
+        &self.state.live.hub
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe {
+        topic: String,
+        #[serde(default)]
+        since: Option<i64>,
+        /// Wait (bounded) until the read models have applied this position first.
+        #[serde(default)]
+        min_position: Option<i64>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+}
+
+struct Subscription {
+    visible: Arc<str>,
+    /// The version the client has.
+    last: i64,
+}
+
+/// Why a session ends.
+enum End {
+    /// The client closed or the connection broke.
+    Gone,
+    Close(u16, &'static str),
+}
+
+/// A token bucket for client messages.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+    /// Messages refused in a row.
+    strikes: u32,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
+
+struct Session {
+    connect: Connect,
+    id: u64,
+    outbox: Arc<Outbox>,
+    subs: HashMap<Arc<str>, Subscription>,
+    bucket: Bucket,
+}
+
+/// Runs one connection to its end.
+pub async fn run(connect: Connect, mut socket: WebSocket) {
+    let (id, outbox) = connect.hub().connect();
+    let settings = connect.state.settings.ws.clone();
+    let mut session = Session {
+        bucket: Bucket {
+            tokens: f64::from(settings.message_burst),
+            rate: f64::from(settings.messages_per_second),
+            burst: f64::from(settings.message_burst),
+            at: Instant::now(),
+            strikes: 0,
+        },
+        connect,
+        id,
+        outbox,
+        subs: HashMap::new(),
+    };
+    let end = session.serve(&mut socket).await;
+    for topic in session.subs.keys() {
+        session.connect.hub().unsubscribe(topic, id);
+    }
+    session.connect.hub().disconnect(id);
+    if let End::Close(code, reason) = end {
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        // The closing handshake: send ours, then read (and discard) until the client's close
+        // frame, so that unread client data does not turn our close into a TCP reset. A
+        // client that does not take part gets at most two seconds.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if socket.send(close).await.is_ok() {
+                while let Some(Ok(message)) = socket.recv().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl Session {
+    async fn serve(&mut self, socket: &mut WebSocket) -> End {
+        let settings = self.connect.state.settings.ws.clone();
+        let idle = Duration::from_secs(settings.idle_timeout_secs);
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(settings.ping_interval_secs),
+            Duration::from_secs(settings.ping_interval_secs),
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
+        let cancel = self.connect.state.live.cancel.clone();
+        let outbox = self.outbox.clone();
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return End::Close(close_code::AWAY, "the server is shutting down"),
+                _ = tokio::time::sleep_until(self.connect.expires_at) => {
+                    return End::Close(close_code::POLICY, "the access token expired");
+                }
+                _ = tokio::time::sleep_until(heard + idle) => {
+                    return End::Close(close_code::NORMAL, "idle for too long");
+                }
+                received = socket.recv() => {
+                    heard = Instant::now();
+                    match received {
+                        Some(Ok(message)) => self.on_message(socket, message).await,
+                        Some(Err(error)) => {
+                            if is_too_big(&error) {
+                                LiveMetrics::add(&self.connect.hub().metrics.refused, 1);
+                                return End::Close(close_code::SIZE, "message too big");
+                            }
+                            return End::Gone;
+                        }
+                        None => return End::Gone,
+                    }
+                }
+                _ = outbox.ready() => self.flush(socket).await,
+                _ = ping.tick() => send(socket, Message::Ping(Default::default())).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    async fn on_message(&mut self, socket: &mut WebSocket, message: Message) -> Result<(), End> {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Close(_) => return Err(End::Gone),
+            Message::Binary(_) => {
+                return self
+                    .refuse(
+                        socket,
+                        None,
+                        "malformed",
+                        "only JSON text messages are accepted",
+                    )
+                    .await;
+            }
+        };
+        if !self.bucket.take() {
+            if self.bucket.strikes > self.connect.state.settings.ws.message_burst {
+                LiveMetrics::add(&self.connect.hub().metrics.refused, 1);
+                return Err(End::Close(close_code::POLICY, "too many messages"));
+            }
+            return self
+                .refuse(socket, None, "rate_limited", "too many messages; slow down")
+                .await;
+        }
+        let message: ClientMessage = match serde_json::from_str(text.as_str()) {
+            Ok(message) => message,
+            Err(error) => {
+                let detail = format!("not a valid message: {error}");
+                return self.refuse(socket, None, "malformed", &detail).await;
+            }
+        };
+        match message {
+            ClientMessage::Subscribe {
+                topic,
+                since,
+                min_position,
+            } => self.subscribe(socket, topic, since, min_position).await,
+            ClientMessage::Unsubscribe { topic } => self.unsubscribe(socket, topic).await,
+        }
+    }
+
+    async fn refuse(
+        &self,
+        socket: &mut WebSocket,
+        topic: Option<&str>,
+        code: &str,
+        message: &str,
+    ) -> Result<(), End> {
+        LiveMetrics::add(&self.connect.hub().metrics.refused, 1);
+        let mut error = json!({"type": "error", "code": code, "message": message});
+        if let Some(topic) = topic {
+            error["topic"] = topic.into();
+        }
+        send_json(socket, &error).await
+    }
+
+    /// The internal name of a topic the client names, if it is well formed.
+    fn internal_topic(&self, topic: &str) -> Option<String> {
+        if topic == "dashboard" {
+            return Some(Change::dashboard_topic(&self.connect.user.id.to_string()));
+        }
+        let id = uuid::Uuid::parse_str(topic.strip_prefix("batch:")?).ok()?;
+        Some(Change::batch_topic(&id.to_string()))
+    }
+
+    async fn subscribe(
+        &mut self,
+        socket: &mut WebSocket,
+        topic: String,
+        since: Option<i64>,
+        min_position: Option<i64>,
+    ) -> Result<(), End> {
+        let Some(internal) = self.internal_topic(&topic) else {
+            let detail = "topic must be \"dashboard\" or \"batch:<batch id>\"";
+            return self
+                .refuse(socket, Some(&topic), "invalid_topic", detail)
+                .await;
+        };
+        let internal: Arc<str> = internal.into();
+        let resubscribe = self.subs.contains_key(&internal);
+        let limit = self.connect.state.settings.ws.max_subscriptions;
+        if !resubscribe && self.subs.len() >= limit {
+            let detail = format!("at most {limit} subscriptions per connection");
+            return self
+                .refuse(socket, Some(&topic), "too_many_subscriptions", &detail)
+                .await;
+        }
+        if let Some(position) = min_position {
+            let projection = if internal.starts_with("batch:") {
+                "batch_state"
+            } else {
+                "dashboard"
+            };
+            let wait = self.connect.state.settings.consistency_wait();
+            if let Err(error) = self
+                .connect
+                .state
+                .reads
+                .wait_for(projection, position, wait)
+                .await
+            {
+                tracing::warn!(%error, "waiting for a read model failed");
+                return self
+                    .refuse(socket, Some(&topic), "unavailable", "try again later")
+                    .await;
+            }
+        }
+        // Register first, read second: every change committed after the read arrives in the
+        // outbox; those the read already includes are dropped by version.
+        self.connect
+            .hub()
+            .subscribe(&internal, self.id, &self.outbox);
+        let snapshot = match self.snapshot(&internal).await {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => {
+                if !resubscribe {
+                    self.connect.hub().unsubscribe(&internal, self.id);
+                }
+                // The same answer for a missing batch and another teacher's: no hint.
+                let detail = "no such topic";
+                return self.refuse(socket, Some(&topic), "not_found", detail).await;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "reading a live topic failed");
+                if !resubscribe {
+                    self.connect.hub().unsubscribe(&internal, self.id);
+                }
+                return self
+                    .refuse(socket, Some(&topic), "unavailable", "try again later")
+                    .await;
+            }
+        };
+        let visible: Arc<str> = visible_topic(&internal).into();
+        send_json(socket, &json!({"type": "subscribed", "topic": &*visible})).await?;
+        let mut sub = Subscription { visible, last: 0 };
+        self.deliver(socket, &internal, &mut sub, since, snapshot)
+            .await?;
+        self.subs.insert(internal, sub);
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, socket: &mut WebSocket, topic: String) -> Result<(), End> {
+        let Some(internal) = self.internal_topic(&topic) else {
+            let detail = "topic must be \"dashboard\" or \"batch:<batch id>\"";
+            return self
+                .refuse(socket, Some(&topic), "invalid_topic", detail)
+                .await;
+        };
+        if self.subs.remove(internal.as_str()).is_none() {
+            return self
+                .refuse(
+                    socket,
+                    Some(&topic),
+                    "not_subscribed",
+                    "not subscribed to this topic",
+                )
+                .await;
+        }
+        self.connect.hub().unsubscribe(&internal, self.id);
+        self.outbox.clear_lagged(&internal);
+        send_json(socket, &json!({"type": "unsubscribed", "topic": topic})).await
+    }
+
+    /// The topic's current version and document, if the user may see it.
+    async fn snapshot(
+        &self,
+        topic: &str,
+    ) -> Result<Option<(i64, String)>, projections::ProjectionError> {
+        let reads = &self.connect.state.reads;
+        if let Some(id) = topic.strip_prefix("batch:") {
+            let Some(view) = reads.batch(id).await? else {
+                return Ok(None);
+            };
+            if !self.connect.user.may_read(&view.owner_id) {
+                return Ok(None);
+            }
+            let data = serde_json::to_string(&view).map_err(|e| {
+                projections::ProjectionError::Corrupt {
+                    key: id.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
+            return Ok(Some((view.version, data)));
+        }
+        let live = &self.connect.state.live;
+        if let Some(current) = live.feed.current(topic).await? {
+            return Ok(Some(current));
+        }
+        // No change yet: version 0, the (empty) dashboard.
+        let owner = topic.strip_prefix("dashboard:").unwrap_or_default();
+        let dashboard = reads.dashboard(owner).await?;
+        let data = serde_json::to_string(&dashboard).map_err(|e| {
+            projections::ProjectionError::Corrupt {
+                key: owner.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Some((0, data)))
+    }
+
+    /// Brings the client from `since` (or nothing) to `snapshot`: the changes in between if
+    /// the history still has all of them, else the snapshot itself.
+    async fn deliver(
+        &self,
+        socket: &mut WebSocket,
+        topic: &str,
+        sub: &mut Subscription,
+        since: Option<i64>,
+        (version, data): (i64, String),
+    ) -> Result<(), End> {
+        let metrics = &self.connect.hub().metrics;
+        if let Some(since) = since.filter(|s| (version - MAX_REPLAY..=version).contains(s)) {
+            if since == version {
+                sub.last = version;
+                return Ok(());
+            }
+            let live = &self.connect.state.live;
+            match live.feed.history(topic, since, version - since).await {
+                Ok(changes)
+                    if changes.len() as i64 == version - since
+                        && changes.first().is_some_and(|c| c.version == since + 1) =>
+                {
+                    for change in &changes {
+                        let text = frame("change", &sub.visible, change.version, &change.data);
+                        socket
+                            .feed(Message::Text(text))
+                            .await
+                            .map_err(|_| End::Gone)?;
+                    }
+                    socket.flush().await.map_err(|_| End::Gone)?;
+                    LiveMetrics::add(&metrics.changes_sent, changes.len() as u64);
+                    sub.last = version;
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "reading live history failed; sending a snapshot")
+                }
+            }
+        }
+        let text = frame("snapshot", &sub.visible, version, &data);
+        send(socket, Message::Text(text)).await?;
+        LiveMetrics::add(&metrics.snapshots_sent, 1);
+        sub.last = version;
+        Ok(())
+    }
+
+    /// Sends what the hub queued for this connection.
+    async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        let drained = self.outbox.drain();
+        for topic in drained.lagged {
+            if let Some(sub) = self.subs.remove(&topic) {
+                self.connect.hub().unsubscribe(&topic, self.id);
+                self.outbox.clear_lagged(&topic);
+                LiveMetrics::add(&self.connect.hub().metrics.lagged, 1);
+                let lagged = json!({
+                    "type": "lagged",
+                    "topic": &*sub.visible,
+                    "version": sub.last,
+                    "message": "changes were dropped because the connection is too slow; \
+                                subscribe again with since = version",
+                });
+                send_json(socket, &lagged).await?;
+            } else {
+                self.outbox.clear_lagged(&topic);
+            }
+        }
+        if drained.resync {
+            let topics: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+            for topic in topics {
+                self.catch_up(socket, &topic).await?;
+            }
+        }
+        let mut sent = 0;
+        for Item {
+            topic,
+            version,
+            frame,
+        } in drained.items
+        {
+            let Some(last) = self.subs.get(&topic).map(|s| s.last) else {
+                continue;
+            };
+            if version <= last {
+                continue;
+            }
+            if version > last + 1 {
+                socket.flush().await.map_err(|_| End::Gone)?;
+                self.catch_up(socket, &topic).await?;
+                continue;
+            }
+            socket
+                .feed(Message::Text(frame))
+                .await
+                .map_err(|_| End::Gone)?;
+            if let Some(sub) = self.subs.get_mut(&topic) {
+                sub.last = version;
+            }
+            sent += 1;
+        }
+        socket.flush().await.map_err(|_| End::Gone)?;
+        LiveMetrics::add(&self.connect.hub().metrics.changes_sent, sent);
+        Ok(())
+    }
+
+    /// Brings one subscribed topic up to date from the store.
+    async fn catch_up(&mut self, socket: &mut WebSocket, topic: &Arc<str>) -> Result<(), End> {
+        let Some(mut sub) = self.subs.remove(topic) else {
+            return Ok(());
+        };
+        let result = match self.snapshot(topic).await {
+            Ok(Some(snapshot)) if snapshot.0 > sub.last => {
+                let since = Some(sub.last);
+                self.deliver(socket, topic, &mut sub, since, snapshot).await
+            }
+            Ok(_) => Ok(()),
+            Err(error) => {
+                // The next change (or resync) tries again; nothing is lost meanwhile.
+                tracing::warn!(%error, "catching a live topic up failed");
+                Ok(())
+            }
+        };
+        self.subs.insert(topic.clone(), sub);
+        result
+    }
+}
+
+fn is_too_big(error: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = cause.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+async fn send(socket: &mut WebSocket, message: Message) -> Result<(), End> {
+    socket.send(message).await.map_err(|_| End::Gone)
+}
+
+async fn send_json(socket: &mut WebSocket, value: &serde_json::Value) -> Result<(), End> {
+    send(socket, Message::Text(Utf8Bytes::from(value.to_string()))).await
+}

@@ -1,0 +1,101 @@
+//! `GET /v1/ws`: the upgrade to a live projection stream (protocol: docs/websocket.md).
+//!
+//! The access token is checked before the upgrade, from (in this order) `Authorization:
+//! Bearer <token>`, a `Sec-WebSocket-Protocol` entry `bearer.<token>` (browsers cannot set
+//! headers; offer `essayflow.v1` beside it, which the server selects), or `?access_token=`.
+//! A missing, forged or expired token gets 401 problem+json and no upgrade.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult};
+use crate::live::{PROTOCOL, session};
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+pub(super) struct WsQuery {
+    access_token: Option<String>,
+}
+
+/// The token the client presented, if any.
+fn presented_token(headers: &HeaderMap, query: &WsQuery) -> Result<String, ApiError> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        return value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned())
+            .ok_or(ApiError::Unauthorized("use Authorization: Bearer <token>"));
+    }
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    for protocol in offered {
+        if let Some(token) = protocol.strip_prefix("bearer.") {
+            return Ok(token.to_owned());
+        }
+    }
+    query
+        .access_token
+        .clone()
+        .ok_or(ApiError::Unauthorized("an access token is required"))
+}
+
+#[utoipa::path(get, path = "/v1/ws", tag = "live",
+    params(("access_token" = Option<String>, Query, description = "for browsers; or `Authorization: Bearer`, or a `bearer.<token>` WebSocket subprotocol")),
+    responses(
+        (status = 101, description = "switched to the WebSocket protocol of docs/websocket.md"),
+        (status = 401, description = "missing, forged or expired token", body = crate::error::Problem),
+        (status = 426, description = "not a WebSocket upgrade", body = crate::error::Problem)))]
+pub(super) async fn ws(
+    State(state): State<AppState>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let token = presented_token(&headers, &query)?;
+    let claims = state.tokens.verify(&token)?;
+    let user = AuthUser {
+        id: claims
+            .sub
+            .parse()
+            .map_err(|_| ApiError::Unauthorized("the access token is invalid or expired"))?,
+        username: claims.name,
+        role: claims.role,
+    };
+    let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
+    let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
+    let expires_at = Instant::now() + Duration::from_secs(left);
+    let limits = &state.settings.ws;
+    let tracker = state.live.tracker.clone();
+    let connect = session::Connect {
+        user,
+        expires_at,
+        state: state.clone(),
+    };
+    Ok(upgrade
+        .protocols([PROTOCOL])
+        // Small buffers: most connections are idle, and memory per connection is what limits
+        // how many one node holds.
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
+        .on_upgrade(move |socket| tracker.track_future(session::run(connect, socket))))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/ws", get(ws))
+}

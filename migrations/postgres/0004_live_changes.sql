@@ -1,0 +1,29 @@
+-- The live change feed behind GET /v1/ws.
+--
+-- Projection workers insert every change a WebSocket client may see into `live_changes` in the
+-- same transaction as their read-model writes, then `NOTIFY essayflow_live` with the page id:
+-- PostgreSQL delivers the notification only if and when that transaction commits, so no node
+-- ever sees a change that a query would not show. Other nodes fetch the page's rows by `page`.
+-- The rows are also the resume history (`since`), kept for a retention period.
+--
+-- `live_topics` holds the current version and document of topics that are not one read-model
+-- row (a teacher's dashboard), so that a snapshot and its version are read together.
+CREATE TABLE live_changes
+(
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    page       text   NOT NULL,
+    topic      text   NOT NULL,
+    version    bigint NOT NULL,
+    data       text   NOT NULL,
+    created_at bigint NOT NULL
+);
+CREATE UNIQUE INDEX live_changes_topic_version ON live_changes (topic, version);
+CREATE INDEX live_changes_page ON live_changes (page);
+CREATE INDEX live_changes_created_at ON live_changes (created_at);
+
+CREATE TABLE live_topics
+(
+    topic   text   PRIMARY KEY,
+    version bigint NOT NULL,
+    data    text   NOT NULL
+);

@@ -1,0 +1,315 @@
+//! The live change feed: what WebSocket clients see (`GET /v1/ws`).
+//!
+//! A *topic* is one thing a client may watch: `batch:<id>` (the batch's `batch_state` view) or
+//! `dashboard:<owner>` (a teacher's dashboard; clients call it `dashboard`). Every change of a
+//! topic has a version one above the previous one: for a batch, the batch's version (the
+//! sequence of its last event, one change per event); for a dashboard, a counter kept in
+//! `live_topics`, one change per committed page that touched the owner.
+//!
+//! Guarantees:
+//! - **After commit, never before.** A projection worker writes its changes to `live_changes`
+//!   in the transaction that applies the page and moves its checkpoint, and publishes them only
+//!   once that transaction has committed: a client never sees a change that a query would not
+//!   show, and a rolled-back page shows nothing.
+//! - **Every node sees every change.** This process's changes go out on a broadcast channel
+//!   ([`Feed::subscribe`]). On PostgreSQL the page id is also sent with `NOTIFY` inside the
+//!   transaction (delivered on commit); every other node fetches the page's rows and broadcasts
+//!   them in turn. A node that lost its `LISTEN` connection (or whose receiver fell behind)
+//!   gets [`FeedEvent::Resync`] and must check its topics against [`Feed::history`].
+//! - **Resumable.** `live_changes` keeps each change for the retention period, so a client that
+//!   reconnects with the last version it saw gets exactly the changes it missed
+//!   ([`Feed::history`]); past the retention it gets a fresh snapshot instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use commands::Storage;
+use sqlx::{AnyConnection, Row};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ProjectionError;
+use crate::docs::placeholders;
+
+/// The PostgreSQL notification channel; the payload is `<node id> <page id>`.
+pub const NOTIFY_CHANNEL: &str = "essayflow_live";
+
+/// One change of one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `batch:<id>` or `dashboard:<owner>`.
+    pub topic: String,
+    pub version: i64,
+    /// The topic's whole new state, as JSON text.
+    pub data: String,
+}
+
+impl Change {
+    /// The topic of a batch.
+    pub fn batch_topic(batch_id: &str) -> String {
+        format!("batch:{batch_id}")
+    }
+
+    /// The topic of a teacher's dashboard.
+    pub fn dashboard_topic(owner_id: &str) -> String {
+        format!("dashboard:{owner_id}")
+    }
+}
+
+/// What a feed subscriber receives.
+#[derive(Debug, Clone)]
+pub enum FeedEvent {
+    /// Changes committed together, in order.
+    Changes(Arc<[Change]>),
+    /// Changes may have been missed (a lost `LISTEN` connection, a receiver that fell behind):
+    /// compare every watched topic with the store.
+    Resync,
+}
+
+/// The change feed of this process (cheap to clone).
+#[derive(Clone)]
+pub struct Feed {
+    storage: Storage,
+    node: Arc<str>,
+    sender: broadcast::Sender<FeedEvent>,
+}
+
+/// How long changes are kept for resuming clients, and how often old ones are deleted.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub keep: Duration,
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep: Duration::from_secs(15 * 60),
+            every: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Feed {
+    /// A feed whose broadcast channel holds `capacity` pages for slow receivers.
+    pub fn new(storage: Storage, capacity: usize) -> Self {
+        Self {
+            storage,
+            node: uuid::Uuid::new_v4().to_string().into(),
+            sender: broadcast::channel(capacity.max(16)).0,
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
+        self.sender.subscribe()
+    }
+
+    /// Stores a page's changes inside the projection's transaction and, on PostgreSQL, queues
+    /// the notification that other nodes get when the transaction commits.
+    pub(crate) async fn record(
+        &self,
+        conn: &mut AnyConnection,
+        changes: &[Change],
+    ) -> Result<(), ProjectionError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let page = uuid::Uuid::new_v4().to_string();
+        let now = chrono::Utc::now().timestamp_millis();
+        const COLUMNS: usize = 5;
+        for chunk in changes.chunks(200) {
+            let values = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(1 + i * COLUMNS, COLUMNS)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO live_changes (page, topic, version, data, created_at) VALUES {values}
+                 ON CONFLICT (topic, version) DO NOTHING"
+            );
+            let mut query = sqlx::query(&sql);
+            for change in chunk {
+                query = query
+                    .bind(page.as_str())
+                    .bind(change.topic.as_str())
+                    .bind(change.version)
+                    .bind(change.data.as_str())
+                    .bind(now);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        if self.storage.engine() == commands::Engine::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(format!("{} {page}", self.node))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Hands committed changes to this process's subscribers.
+    pub(crate) fn publish(&self, changes: Vec<Change>) {
+        if !changes.is_empty() {
+            // No receiver (a worker-only process) is fine: other nodes read the table.
+            let _ = self.sender.send(FeedEvent::Changes(changes.into()));
+        }
+    }
+
+    /// The stored changes of `topic` after version `after`, oldest first, at most `limit`.
+    pub async fn history(
+        &self,
+        topic: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Change>, ProjectionError> {
+        let rows = sqlx::query(
+            "SELECT topic, version, data FROM live_changes
+              WHERE topic = $1 AND version > $2 ORDER BY version LIMIT $3",
+        )
+        .bind(topic)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.storage.pool())
+        .await?;
+        rows.iter().map(change_from).collect()
+    }
+
+    /// The current version and document of a topic kept in `live_topics` (a dashboard).
+    pub async fn current(&self, topic: &str) -> Result<Option<(i64, String)>, ProjectionError> {
+        let row = sqlx::query("SELECT version, data FROM live_topics WHERE topic = $1")
+            .bind(topic)
+            .fetch_optional(self.storage.pool())
+            .await?;
+        Ok(match row {
+            Some(row) => Some((row.try_get("version")?, row.try_get("data")?)),
+            None => None,
+        })
+    }
+
+    /// On PostgreSQL, receives other nodes' pages (a node that serves WebSocket clients).
+    pub fn spawn_listener(&self, cancel: CancellationToken, tracker: &TaskTracker) {
+        if self.storage.engine() == commands::Engine::Postgres {
+            tracker.spawn(self.clone().listen(cancel));
+        }
+    }
+
+    /// Deletes changes older than the retention, now and then (any node may; it is idempotent).
+    pub fn spawn_pruner(
+        &self,
+        retention: Retention,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        tracker.spawn(self.clone().prune(retention, cancel));
+    }
+
+    async fn listen(self, cancel: CancellationToken) {
+        let mut first = true;
+        while !cancel.is_cancelled() {
+            let mut listener = match self.storage.listen(NOTIFY_CHANNEL).await {
+                Ok(Some(listener)) => listener,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "could not listen for other nodes' live changes; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            if !first {
+                // Whatever was notified while the connection was down is lost.
+                let _ = self.sender.send(FeedEvent::Resync);
+            }
+            first = false;
+            loop {
+                let notification = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    received = listener.recv() => match received {
+                        Ok(notification) => notification,
+                        Err(error) => {
+                            tracing::warn!(%error, "lost the live-change LISTEN connection; reconnecting");
+                            break;
+                        }
+                    },
+                };
+                let Some((node, page)) = notification.payload().split_once(' ') else {
+                    continue;
+                };
+                if node == &*self.node {
+                    continue;
+                }
+                match self.page(page).await {
+                    Ok(changes) => self.publish(changes),
+                    Err(error) => {
+                        tracing::warn!(%error, page, "could not read another node's live changes");
+                        let _ = self.sender.send(FeedEvent::Resync);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn page(&self, page: &str) -> Result<Vec<Change>, ProjectionError> {
+        let rows = sqlx::query(
+            "SELECT topic, version, data FROM live_changes WHERE page = $1 ORDER BY id",
+        )
+        .bind(page)
+        .fetch_all(self.storage.pool())
+        .await?;
+        rows.iter().map(change_from).collect()
+    }
+
+    async fn prune(self, retention: Retention, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(retention.every) => {}
+            }
+            let before = chrono::Utc::now().timestamp_millis()
+                - i64::try_from(retention.keep.as_millis()).unwrap_or(i64::MAX);
+            match sqlx::query("DELETE FROM live_changes WHERE created_at < $1")
+                .bind(before)
+                .execute(self.storage.pool())
+                .await
+            {
+                Ok(done) if done.rows_affected() > 0 => {
+                    tracing::debug!(deleted = done.rows_affected(), "pruned live changes");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not prune live changes"),
+            }
+        }
+    }
+}
+
+fn change_from(row: &sqlx::any::AnyRow) -> Result<Change, ProjectionError> {
+    Ok(Change {
+        topic: row.try_get("topic")?,
+        version: row.try_get("version")?,
+        data: row.try_get("data")?,
+    })
+}
+
+/// Moves a dashboard topic to its next version with `data`, returning the change.
+pub(crate) async fn next_version(
+    conn: &mut AnyConnection,
+    topic: String,
+    data: String,
+) -> Result<Change, ProjectionError> {
+    let version: i64 = sqlx::query_scalar(
+        "INSERT INTO live_topics (topic, version, data) VALUES ($1, 1, $2)
+         ON CONFLICT (topic) DO UPDATE SET version = live_topics.version + 1, data = excluded.data
+         RETURNING version",
+    )
+    .bind(topic.as_str())
+    .bind(data.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Change {
+        topic,
+        version,
+        data,
+    })
+}
