@@ -5,11 +5,17 @@
 # PostgreSQL database; then a pipeline run through Kafka (tansu, started here) with the
 # development processor at zero latency, the relay's throughput re-publishing that log, and a
 # raw rdkafka producer on the same broker as its baseline. Prints Markdown tables; copy them
-# into BENCHMARKS.md.
+# into BENCHMARKS.md. Then the WebSocket figures (essayflow-ws-bench): idle connections held
+# by one node and the server's memory per connection, change latency under a command load
+# with the HTTP 202 latency as its baseline, and fan-out to the subscribers of one batch; a
+# bare tokio-tungstenite server (essayflow-ws-bench baseline-server) is the baseline for
+# memory and fan-out.
 #
 #   scripts/bench.sh                 # defaults
 #   DURATION=20 scripts/bench.sh     # seconds per concurrency level
 #   ONLY=pipeline scripts/bench.sh   # only the pipeline and relay figures
+#   ONLY=ws scripts/bench.sh         # only the WebSocket figures
+#   ONLY=ws WS_CONNECTIONS=5000 WS_SUBSCRIBERS=1000 scripts/bench.sh   # a smaller WebSocket run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +35,7 @@ cargo build --release -q -p api -p bench
 BIN=target/release/essayflow
 LOAD=target/release/essayflow-bench
 PIPE=target/release/essayflow-pipeline-bench
+WS=target/release/essayflow-ws-bench
 OUT="$WORK/results.md"
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
@@ -123,16 +130,114 @@ print(f'| relay (log re-published) | {e} events, {m} messages, {b // m} B avg | 
   unset ESSAYFLOW_KAFKA_BROKERS ESSAYFLOW_TOPIC_PREFIX
 }
 
+# ---- WebSocket (ONLY=ws) ----
+WS_CONNECTIONS=${WS_CONNECTIONS:-50000}          # idle connections held
+WS_LATENCY_CONNECTIONS=${WS_LATENCY_CONNECTIONS:-200}
+WS_RATE=${WS_RATE:-1000}                         # commands/s in the latency run
+WS_DURATION=${WS_DURATION:-20}                   # seconds of the latency run
+WS_SUBSCRIBERS=${WS_SUBSCRIBERS:-10000}          # fan-out subscribers of one batch
+WS_ROUNDS=${WS_ROUNDS:-5}
+WS_PORT=${WS_PORT:-18182}                        # the baseline server
+WS_TIMEOUT=${WS_TIMEOUT:-900}                    # seconds, per scenario
+
+# wsfield JSON KEY: a figure, or n/a.
+wsfield() {
+  python3 -c "
+import json, sys
+try:
+    v = json.loads(sys.argv[1]).get(sys.argv[2])
+except Exception:
+    v = None
+print('n/a' if v is None else round(v, 2) if isinstance(v, float) else v)" "$1" "$2"
+}
+
+# ws_bench SCENARIO ARGS...: runs one scenario, bounded; its figures go to stderr, its JSON line
+# to stdout. A failed check is reported, not fatal.
+ws_bench() {
+  local out status=0
+  out=$(timeout "$WS_TIMEOUT" "$WS" "$@") || status=$?
+  printf '%s\n' "$out" | sed '$d' >&2
+  [ "$status" = 0 ] || echo "essayflow-ws-bench $1: exit $status (a check failed or it timed out; see above)" >&2
+  printf '%s\n' "$out" | tail -n 1
+}
+
+run_ws() {
+  # Every connection is a file descriptor on both sides (the server and the generator each get
+  # this limit).
+  ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  local limit
+  limit=$(ulimit -n)
+  if [ "$limit" != unlimited ]; then
+    for var in WS_CONNECTIONS WS_SUBSCRIBERS; do
+      if [ $((${!var} + 1000)) -gt "$limit" ]; then
+        echo "ulimit -n is $limit (hard $(ulimit -Hn)): $var lowered from ${!var} to $((limit - 1000))" >&2
+        printf -v "$var" '%s' $((limit - 1000))
+      fi
+    done
+  fi
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_ws" -c "CREATE DATABASE ${DB}_ws" >/dev/null
+  export ESSAYFLOW_DATABASE_URL="$PG/${DB}_ws?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+  export ESSAYFLOW_BIND=127.0.0.1:$PORT
+  echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
+  ESSAYFLOW_BENCH_TOKEN=$("$BIN" token --username bench)
+  export ESSAYFLOW_BENCH_TOKEN
+  "$BIN" serve & local server=$!
+  "$WS" baseline-server --port "$WS_PORT" & local baseline=$!
+  wait_healthy
+  local ef=(--url "http://127.0.0.1:$PORT") bl=(--url "http://127.0.0.1:$WS_PORT" --target baseline)
+  # Each scenario binds its client sockets to its own source addresses (a new one every 20 000
+  # connections), so that none waits for ports another one left in TIME_WAIT.
+  local c_ef c_bl lat f_ef f_bl
+  c_ef=$(ws_bench connections "${ef[@]}" --connections "$WS_CONNECTIONS" --server-pid "$server" --source-address 127.0.0.1)
+  c_bl=$(ws_bench connections "${bl[@]}" --connections "$WS_CONNECTIONS" --server-pid "$baseline" --source-address 127.0.1.1)
+  lat=$(ws_bench latency "${ef[@]}" --connections "$WS_LATENCY_CONNECTIONS" --rate "$WS_RATE" --duration "$WS_DURATION" \
+    --source-address 127.0.2.1)
+  f_ef=$(ws_bench fanout "${ef[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.3.1)
+  f_bl=$(ws_bench fanout "${bl[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.4.1)
+  kill "$baseline" "$server"; wait "$baseline" "$server" 2>/dev/null || true
+  {
+    echo "| WebSocket, one node, loopback | essayflow | bare tokio-tungstenite (baseline) |"
+    echo "|---|---|---|"
+    printf '| idle connections held (of %s) | %s | %s |\n' "$WS_CONNECTIONS" "$(wsfield "$c_ef" held)" "$(wsfield "$c_bl" held)"
+    printf '| server memory per idle connection, KiB | %s | %s |\n' \
+      "$(wsfield "$c_ef" kib_per_connection)" "$(wsfield "$c_bl" kib_per_connection)"
+    printf '| connections failed to open / dropped while held | %s / %s | %s / %s |\n' \
+      "$(wsfield "$c_ef" failed)" "$(wsfield "$c_ef" dropped)" "$(wsfield "$c_bl" failed)" "$(wsfield "$c_bl" dropped)"
+    printf '| connections opened per second | %s | %s |\n' \
+      "$(wsfield "$c_ef" connections_per_second)" "$(wsfield "$c_bl" connections_per_second)"
+    printf '| fan-out to %s subscribers of one batch, median round: first / p50 / p99 / last ms | %s / %s / %s / %s | %s / %s / %s / %s |\n' \
+      "$WS_SUBSCRIBERS" \
+      "$(wsfield "$f_ef" median_first_ms)" "$(wsfield "$f_ef" median_p50_ms)" "$(wsfield "$f_ef" median_p99_ms)" "$(wsfield "$f_ef" median_last_ms)" \
+      "$(wsfield "$f_bl" median_first_ms)" "$(wsfield "$f_bl" median_p50_ms)" "$(wsfield "$f_bl" median_p99_ms)" "$(wsfield "$f_bl" median_last_ms)"
+    printf '| fan-out, worst of %s rounds: last subscriber ms | %s | %s |\n' "$WS_ROUNDS" \
+      "$(wsfield "$f_ef" worst_last_ms)" "$(wsfield "$f_bl" worst_last_ms)"
+    echo
+    echo "Fan-out is timed from the command's 202 (essayflow) or from sending the trigger (baseline)."
+    echo
+    echo "| change latency, $WS_LATENCY_CONNECTIONS connections each on its own batch | commands/s (target $WS_RATE) | change after its 202 p50 / p99 / max ms | changes before the 202 | baseline: HTTP request to 202 p50 / p99 ms | missing changes |"
+    echo "|---|---|---|---|---|---|"
+    printf '| %s s of one-essay commands | %s | %s / %s / %s | %s | %s / %s | %s |\n' "$WS_DURATION" \
+      "$(wsfield "$lat" commands_per_second)" "$(wsfield "$lat" change_p50_ms)" "$(wsfield "$lat" change_p99_ms)" \
+      "$(wsfield "$lat" change_max_ms)" "$(wsfield "$lat" change_before_202)" "$(wsfield "$lat" http_p50_ms)" \
+      "$(wsfield "$lat" http_p99_ms)" "$(wsfield "$lat" missing)"
+  } > "$OUT.ws"
+}
+
 if [ "$ONLY" = all ]; then
   run_engine postgres "$PG/$DB?$PG_OPTS"
   run_engine sqlite "sqlite:$WORK/bench.db"
 fi
-run_pipeline
+if [ "$ONLY" != ws ]; then
+  run_pipeline
 
-# Baseline: pgbench single-row inserts at 64 clients on the same database, same run.
-psql "$PG/$DB" -qc "CREATE TABLE IF NOT EXISTS pgbench_single_insert (id bigserial PRIMARY KEY, payload text)"
-echo "INSERT INTO pgbench_single_insert (payload) VALUES ('x');" > "$WORK/insert.sql"
-PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB?$PG_OPTS" 2>/dev/null | grep -E '^tps' | head -n 1)
+  # Baseline: pgbench single-row inserts at 64 clients on the same database, same run.
+  psql "$PG/$DB" -qc "CREATE TABLE IF NOT EXISTS pgbench_single_insert (id bigserial PRIMARY KEY, payload text)"
+  echo "INSERT INTO pgbench_single_insert (payload) VALUES ('x');" > "$WORK/insert.sql"
+  PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB?$PG_OPTS" 2>/dev/null | grep -E '^tps' | head -n 1)
+fi
+if [ "$ONLY" = all ] || [ "$ONLY" = ws ]; then
+  run_ws
+fi
 
 {
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per level."
@@ -147,14 +252,20 @@ PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB?$PG_OP
     cat "$OUT.replay"
     echo
   fi
-  echo "| pipeline run (PostgreSQL, Kafka, development processor at 0 ms) | essay-phases | seconds | essay-phases/s | PipelineRequested -> PipelineCompleted p50 ms | p99 ms |"
-  echo "|---|---|---|---|---|---|"
-  echo "$PIPELINE_ROW"
-  echo
-  echo "| publisher | what | seconds | throughput |"
-  echo "|---|---|---|---|"
-  echo "$RELAY_ROW"
-  echo "$RAW_ROW"
-  echo
-  echo "Baseline (same run, same database): pgbench single-row INSERT, 64 clients: $PGB"
+  if [ "$ONLY" != ws ]; then
+    echo "| pipeline run (PostgreSQL, Kafka, development processor at 0 ms) | essay-phases | seconds | essay-phases/s | PipelineRequested -> PipelineCompleted p50 ms | p99 ms |"
+    echo "|---|---|---|---|---|---|"
+    echo "$PIPELINE_ROW"
+    echo
+    echo "| publisher | what | seconds | throughput |"
+    echo "|---|---|---|---|"
+    echo "$RELAY_ROW"
+    echo "$RAW_ROW"
+    echo
+    echo "Baseline (same run, same database): pgbench single-row INSERT, 64 clients: $PGB"
+  fi
+  if [ -f "$OUT.ws" ]; then
+    [ "$ONLY" = ws ] || echo
+    cat "$OUT.ws"
+  fi
 } | tee "$OUT"

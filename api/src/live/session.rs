@@ -326,10 +326,26 @@ impl Session {
             }
         };
         let visible: Arc<str> = visible_topic(&internal).into();
-        send_json(socket, &json!({"type": "subscribed", "topic": &*visible})).await?;
         let mut sub = Subscription { visible, last: 0 };
-        self.deliver(socket, &internal, &mut sub, since, snapshot)
-            .await?;
+        let sent = match send_json(
+            socket,
+            &json!({"type": "subscribed", "topic": &*sub.visible}),
+        )
+        .await
+        {
+            Ok(()) => {
+                self.deliver(socket, &internal, &mut sub, since, snapshot)
+                    .await
+            }
+            Err(end) => Err(end),
+        };
+        if let Err(end) = sent {
+            // The connection is going: the hub must not keep a registration nobody cleans up.
+            if !resubscribe {
+                self.connect.hub().unsubscribe(&internal, self.id);
+            }
+            return Err(end);
+        }
         self.subs.insert(internal, sub);
         Ok(())
     }
