@@ -2,7 +2,6 @@
 //! checks per-topic version contiguity, a test CA for WSS, and the essayflow binary run as a
 //! separate server process (for the two-node tests).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -450,7 +450,7 @@ async fn the_server_pings_closes_idle_connections_and_says_1001_when_it_stops() 
 
     // A client that reads (and so answers pings) stays; one that does not is closed.
     let mut reader = app.ws(&teacher).await;
-    let mut silent = app.ws(&teacher).await;
+    let silent = app.ws(&teacher).await;
     wait_until(Duration::from_secs(10), || async {
         app.metric("essayflow_ws_connections").await == Some(2)
     })
