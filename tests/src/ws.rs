@@ -268,10 +268,6 @@ impl ServerProcess {
         .await;
         server
     }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.address.trim_start_matches("http://").parse().unwrap()
-    }
 }
 
 impl Drop for ServerProcess {
