@@ -639,3 +639,89 @@ async fn two_server_processes_on_one_postgres_deliver_every_change_to_both() {
 async fn two_server_processes_with_kafka_deliver_every_change_to_both() {
     two_nodes(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_to_read_gets_lagged_and_resumes_without_a_gap() {
+    let app = TestApp::spawn_with(Engine::Sqlite, |s| s.ws.send_buffer = 4).await;
+    let teacher = app.user(Role::Teacher).await;
+    let created = app.register_batch(&teacher, 1000).await;
+    let id = created["batch_id"].as_str().unwrap().to_owned();
+    let topic = format!("batch:{id}");
+
+    // A client whose receive buffer is tiny and that does not read for now.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = app.address.trim_start_matches("http://").parse().unwrap();
+    let stream = socket.connect(address).await.unwrap();
+    let mut request = request(&ws_url(&app.address));
+    request.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {}", teacher.token)).unwrap(),
+    );
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    let mut client = WsClient {
+        socket,
+        protocol: None,
+    };
+    client
+        .send(json!({"type": "subscribe", "topic": topic, "min_position": created["position"]}))
+        .await;
+
+    // Forty commands, each a change carrying the whole (growing) batch: megabytes in all.
+    for chunk in 0..40 {
+        let essays: Vec<Value> = (0..25)
+            .map(|i| json!({"essay_id": format!("e{chunk}-{i}"), "title": "t".repeat(200), "text": "x"}))
+            .collect();
+        let response = app
+            .post(
+                &teacher,
+                &format!("/v1/batches/{id}/essays"),
+                &json!({"essays": essays}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    wait_until(Duration::from_secs(30), || async {
+        app.metric("essayflow_ws_dropped_total").await >= Some(1)
+    })
+    .await;
+
+    // The server dropped changes for it. Now read: contiguous changes, then `lagged` naming
+    // the last version delivered.
+    assert_eq!(client.next_json().await["type"], "subscribed");
+    let mut log = TopicLog::default();
+    let lagged = loop {
+        let message = client.next_json().await;
+        if message["type"] == "lagged" {
+            break message;
+        }
+        log.take(&message);
+    };
+    assert_eq!(lagged["topic"], topic.as_str());
+    assert_eq!(lagged["version"], log.version);
+    let final_version = app.get_json(&teacher, &format!("/v1/batches/{id}")).await["version"]
+        .as_i64()
+        .unwrap();
+    assert!(log.version < final_version, "changes were dropped");
+
+    // Resubscribing with `since` brings exactly the dropped changes.
+    client.subscribe(&topic, Some(log.version)).await;
+    while log.version < final_version {
+        let message = client.next_json().await;
+        if message["type"] == "subscribed" {
+            continue;
+        }
+        assert_eq!(message["type"], "change", "{message}");
+        log.take(&message);
+    }
+    let first = log.snapshots[0];
+    assert_eq!(
+        log.changes,
+        ((first + 1)..=final_version).collect::<Vec<_>>()
+    );
+    let after = app.get_json(&teacher, &format!("/v1/batches/{id}")).await;
+    assert_eq!(log.data, after);
+}
