@@ -104,11 +104,15 @@ impl Application {
         let feed = Feed::new(storage.clone(), 1024);
         feed.spawn_listener(cancel.child_token(), &tracker);
         feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
+        let settings = Arc::new(settings);
         let live = Arc::new(Live {
             hub: Arc::new(Hub::new(settings.ws.send_buffer)),
             feed: feed.clone(),
+            reads: ReadModels::new(storage.clone()),
+            settings: settings.clone(),
             cancel: cancel.child_token(),
             tracker: tracker.clone(),
+            catching_up: tokio::sync::Semaphore::new(16),
         });
         tracker.spawn(live.hub.clone().run(feed.clone(), cancel.child_token()));
         let projection_errors = if settings.run_workers {
@@ -145,7 +149,7 @@ impl Application {
                 projection_errors,
                 ..Metrics::default()
             }),
-            settings: Arc::new(settings),
+            settings,
         };
         let router = crate::routes::router()
             .layer(axum::middleware::from_fn_with_state(

@@ -6,8 +6,8 @@
 -- ever sees a change that a query would not show. Other nodes fetch the page's rows by `page`.
 -- The rows are also the resume history (`since`), kept for a retention period.
 --
--- `live_topics` holds the current version and document of topics that are not one read-model
--- row (a teacher's dashboard), so that a snapshot and its version are read together.
+-- `live_topics` counts the versions of topics that are not one read-model row (a teacher's
+-- dashboard). It is not a projection table: a rebuild keeps it, so versions never go back.
 CREATE TABLE live_changes
 (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -24,6 +24,5 @@ CREATE INDEX live_changes_created_at ON live_changes (created_at);
 CREATE TABLE live_topics
 (
     topic   text   PRIMARY KEY,
-    version bigint NOT NULL,
-    data    text   NOT NULL
+    version bigint NOT NULL
 );

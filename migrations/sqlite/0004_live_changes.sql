@@ -1,11 +1,12 @@
 -- The live change feed behind GET /v1/ws.
 --
 -- Projection workers insert every change a WebSocket client may see into `live_changes` in the
--- same transaction as their read-model writes, then hand them to this process's hub (SQLite runs one node).
+-- same transaction as their read-model writes, and, after the commit, hand them to this process's
+-- WebSocket hub (SQLite runs one node).
 -- The rows are also the resume history (`since`), kept for a retention period.
 --
--- `live_topics` holds the current version and document of topics that are not one read-model
--- row (a teacher's dashboard), so that a snapshot and its version are read together.
+-- `live_topics` counts the versions of topics that are not one read-model row (a teacher's
+-- dashboard). It is not a projection table: a rebuild keeps it, so versions never go back.
 CREATE TABLE live_changes
 (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -22,6 +23,5 @@ CREATE INDEX live_changes_created_at ON live_changes (created_at);
 CREATE TABLE live_topics
 (
     topic   text   PRIMARY KEY,
-    version bigint NOT NULL,
-    data    text   NOT NULL
+    version bigint NOT NULL
 );

@@ -175,16 +175,15 @@ impl Feed {
         rows.iter().map(change_from).collect()
     }
 
-    /// The current version and document of a topic kept in `live_topics` (a dashboard).
-    pub async fn current(&self, topic: &str) -> Result<Option<(i64, String)>, ProjectionError> {
-        let row = sqlx::query("SELECT version, data FROM live_topics WHERE topic = $1")
-            .bind(topic)
-            .fetch_optional(self.storage.pool())
-            .await?;
-        Ok(match row {
-            Some(row) => Some((row.try_get("version")?, row.try_get("data")?)),
-            None => None,
-        })
+    /// The current version of a topic counted in `live_topics` (a dashboard); 0 before its
+    /// first change.
+    pub async fn version(&self, topic: &str) -> Result<i64, ProjectionError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
+                .bind(topic)
+                .fetch_optional(self.storage.pool())
+                .await?;
+        Ok(version.unwrap_or(0))
     }
 
     /// On PostgreSQL, receives other nodes' pages (a node that serves WebSocket clients).
@@ -205,7 +204,6 @@ impl Feed {
     }
 
     async fn listen(self, cancel: CancellationToken) {
-        let mut first = true;
         while !cancel.is_cancelled() {
             let mut listener = match self.storage.listen(NOTIFY_CHANNEL).await {
                 Ok(Some(listener)) => listener,
@@ -218,16 +216,19 @@ impl Feed {
                     }
                 }
             };
-            if !first {
-                // Whatever was notified while the connection was down is lost.
-                let _ = self.sender.send(FeedEvent::Resync);
-            }
-            first = false;
+            // Whatever was notified while we were not listening (before the first connection,
+            // or while it was down) is lost: sessions compare their topics with the store.
+            let _ = self.sender.send(FeedEvent::Resync);
             loop {
+                // `try_recv`, not `recv`: `recv` reconnects by itself and hides the gap.
                 let notification = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    received = listener.recv() => match received {
-                        Ok(notification) => notification,
+                    received = listener.try_recv() => match received {
+                        Ok(Some(notification)) => notification,
+                        Ok(None) => {
+                            tracing::warn!("lost the live-change LISTEN connection; reconnecting");
+                            break;
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "lost the live-change LISTEN connection; reconnecting");
                             break;
@@ -299,12 +300,11 @@ pub(crate) async fn next_version(
     data: String,
 ) -> Result<Change, ProjectionError> {
     let version: i64 = sqlx::query_scalar(
-        "INSERT INTO live_topics (topic, version, data) VALUES ($1, 1, $2)
-         ON CONFLICT (topic) DO UPDATE SET version = live_topics.version + 1, data = excluded.data
+        "INSERT INTO live_topics (topic, version) VALUES ($1, 1)
+         ON CONFLICT (topic) DO UPDATE SET version = live_topics.version + 1
          RETURNING version",
     )
     .bind(topic.as_str())
-    .bind(data.as_str())
     .fetch_one(&mut *conn)
     .await?;
     Ok(Change {

@@ -26,14 +26,19 @@ use tokio_util::task::TaskTracker;
 /// The WebSocket subprotocol this server speaks (offer it in `Sec-WebSocket-Protocol`).
 pub const PROTOCOL: &str = "essayflow.v1";
 
-/// What sessions share: this node's hub, the feed, and the shutdown signal.
+/// What sessions share: this node's hub, the feed, the read models, the settings and the
+/// shutdown signal (one `Arc` per connection, not a copy of the application state).
 pub struct Live {
     pub hub: Arc<Hub>,
     pub feed: Feed,
+    pub reads: projections::ReadModels,
+    pub settings: Arc<crate::settings::Settings>,
     /// Cancelled at shutdown: every session closes with 1001.
     pub cancel: CancellationToken,
     /// Tracks every session, so that shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Sessions catching a topic up from the store (after a gap or a resync) at once.
+    pub catching_up: tokio::sync::Semaphore,
 }
 
 /// Counters exported on `/metrics`.
@@ -73,7 +78,7 @@ pub struct Item {
 #[derive(Default)]
 pub struct Drained {
     pub items: VecDeque<Item>,
-    /// Topics whose oldest changes were dropped; not yet reported.
+    /// Topics whose changes were dropped; not yet reported.
     pub lagged: Vec<Arc<str>>,
     /// The feed may have missed changes: check every topic.
     pub resync: bool,
@@ -82,10 +87,25 @@ pub struct Drained {
 #[derive(Default)]
 struct Pending {
     items: VecDeque<Item>,
-    /// Lagged topics: their changes are refused until the session drops the subscription.
-    lagged: Vec<Arc<str>>,
-    reported: usize,
+    /// Lagged topics (and whether the session was told): their changes are refused until the
+    /// session drops the subscription.
+    lagged: Vec<(Arc<str>, bool)>,
     resync: bool,
+}
+
+impl Pending {
+    fn is_lagged(&self, topic: &Arc<str>) -> bool {
+        self.lagged.iter().any(|(t, _)| t == topic)
+    }
+
+    /// Marks `topic` lagged and drops its queued changes: the client resubscribes from the
+    /// last version it got, so they would only take room from other topics.
+    fn mark_lagged(&mut self, topic: Arc<str>) -> u64 {
+        let before = self.items.len();
+        self.items.retain(|item| item.topic != topic);
+        self.lagged.push((topic, false));
+        (before - self.items.len()) as u64
+    }
 }
 
 /// One connection's bounded send buffer.
@@ -104,18 +124,16 @@ impl Outbox {
     fn push(&self, item: Item) {
         {
             let mut pending = self.lock();
-            if pending.lagged.contains(&item.topic) {
+            if pending.is_lagged(&item.topic) {
                 LiveMetrics::add(&self.metrics.dropped, 1);
                 return;
             }
             if pending.items.len() >= self.capacity
                 && let Some(oldest) = pending.items.pop_front()
             {
-                LiveMetrics::add(&self.metrics.dropped, 1);
-                if !pending.lagged.contains(&oldest.topic) {
-                    pending.lagged.push(oldest.topic);
-                }
-                if pending.lagged.contains(&item.topic) {
+                let dropped = 1 + pending.mark_lagged(oldest.topic);
+                LiveMetrics::add(&self.metrics.dropped, dropped);
+                if pending.is_lagged(&item.topic) {
                     LiveMetrics::add(&self.metrics.dropped, 1);
                     return;
                 }
@@ -135,29 +153,28 @@ impl Outbox {
         self.notify.notified().await;
     }
 
-    /// Takes everything pending (changes of lagged topics stay out).
+    /// Takes everything pending (changes of lagged topics never enter).
     pub fn drain(&self) -> Drained {
         let mut pending = self.lock();
-        let lagged = pending.lagged[pending.reported..].to_vec();
-        pending.reported = pending.lagged.len();
-        let mut items = std::mem::take(&mut pending.items);
-        if !pending.lagged.is_empty() {
-            items.retain(|item| !pending.lagged.contains(&item.topic));
+        let mut lagged = Vec::new();
+        for (topic, told) in &mut pending.lagged {
+            if !*told {
+                *told = true;
+                lagged.push(topic.clone());
+            }
         }
         Drained {
-            items,
+            items: std::mem::take(&mut pending.items),
             lagged,
             resync: std::mem::take(&mut pending.resync),
         }
     }
 
-    /// Forgets that `topic` lagged (the session dropped the subscription) and its queued
-    /// changes.
-    pub fn clear_lagged(&self, topic: &str) {
+    /// Forgets `topic`'s queued changes and that it lagged (the session dropped the
+    /// subscription).
+    pub fn forget(&self, topic: &str) {
         let mut pending = self.lock();
-        let before = pending.lagged.len();
-        pending.lagged.retain(|t| &**t != topic);
-        pending.reported -= before - pending.lagged.len();
+        pending.lagged.retain(|(t, _)| &**t != topic);
         pending.items.retain(|item| &*item.topic != topic);
     }
 }
@@ -336,6 +353,8 @@ mod tests {
         hub.dispatch(&[change("batch:b", 2), change("batch:b", 3)]);
         // The fifth change pushes out a:1; a is lagged, b's changes all stay.
         hub.dispatch(&[change("batch:b", 4), change("batch:a", 2)]);
+        // Forgetting a topic not yet reported is fine (the client unsubscribed meanwhile).
+        outbox.forget("batch:c");
         let drained = outbox.drain();
         assert_eq!(drained.lagged, vec![a.clone()]);
         let versions: Vec<(String, i64)> = drained
@@ -356,11 +375,35 @@ mod tests {
         hub.dispatch(&[change("batch:a", 3)]);
         let drained = outbox.drain();
         assert!(drained.lagged.is_empty() && drained.items.is_empty());
-        outbox.clear_lagged("batch:a");
+        outbox.forget("batch:a");
         hub.dispatch(&[change("batch:a", 4)]);
         assert_eq!(outbox.drain().items.len(), 1);
         // a:1 pushed out, a:2 and a:3 refused.
         assert_eq!(hub.metrics.dropped.load(Ordering::Relaxed), 3);
+
+        // A lagged topic's queued changes make room for the others.
+        let (id, outbox) = hub.connect();
+        hub.subscribe(&a, id, &outbox);
+        hub.subscribe(&b, id, &outbox);
+        hub.dispatch(&[
+            change("batch:a", 1),
+            change("batch:a", 2),
+            change("batch:a", 3),
+        ]);
+        hub.dispatch(&[change("batch:b", 1), change("batch:b", 2)]);
+        let drained = outbox.drain();
+        assert_eq!(drained.lagged, vec![a.clone()]);
+        assert_eq!(drained.items.len(), 2, "b:1 and b:2; a's are gone");
+        // Unsubscribing before the session was told: nothing left to report.
+        hub.dispatch(&[
+            change("batch:b", 3),
+            change("batch:b", 4),
+            change("batch:b", 5),
+        ]);
+        hub.dispatch(&[change("batch:b", 6), change("batch:b", 7)]);
+        outbox.forget("batch:b");
+        let drained = outbox.drain();
+        assert!(drained.lagged.is_empty() && drained.items.is_empty());
     }
 
     #[test]

@@ -18,17 +18,20 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{Hub, Item, LiveMetrics, Outbox, frame, visible_topic};
+use super::{Hub, Item, Live, LiveMetrics, Outbox, frame, visible_topic};
 use crate::auth::AuthUser;
-use crate::state::AppState;
 use tokio_tungstenite::tungstenite;
 
 /// Catching up from history sends at most this many changes; beyond, a snapshot.
-const MAX_REPLAY: i64 = 1000;
+const MAX_REPLAY: i64 = 256;
+
+/// A write that takes longer than this (a client that stopped reading, with full TCP
+/// buffers) ends the connection: no session can hold up shutdown or its own timers for long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection's identity, fixed at the upgrade.
 pub struct Connect {
-    pub state: AppState,
+    pub live: Arc<Live>,
     pub user: AuthUser,
     /// When the access token expires: the connection closes then (1008).
     pub expires_at: Instant,
@@ -36,7 +39,7 @@ pub struct Connect {
 
 impl Connect {
     fn hub(&self) -> &Hub {
-        &self.state.live.hub
+        &self.live.hub
     }
 }
 
@@ -64,8 +67,10 @@ struct Subscription {
 
 /// Why a session ends.
 enum End {
-    /// The client closed or the connection broke.
+    /// The connection broke (or a write timed out).
     Gone,
+    /// The client sent a close frame (the library queued our reply).
+    ClientClosed,
     Close(u16, &'static str),
 }
 
@@ -102,12 +107,33 @@ struct Session {
     outbox: Arc<Outbox>,
     subs: HashMap<Arc<str>, Subscription>,
     bucket: Bucket,
+    released: bool,
+}
+
+impl Session {
+    /// Removes this connection from the hub (idempotent; also run on drop, so that a panic
+    /// or a cancelled future leaves no registration behind).
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        for topic in self.subs.keys() {
+            self.connect.hub().unsubscribe(topic, self.id);
+        }
+        self.connect.hub().disconnect(self.id);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Runs one connection to its end.
 pub async fn run(connect: Connect, mut socket: WebSocket) {
     let (id, outbox) = connect.hub().connect();
-    let settings = connect.state.settings.ws.clone();
+    let settings = connect.live.settings.ws.clone();
     let mut session = Session {
         bucket: Bucket {
             tokens: f64::from(settings.message_burst),
@@ -120,12 +146,15 @@ pub async fn run(connect: Connect, mut socket: WebSocket) {
         id,
         outbox,
         subs: HashMap::new(),
+        released: false,
     };
     let end = session.serve(&mut socket).await;
-    for topic in session.subs.keys() {
-        session.connect.hub().unsubscribe(topic, id);
+    session.release();
+    drop(session);
+    if let End::ClientClosed = end {
+        // Send the close reply the library queued.
+        let _ = tokio::time::timeout(Duration::from_secs(1), socket.flush()).await;
     }
-    session.connect.hub().disconnect(id);
     if let End::Close(code, reason) = end {
         let close = Message::Close(Some(CloseFrame {
             code,
@@ -149,7 +178,7 @@ pub async fn run(connect: Connect, mut socket: WebSocket) {
 
 impl Session {
     async fn serve(&mut self, socket: &mut WebSocket) -> End {
-        let settings = self.connect.state.settings.ws.clone();
+        let settings = self.connect.live.settings.ws.clone();
         let idle = Duration::from_secs(settings.idle_timeout_secs);
         let mut ping = tokio::time::interval_at(
             Instant::now() + Duration::from_secs(settings.ping_interval_secs),
@@ -157,7 +186,7 @@ impl Session {
         );
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heard = Instant::now();
-        let cancel = self.connect.state.live.cancel.clone();
+        let cancel = self.connect.live.cancel.clone();
         let outbox = self.outbox.clone();
         loop {
             let step = tokio::select! {
@@ -172,7 +201,9 @@ impl Session {
                 received = socket.recv() => {
                     heard = Instant::now();
                     match received {
-                        Some(Ok(message)) => self.on_message(socket, message).await,
+                        // Boxed: the rare, large futures (database reads) live on the heap
+                        // only while they run, so an idle connection's task stays small.
+                        Some(Ok(message)) => Box::pin(self.on_message(socket, message)).await,
                         Some(Err(error)) => {
                             if is_too_big(&error) {
                                 LiveMetrics::add(&self.connect.hub().metrics.refused, 1);
@@ -183,7 +214,7 @@ impl Session {
                         None => return End::Gone,
                     }
                 }
-                _ = outbox.ready() => self.flush(socket).await,
+                _ = outbox.ready() => Box::pin(self.flush(socket)).await,
                 _ = ping.tick() => send(socket, Message::Ping(Default::default())).await,
             };
             if let Err(end) = step {
@@ -194,22 +225,13 @@ impl Session {
 
     async fn on_message(&mut self, socket: &mut WebSocket, message: Message) -> Result<(), End> {
         let text = match message {
-            Message::Text(text) => text,
+            Message::Text(text) => Some(text),
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
-            Message::Close(_) => return Err(End::Gone),
-            Message::Binary(_) => {
-                return self
-                    .refuse(
-                        socket,
-                        None,
-                        "malformed",
-                        "only JSON text messages are accepted",
-                    )
-                    .await;
-            }
+            Message::Close(_) => return Err(End::ClientClosed),
+            Message::Binary(_) => None,
         };
         if !self.bucket.take() {
-            if self.bucket.strikes > self.connect.state.settings.ws.message_burst {
+            if self.bucket.strikes > self.connect.live.settings.ws.message_burst {
                 LiveMetrics::add(&self.connect.hub().metrics.refused, 1);
                 return Err(End::Close(close_code::POLICY, "too many messages"));
             }
@@ -217,6 +239,16 @@ impl Session {
                 .refuse(socket, None, "rate_limited", "too many messages; slow down")
                 .await;
         }
+        let Some(text) = text else {
+            return self
+                .refuse(
+                    socket,
+                    None,
+                    "malformed",
+                    "only JSON text messages are accepted",
+                )
+                .await;
+        };
         let message: ClientMessage = match serde_json::from_str(text.as_str()) {
             Ok(message) => message,
             Err(error) => {
@@ -273,7 +305,7 @@ impl Session {
         };
         let internal: Arc<str> = internal.into();
         let resubscribe = self.subs.contains_key(&internal);
-        let limit = self.connect.state.settings.ws.max_subscriptions;
+        let limit = self.connect.live.settings.ws.max_subscriptions;
         if !resubscribe && self.subs.len() >= limit {
             let detail = format!("at most {limit} subscriptions per connection");
             return self
@@ -286,10 +318,10 @@ impl Session {
             } else {
                 "dashboard"
             };
-            let wait = self.connect.state.settings.consistency_wait();
+            let wait = self.connect.live.settings.consistency_wait();
             if let Err(error) = self
                 .connect
-                .state
+                .live
                 .reads
                 .wait_for(projection, position, wait)
                 .await
@@ -368,7 +400,7 @@ impl Session {
                 .await;
         }
         self.connect.hub().unsubscribe(&internal, self.id);
-        self.outbox.clear_lagged(&internal);
+        self.outbox.forget(&internal);
         send_json(socket, &json!({"type": "unsubscribed", "topic": topic})).await
     }
 
@@ -377,7 +409,7 @@ impl Session {
         &self,
         topic: &str,
     ) -> Result<Option<(i64, String)>, projections::ProjectionError> {
-        let reads = &self.connect.state.reads;
+        let reads = &self.connect.live.reads;
         if let Some(id) = topic.strip_prefix("batch:") {
             let Some(view) = reads.batch(id).await? else {
                 return Ok(None);
@@ -393,11 +425,9 @@ impl Session {
             })?;
             return Ok(Some((view.version, data)));
         }
-        let live = &self.connect.state.live;
-        if let Some(current) = live.feed.current(topic).await? {
-            return Ok(Some(current));
-        }
-        // No change yet: version 0, the (empty) dashboard.
+        // The version first, then the dashboard: the data is then that version's or newer
+        // (whole states, so a newer one is harmless; an older one would hide a change).
+        let version = self.connect.live.feed.version(topic).await?;
         let owner = topic.strip_prefix("dashboard:").unwrap_or_default();
         let dashboard = reads.dashboard(owner).await?;
         let data = serde_json::to_string(&dashboard).map_err(|e| {
@@ -406,7 +436,7 @@ impl Session {
                 reason: e.to_string(),
             }
         })?;
-        Ok(Some((0, data)))
+        Ok(Some((version, data)))
     }
 
     /// Brings the client from `since` (or nothing) to `snapshot`: the changes in between if
@@ -425,20 +455,20 @@ impl Session {
                 sub.last = version;
                 return Ok(());
             }
-            let live = &self.connect.state.live;
+            let live = &self.connect.live;
             match live.feed.history(topic, since, version - since).await {
                 Ok(changes)
                     if changes.len() as i64 == version - since
-                        && changes.first().is_some_and(|c| c.version == since + 1) =>
+                        && changes
+                            .iter()
+                            .zip(since + 1..)
+                            .all(|(change, expected)| change.version == expected) =>
                 {
                     for change in &changes {
                         let text = frame("change", &sub.visible, change.version, &change.data);
-                        socket
-                            .feed(Message::Text(text))
-                            .await
-                            .map_err(|_| End::Gone)?;
+                        feed(socket, Message::Text(text)).await?;
                     }
-                    socket.flush().await.map_err(|_| End::Gone)?;
+                    flush(socket).await?;
                     LiveMetrics::add(&metrics.changes_sent, changes.len() as u64);
                     sub.last = version;
                     return Ok(());
@@ -460,21 +490,13 @@ impl Session {
     async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), End> {
         let drained = self.outbox.drain();
         for topic in drained.lagged {
-            if let Some(sub) = self.subs.remove(&topic) {
-                self.connect.hub().unsubscribe(&topic, self.id);
-                self.outbox.clear_lagged(&topic);
-                LiveMetrics::add(&self.connect.hub().metrics.lagged, 1);
-                let lagged = json!({
-                    "type": "lagged",
-                    "topic": &*sub.visible,
-                    "version": sub.last,
-                    "message": "changes were dropped because the connection is too slow; \
-                                subscribe again with since = version",
-                });
-                send_json(socket, &lagged).await?;
-            } else {
-                self.outbox.clear_lagged(&topic);
-            }
+            self.lagged(
+                socket,
+                &topic,
+                "changes were dropped because the connection is too slow; \
+                 subscribe again with since = version",
+            )
+            .await?;
         }
         if drained.resync {
             let topics: Vec<Arc<str>> = self.subs.keys().cloned().collect();
@@ -496,39 +518,67 @@ impl Session {
                 continue;
             }
             if version > last + 1 {
-                socket.flush().await.map_err(|_| End::Gone)?;
+                flush(socket).await?;
                 self.catch_up(socket, &topic).await?;
                 continue;
             }
-            socket
-                .feed(Message::Text(frame))
-                .await
-                .map_err(|_| End::Gone)?;
+            feed(socket, Message::Text(frame)).await?;
             if let Some(sub) = self.subs.get_mut(&topic) {
                 sub.last = version;
             }
             sent += 1;
         }
-        socket.flush().await.map_err(|_| End::Gone)?;
+        flush(socket).await?;
         LiveMetrics::add(&self.connect.hub().metrics.changes_sent, sent);
         Ok(())
     }
 
-    /// Brings one subscribed topic up to date from the store.
+    /// Ends a subscription with a `lagged` message: the client resubscribes with `since`.
+    async fn lagged(&mut self, socket: &mut WebSocket, topic: &str, why: &str) -> Result<(), End> {
+        self.connect.hub().unsubscribe(topic, self.id);
+        self.outbox.forget(topic);
+        let Some(sub) = self.subs.remove(topic) else {
+            return Ok(());
+        };
+        LiveMetrics::add(&self.connect.hub().metrics.lagged, 1);
+        let lagged = json!({
+            "type": "lagged",
+            "topic": &*sub.visible,
+            "version": sub.last,
+            "message": why,
+        });
+        send_json(socket, &lagged).await
+    }
+
+    /// Brings one subscribed topic up to date from the store. At most a few sessions of this
+    /// node do it at once, so that a resync of every connection cannot swamp the database.
     async fn catch_up(&mut self, socket: &mut WebSocket, topic: &Arc<str>) -> Result<(), End> {
         let Some(mut sub) = self.subs.remove(topic) else {
             return Ok(());
         };
-        let result = match self.snapshot(topic).await {
+        let live = self.connect.live.clone();
+        let snapshot = match live.catching_up.acquire().await {
+            Ok(_permit) => self.snapshot(topic).await,
+            Err(_) => return Err(End::Gone),
+        };
+        let result = match snapshot {
             Ok(Some(snapshot)) if snapshot.0 > sub.last => {
                 let since = Some(sub.last);
                 self.deliver(socket, topic, &mut sub, since, snapshot).await
             }
             Ok(_) => Ok(()),
             Err(error) => {
-                // The next change (or resync) tries again; nothing is lost meanwhile.
                 tracing::warn!(%error, "catching a live topic up failed");
-                Ok(())
+                self.subs.insert(topic.clone(), sub);
+                // Changes may be missing and the store does not answer: hand the client the
+                // means to resume rather than leave it silently stale.
+                return self
+                    .lagged(
+                        socket,
+                        topic,
+                        "changes may be missing; subscribe again with since = version",
+                    )
+                    .await;
             }
         };
         self.subs.insert(topic.clone(), sub);
@@ -548,10 +598,52 @@ fn is_too_big(error: &axum::Error) -> bool {
     false
 }
 
+/// A write to the socket, bounded by [`WRITE_TIMEOUT`].
+async fn write<F>(io: F) -> Result<(), End>
+where
+    F: std::future::Future<Output = Result<(), axum::Error>>,
+{
+    match tokio::time::timeout(WRITE_TIMEOUT, io).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(End::Gone),
+    }
+}
+
 async fn send(socket: &mut WebSocket, message: Message) -> Result<(), End> {
-    socket.send(message).await.map_err(|_| End::Gone)
+    write(socket.send(message)).await
+}
+
+async fn feed(socket: &mut WebSocket, message: Message) -> Result<(), End> {
+    write(socket.feed(message)).await
+}
+
+async fn flush(socket: &mut WebSocket) -> Result<(), End> {
+    write(socket.flush()).await
 }
 
 async fn send_json(socket: &mut WebSocket, value: &serde_json::Value) -> Result<(), End> {
     send(socket, Message::Text(Utf8Bytes::from(value.to_string()))).await
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle connection holds its session's future: keep it small (the 16 KiB budget per
+    /// idle connection also pays for buffers, the socket and the hub's entries).
+    #[test]
+    fn an_idle_session_future_is_small() {
+        fn size_of_future<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let future = async {
+            let (connect, socket): (super::Connect, axum::extract::ws::WebSocket) = todo_never();
+            super::run(connect, socket).await;
+        };
+        let size = size_of_future(&future);
+        assert!(size < 2048, "the session future is {size} bytes");
+    }
+
+    #[allow(clippy::diverging_sub_expression)]
+    fn todo_never<T>() -> T {
+        unreachable!("only measured, never run")
+    }
 }

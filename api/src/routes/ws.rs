@@ -83,7 +83,7 @@ pub(super) async fn ws(
     let connect = session::Connect {
         user,
         expires_at,
-        state: state.clone(),
+        live: state.live.clone(),
     };
     Ok(upgrade
         .protocols([PROTOCOL])
