@@ -247,6 +247,18 @@ pub struct AuthUser {
 }
 
 impl AuthUser {
+    /// The caller a verified token names.
+    pub fn from_claims(claims: Claims) -> Result<Self, ApiError> {
+        Ok(Self {
+            id: claims
+                .sub
+                .parse()
+                .map_err(|_| ApiError::Unauthorized("the access token is invalid or expired"))?,
+            username: claims.name,
+            role: claims.role,
+        })
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
@@ -279,14 +291,6 @@ impl FromRequestParts<AppState> for AuthUser {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(ApiError::Unauthorized("use Authorization: Bearer <token>"))?;
-        let claims = state.tokens.verify(token.trim())?;
-        Ok(Self {
-            id: claims
-                .sub
-                .parse()
-                .map_err(|_| ApiError::Unauthorized("the access token is invalid or expired"))?,
-            username: claims.name,
-            role: claims.role,
-        })
+        Self::from_claims(state.tokens.verify(token.trim())?)
     }
 }

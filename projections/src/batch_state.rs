@@ -339,25 +339,16 @@ impl Projection for BatchStateProjection {
         events: &[StoredEvent],
         changes: Option<&mut Vec<Change>>,
     ) -> Result<(), ProjectionError> {
-        let Some(changes) = changes else {
-            apply_page(
-                conn,
-                TABLE,
-                events,
-                BatchView::fold,
-                BatchView::to_row,
-                |_| Ok(()),
-            )
-            .await?;
-            return Ok(());
-        };
+        let mut changes = changes;
         // One change per event that moved a batch to a new version: the whole view after it.
         let changed = |view: &BatchView| {
-            changes.push(Change {
-                topic: Change::batch_topic(&view.batch_id),
-                version: view.version,
-                data: docs::to_doc(&view.batch_id, view)?,
-            });
+            if let Some(changes) = changes.as_deref_mut() {
+                changes.push(Change {
+                    topic: Change::batch_topic(&view.batch_id),
+                    version: view.version,
+                    data: docs::to_doc(&view.batch_id, view)?,
+                });
+            }
             Ok(())
         };
         apply_page(

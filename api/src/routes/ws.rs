@@ -67,16 +67,9 @@ pub(super) async fn ws(
 ) -> ApiResult<Response> {
     let token = presented_token(&headers, &query)?;
     let claims = state.tokens.verify(&token)?;
-    let user = AuthUser {
-        id: claims
-            .sub
-            .parse()
-            .map_err(|_| ApiError::Unauthorized("the access token is invalid or expired"))?,
-        username: claims.name,
-        role: claims.role,
-    };
-    let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
     let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
+    let user = AuthUser::from_claims(claims)?;
+    let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
     let expires_at = Instant::now() + Duration::from_secs(left);
     let limits = &state.settings.ws;
     let tracker = state.live.tracker.clone();
