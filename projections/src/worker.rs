@@ -198,6 +198,7 @@ impl<P: Projection> Worker<P> {
             Some(checkpoint) => checkpoint,
             None => load_checkpoint(self.pool(), name).await?,
         };
+        let started = std::time::Instant::now();
         let events = self
             .log
             .read_after(checkpoint, self.options.page_size)
@@ -205,6 +206,7 @@ impl<P: Projection> Worker<P> {
         let Some(last) = events.last().map(|e| e.at) else {
             return Ok(Step::Idle);
         };
+        let read = started.elapsed();
         let _turn = self.log.storage().write_turn().await;
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
@@ -232,10 +234,19 @@ impl<P: Projection> Worker<P> {
             None => self.projection.apply(&mut tx, &events, None).await?,
         }
         before_commit(&events)?;
+        let applied = started.elapsed();
         tx.commit().await?;
         if let Some(feed) = &self.feed {
             feed.publish(changes);
         }
+        tracing::debug!(
+            projection = name,
+            events = events.len(),
+            read_ms = read.as_secs_f64() * 1e3,
+            applied_ms = applied.as_secs_f64() * 1e3,
+            committed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "page applied"
+        );
         *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
         self.log.storage().checkpoints().publish(name, last);
         Ok(Step::Applied(events.len()))
