@@ -872,6 +872,35 @@ struct BatchReader {
     closed: bool,
 }
 
+/// What a reader got next.
+enum Next {
+    Text(Utf8Bytes),
+    /// The run is over.
+    Stopped,
+    /// The server closed the connection, or it broke.
+    Closed,
+}
+
+/// The next text message (pings and other frames are skipped), until `stop` says so.
+async fn next_text(ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> Next {
+    loop {
+        let message = tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return Next::Stopped;
+                }
+                continue;
+            }
+            message = ws.next() => message,
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => return Next::Text(text),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return Next::Closed,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
 /// Reads batch `b`'s topic: every change, its receive time and the essay it is about.
 async fn read_batch(
     b: usize,
@@ -882,24 +911,15 @@ async fn read_batch(
 ) -> BatchReader {
     let mut report = BatchReader::default();
     loop {
-        let message = tokio::select! {
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
-            message = ws.next() => message,
-        };
-        let at = Instant::now();
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(_)) | Err(_)) | None => {
+        let text = match next_text(&mut ws, &mut stop).await {
+            Next::Text(text) => text,
+            Next::Stopped => break,
+            Next::Closed => {
                 report.closed = true;
                 return report;
             }
-            Some(Ok(_)) => continue,
         };
+        let at = Instant::now();
         let frame: Frame<BatchData> = match serde_json::from_str(text.as_str()) {
             Ok(frame) => frame,
             Err(error) => {
@@ -1187,24 +1207,15 @@ async fn read_versions(
     dropped: Arc<AtomicUsize>,
 ) {
     loop {
-        let message = tokio::select! {
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
-            message = ws.next() => message,
-        };
-        let at = Instant::now();
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(_)) | Err(_)) | None => {
+        let text = match next_text(&mut ws, &mut stop).await {
+            Next::Text(text) => text,
+            Next::Stopped => break,
+            Next::Closed => {
                 dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Some(Ok(_)) => continue,
         };
+        let at = Instant::now();
         match serde_json::from_str::<Frame>(text.as_str()) {
             Ok(frame) if frame.kind == "change" => {
                 let _ = changes.send((frame.version.unwrap_or(0), at));
