@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use commands::{CommandService, EventLog, Storage, StorageOptions};
 use domain::{BatchServices, PipelineCatalog};
 use projections::feed::Retention;
@@ -206,7 +207,14 @@ impl Application {
                     .await
             }
             None => {
-                axum::serve(self.listener, self.router)
+                // No Nagle: a small WebSocket change or 202 must not wait for the client's
+                // delayed ACK of the previous one.
+                let listener = self.listener.tap_io(|tcp| {
+                    if let Err(error) = tcp.set_nodelay(true) {
+                        tracing::debug!(%error, "could not set TCP_NODELAY");
+                    }
+                });
+                axum::serve(listener, self.router)
                     .with_graceful_shutdown(stopped)
                     .await
             }
