@@ -282,15 +282,22 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
+        let token = bearer_token(&parts.headers)?
             .ok_or(ApiError::Unauthorized("an access token is required"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized("use Authorization: Bearer <token>"))?;
-        Self::from_claims(state.tokens.verify(token.trim())?)
+        Self::from_claims(state.tokens.verify(token)?)
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; `None` without the header, an error
+/// for another scheme.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| Some(token.trim()))
+        .ok_or(ApiError::Unauthorized("use Authorization: Bearer <token>"))
 }

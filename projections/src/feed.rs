@@ -57,6 +57,16 @@ impl Change {
     }
 }
 
+/// A topic's current state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Whose it is (a batch's owner; a dashboard's teacher).
+    pub owner_id: String,
+    pub version: i64,
+    /// JSON text.
+    pub data: String,
+}
+
 /// What a feed subscriber receives.
 #[derive(Debug, Clone)]
 pub enum FeedEvent {
@@ -175,15 +185,46 @@ impl Feed {
         rows.iter().map(change_from).collect()
     }
 
-    /// The current version of a topic counted in `live_topics` (a dashboard); 0 before its
-    /// first change.
-    pub async fn version(&self, topic: &str) -> Result<i64, ProjectionError> {
+    /// A topic's current state, as its next change would carry it; `None` if there is no
+    /// such topic (no such batch, or a malformed name).
+    ///
+    /// A batch's is its `batch_state` row, sent as stored (the document a change carries).
+    /// A dashboard's version (counted in `live_topics`, 0 before its first change) is read
+    /// before the dashboard, so the data is that version's or newer: whole states, so a newer
+    /// one is harmless, while an older one would hide a change.
+    pub async fn snapshot(&self, topic: &str) -> Result<Option<Snapshot>, ProjectionError> {
+        if let Some(id) = topic.strip_prefix("batch:") {
+            let row = sqlx::query(&format!(
+                "SELECT owner_id, version, doc FROM {} WHERE id = $1",
+                crate::batch_state::TABLE
+            ))
+            .bind(id)
+            .fetch_optional(self.storage.pool())
+            .await?;
+            return Ok(match row {
+                Some(row) => Some(Snapshot {
+                    owner_id: row.try_get("owner_id")?,
+                    version: row.try_get("version")?,
+                    data: row.try_get("doc")?,
+                }),
+                None => None,
+            });
+        }
+        let Some(owner) = topic.strip_prefix("dashboard:") else {
+            return Ok(None);
+        };
         let version: Option<i64> =
             sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
                 .bind(topic)
                 .fetch_optional(self.storage.pool())
                 .await?;
-        Ok(version.unwrap_or(0))
+        let mut conn = self.storage.pool().acquire().await?;
+        let dashboard = crate::queries::dashboard_on(&mut conn, owner).await?;
+        Ok(Some(Snapshot {
+            owner_id: owner.to_owned(),
+            version: version.unwrap_or(0),
+            data: crate::docs::to_doc(owner, &dashboard)?,
+        }))
     }
 
     /// On PostgreSQL, receives other nodes' pages (a node that serves WebSocket clients).

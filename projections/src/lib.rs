@@ -24,7 +24,7 @@ use sqlx::AnyConnection;
 pub use batch_state::{BatchStateProjection, BatchView};
 pub use dashboard::DashboardProjection;
 pub use docs::DocRow;
-pub use feed::{Change, Feed, FeedEvent};
+pub use feed::{Change, Feed, FeedEvent, Snapshot};
 pub use queries::{Dashboard, Page, ProjectionStatus, Reached, ReadModels};
 pub use worker::{Step, Worker, WorkerOptions};
 

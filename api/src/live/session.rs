@@ -409,34 +409,10 @@ impl Session {
         &self,
         topic: &str,
     ) -> Result<Option<(i64, String)>, projections::ProjectionError> {
-        let reads = &self.connect.live.reads;
-        if let Some(id) = topic.strip_prefix("batch:") {
-            let Some(view) = reads.batch(id).await? else {
-                return Ok(None);
-            };
-            if !self.connect.user.may_read(&view.owner_id) {
-                return Ok(None);
-            }
-            let data = serde_json::to_string(&view).map_err(|e| {
-                projections::ProjectionError::Corrupt {
-                    key: id.to_owned(),
-                    reason: e.to_string(),
-                }
-            })?;
-            return Ok(Some((view.version, data)));
-        }
-        // The version first, then the dashboard: the data is then that version's or newer
-        // (whole states, so a newer one is harmless; an older one would hide a change).
-        let version = self.connect.live.feed.version(topic).await?;
-        let owner = topic.strip_prefix("dashboard:").unwrap_or_default();
-        let dashboard = reads.dashboard(owner).await?;
-        let data = serde_json::to_string(&dashboard).map_err(|e| {
-            projections::ProjectionError::Corrupt {
-                key: owner.to_owned(),
-                reason: e.to_string(),
-            }
-        })?;
-        Ok(Some((version, data)))
+        let snapshot = self.connect.live.feed.snapshot(topic).await?;
+        Ok(snapshot
+            .filter(|s| self.connect.user.may_read(&s.owner_id))
+            .map(|s| (s.version, s.data)))
     }
 
     /// Brings the client from `since` (or nothing) to `snapshot`: the changes in between if

@@ -16,7 +16,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, bearer_token};
 use crate::error::{ApiError, ApiResult};
 use crate::live::{PROTOCOL, session};
 use crate::state::AppState;
@@ -28,13 +28,8 @@ pub(super) struct WsQuery {
 
 /// The token the client presented, if any.
 fn presented_token(headers: &HeaderMap, query: &WsQuery) -> Result<String, ApiError> {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        return value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_owned())
-            .ok_or(ApiError::Unauthorized("use Authorization: Bearer <token>"));
+    if let Some(token) = bearer_token(headers)? {
+        return Ok(token.to_owned());
     }
     let offered = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
