@@ -1,27 +1,49 @@
 //! The `dashboard` read model, served to the aggregator: per owner, totals by status and recent
-//! activity (`dashboard_owners`), and per batch a progress summary with per-essay outcomes
-//! (`dashboard_batches`).
+//! activity (`dashboard_owners`), per batch a progress summary (`dashboard_batches`) and its
+//! per-essay outcomes in the current (or last) pipeline (`dashboard_outcomes`, one row per
+//! essay and phase). A teacher's dashboard (`GET /v1/dashboard`, live topic `dashboard`) is
+//! their totals, their newest [`ACTIVE_LIMIT`] active batches, their [`RECENT`] most recently
+//! finished ones, and their [`RECENT`] latest activities.
 //!
-//! Guarantee: exactly-once effect, like every projection: the page and its checkpoint commit
-//! together (see [`crate::worker`]). Replay: `essayflow replay --projection dashboard`.
+//! Guarantees:
+//! - **Exactly-once effect**, like every projection: the page and its checkpoint commit
+//!   together (see [`crate::worker`]).
+//! - **Cost follows the change.** An event writes its batch's summary row and its own outcome
+//!   rows; a page writes each touched owner's row once.
+//! - **Changes are patches.** With a feed, each page lists one [`Change`] per owner it touched:
+//!   a JSON Patch (RFC 6902) from the owner's dashboard before the page to after it, made of
+//!   the totals' diff, the moves that keep both lists of batches in order ([`patch::reorder`]),
+//!   the changed batches' own diffs and outcome rows, and the new activities. Only a batch that
+//!   enters a list from outside it is sent whole.
+//!
+//! Replay: `essayflow replay --projection dashboard` rebuilds it beside the live model.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use commands::StoredEvent;
 use domain::{BatchEvent, BatchStatus, PipelineOutcome};
 use serde::{Deserialize, Serialize};
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Row};
 
-use crate::docs::{self, DocRow};
+use crate::docs::{self, Cell, DocRow, placeholders};
 use crate::feed::Change;
+use crate::patch;
 use crate::{Projection, ProjectionError};
 
 pub const BATCHES: &str = "dashboard_batches";
 pub const OWNERS: &str = "dashboard_owners";
+/// `(batch_id, essay_id, phase) -> outcome`.
+pub const OUTCOMES: &str = "dashboard_outcomes";
 
-/// How many recent activities an owner's dashboard keeps.
+/// How many recent activities, and recently finished batches, a dashboard shows.
 pub const RECENT: usize = 20;
+/// How many active batches a dashboard shows (the newest).
+pub const ACTIVE_LIMIT: usize = 50;
+
+/// The statuses of active and of finished batches, as SQL lists.
+const ACTIVE: &str = "('registered', 'ready', 'processing')";
+const FINISHED: &str = "('completed', 'completed_with_failures', 'cancelled')";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
@@ -30,8 +52,9 @@ pub struct Progress {
     pub total: u32,
 }
 
+/// A batch on a dashboard, without its per-essay outcomes: one small row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct DashboardBatch {
+pub struct DashboardBatchSummary {
     pub batch_id: String,
     pub owner_id: String,
     pub title: String,
@@ -45,12 +68,19 @@ pub struct DashboardBatch {
     pub phases_completed: u32,
     /// Outcomes reported in the current (or last) phase.
     pub phase_progress: Progress,
-    /// essay id -> phase -> `succeeded` | `failed`, for the current (or last) pipeline.
-    pub essay_outcomes: BTreeMap<String, BTreeMap<String, String>>,
     /// The status to return to if the pending request is rejected.
     pub status_before_request: Option<String>,
     pub version: i64,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A batch on a dashboard: its summary's fields and its per-essay outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DashboardBatch {
+    #[serde(flatten)]
+    pub summary: DashboardBatchSummary,
+    /// essay id -> phase -> `succeeded` | `failed`, for the current (or last) pipeline.
+    pub essay_outcomes: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -74,8 +104,38 @@ pub struct OwnerDashboard {
     pub position: i64,
 }
 
-impl DashboardBatch {
-    fn fold(view: Option<Self>, stored: &StoredEvent) -> Option<Self> {
+impl OwnerDashboard {
+    fn empty(owner: &str) -> Self {
+        Self {
+            owner_id: owner.to_owned(),
+            totals: BTreeMap::new(),
+            recent_activity: Vec::new(),
+            events: 0,
+            position: 0,
+        }
+    }
+}
+
+/// A row an event writes besides the batch's summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DashboardRow {
+    /// A new pipeline: the outcomes of the last one are gone.
+    Clear,
+    Outcome {
+        essay_id: String,
+        phase: String,
+        outcome: &'static str,
+    },
+}
+
+impl DashboardBatchSummary {
+    /// Folds one event (`None` before the batch's first event), pushing the rows it writes
+    /// onto `rows`; an event already applied (by version) changes and writes nothing.
+    pub fn fold(
+        view: Option<Self>,
+        stored: &StoredEvent,
+        rows: &mut Vec<DashboardRow>,
+    ) -> Option<Self> {
         if let BatchEvent::BatchRegistered {
             batch_id,
             owner_id,
@@ -99,7 +159,6 @@ impl DashboardBatch {
                     current_phase: None,
                     phases_completed: 0,
                     phase_progress: Progress::default(),
-                    essay_outcomes: BTreeMap::new(),
                     status_before_request: None,
                     version: stored.sequence,
                     updated_at: stored.metadata.occurred_at,
@@ -132,7 +191,7 @@ impl DashboardBatch {
                 view.current_phase = None;
                 view.phases_completed = 0;
                 view.phase_progress = Progress::default();
-                view.essay_outcomes.clear();
+                rows.push(DashboardRow::Clear);
             }
             BatchEvent::PipelineResolved { steps, .. } => {
                 view.steps = steps.iter().map(ToString::to_string).collect();
@@ -167,10 +226,11 @@ impl DashboardBatch {
                 } else {
                     view.phase_progress.failed += 1;
                 }
-                view.essay_outcomes
-                    .entry(essay_id.to_string())
-                    .or_default()
-                    .insert(phase.to_string(), outcome_name(succeeded).to_owned());
+                rows.push(DashboardRow::Outcome {
+                    essay_id: essay_id.to_string(),
+                    phase: phase.to_string(),
+                    outcome: outcome_name(succeeded),
+                });
             }
             BatchEvent::PhaseCompleted { .. } => view.phases_completed += 1,
             BatchEvent::PipelineCompleted { outcome, .. } => {
@@ -186,16 +246,36 @@ impl DashboardBatch {
         }
         Some(view)
     }
+}
 
-    fn to_row(&self, created_position: i64, position: i64) -> Result<DocRow, ProjectionError> {
-        Ok(DocRow {
-            id: self.batch_id.clone(),
-            owner_id: self.owner_id.clone(),
-            status: self.status.clone(),
-            created_position,
-            version: self.version,
-            position,
-            doc: docs::to_doc(&self.batch_id, self)?,
+impl DashboardBatch {
+    /// Folds one event into the whole dashboard batch, in memory: the summary's fold, with the
+    /// rows it writes applied to the outcomes.
+    pub fn fold(view: Option<Self>, stored: &StoredEvent) -> Option<Self> {
+        let (summary, mut outcomes) = match view {
+            Some(view) => (Some(view.summary), view.essay_outcomes),
+            None => (None, BTreeMap::new()),
+        };
+        let mut rows = Vec::new();
+        let summary = DashboardBatchSummary::fold(summary, stored, &mut rows)?;
+        for row in rows {
+            match row {
+                DashboardRow::Clear => outcomes.clear(),
+                DashboardRow::Outcome {
+                    essay_id,
+                    phase,
+                    outcome,
+                } => {
+                    outcomes
+                        .entry(essay_id)
+                        .or_default()
+                        .insert(phase, outcome.to_owned());
+                }
+            }
+        }
+        Some(Self {
+            summary,
+            essay_outcomes: outcomes,
         })
     }
 }
@@ -244,6 +324,165 @@ fn summary(event: &BatchEvent) -> String {
     }
 }
 
+/// Which of an owner's batches a dashboard shows, in order.
+#[derive(Debug, Default)]
+struct Lists {
+    active: Vec<String>,
+    finished: Vec<String>,
+}
+
+/// The query of one of an owner's lists: `columns` of its batches, in the dashboard's order.
+pub(crate) fn list_sql(columns: &str, finished: bool) -> String {
+    let (statuses, order, limit) = if finished {
+        (FINISHED, "position", RECENT)
+    } else {
+        (ACTIVE, "created_position", ACTIVE_LIMIT)
+    };
+    format!(
+        "SELECT {columns} FROM {BATCHES} WHERE owner_id = $1 AND status IN {statuses}
+          ORDER BY {order} DESC LIMIT {limit}"
+    )
+}
+
+async fn lists(conn: &mut AnyConnection, owner: &str) -> Result<Lists, ProjectionError> {
+    let ids = |rows: Vec<sqlx::any::AnyRow>| -> Result<Vec<String>, ProjectionError> {
+        Ok(rows
+            .iter()
+            .map(|row| row.try_get("id"))
+            .collect::<Result<_, _>>()?)
+    };
+    let active = sqlx::query(&list_sql("id", false))
+        .bind(owner)
+        .fetch_all(&mut *conn)
+        .await?;
+    let finished = sqlx::query(&list_sql("id", true))
+        .bind(owner)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Lists {
+        active: ids(active)?,
+        finished: ids(finished)?,
+    })
+}
+
+/// The outcome rows of `batches`, as each batch's `essay_outcomes`.
+pub(crate) async fn outcomes_of(
+    conn: &mut AnyConnection,
+    batches: &[String],
+) -> Result<HashMap<String, BTreeMap<String, BTreeMap<String, String>>>, ProjectionError> {
+    let mut found: HashMap<String, BTreeMap<String, BTreeMap<String, String>>> = HashMap::new();
+    for chunk in batches.chunks(400) {
+        if chunk.is_empty() {
+            continue;
+        }
+        let sql = format!(
+            "SELECT batch_id, essay_id, phase, outcome FROM {OUTCOMES} WHERE batch_id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            found
+                .entry(row.try_get("batch_id")?)
+                .or_default()
+                .entry(row.try_get("essay_id")?)
+                .or_default()
+                .insert(row.try_get("phase")?, row.try_get("outcome")?);
+        }
+    }
+    Ok(found)
+}
+
+/// Which of `essays` of a batch have at least one outcome row.
+async fn essays_with_outcomes(
+    conn: &mut AnyConnection,
+    batch: &str,
+    essays: &[&str],
+) -> Result<HashSet<String>, ProjectionError> {
+    let mut found = HashSet::new();
+    for chunk in essays.chunks(400) {
+        let sql = format!(
+            "SELECT DISTINCT essay_id FROM {OUTCOMES} WHERE batch_id = $1 AND essay_id IN ({})",
+            placeholders(2, chunk.len())
+        );
+        let mut query = sqlx::query(&sql).bind(batch);
+        for essay in chunk {
+            query = query.bind(*essay);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            found.insert(row.try_get("essay_id")?);
+        }
+    }
+    Ok(found)
+}
+
+/// One batch as a dashboard shows it, read back whole (for one entering a list).
+async fn whole_batch(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<serde_json::Value, ProjectionError> {
+    let summary = docs::load_many::<DashboardBatchSummary>(conn, BATCHES, &[id.to_owned()])
+        .await?
+        .remove(id)
+        .map(|(_, summary)| summary)
+        .ok_or_else(|| ProjectionError::Corrupt {
+            key: id.to_owned(),
+            reason: "listed but not found".to_owned(),
+        })?;
+    let essay_outcomes = outcomes_of(conn, &[id.to_owned()])
+        .await?
+        .remove(id)
+        .unwrap_or_default();
+    docs::to_value(
+        id,
+        &DashboardBatch {
+            summary,
+            essay_outcomes,
+        },
+    )
+}
+
+/// A batch as a page folds it.
+struct Folding {
+    created_position: i64,
+    position: i64,
+    /// The summary before the page (`None` for a batch the page registers).
+    before: Option<DashboardBatchSummary>,
+    now: Option<DashboardBatchSummary>,
+    /// Whether the page started a new pipeline, clearing the outcomes.
+    cleared: bool,
+    /// Outcomes the page wrote (after its last clear): (essay, phase) -> outcome.
+    outcomes: BTreeMap<(String, String), &'static str>,
+    /// Whether the page applied any event to it.
+    changed: bool,
+}
+
+impl Folding {
+    /// The outcomes the page wrote, as `essay_outcomes` entries.
+    fn outcome_map(&self) -> BTreeMap<&str, BTreeMap<&str, &'static str>> {
+        let mut map: BTreeMap<&str, BTreeMap<&str, &'static str>> = BTreeMap::new();
+        for ((essay, phase), outcome) in &self.outcomes {
+            map.entry(essay.as_str())
+                .or_default()
+                .insert(phase.as_str(), outcome);
+        }
+        map
+    }
+}
+
+/// The tables of this projection.
+const TABLES: &[crate::Table] = &[
+    crate::Table::document(BATCHES),
+    crate::Table::document(OWNERS),
+    crate::Table {
+        name: OUTCOMES,
+        key: &["batch_id", "essay_id", "phase"],
+        values: &["outcome"],
+    },
+];
+
 /// The dashboard projection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DashboardProjection;
@@ -253,8 +492,8 @@ impl Projection for DashboardProjection {
         "dashboard"
     }
 
-    fn tables(&self) -> &'static [&'static str] {
-        &[BATCHES, OWNERS]
+    fn tables(&self) -> &'static [crate::Table] {
+        TABLES
     }
 
     async fn apply(
@@ -266,39 +505,73 @@ impl Projection for DashboardProjection {
         let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut batches: HashMap<String, (i64, i64, Option<DashboardBatch>)> =
-            docs::load_many::<DashboardBatch>(conn, BATCHES, &ids)
+        let mut batches: HashMap<String, Folding> =
+            docs::load_many::<DashboardBatchSummary>(conn, BATCHES, &ids)
                 .await?
                 .into_iter()
-                .map(|(id, (row, view))| (id, (row.created_position, row.position, Some(view))))
+                .map(|(id, (row, view))| {
+                    let folding = Folding {
+                        created_position: row.created_position,
+                        position: row.position,
+                        before: Some(view.clone()),
+                        now: Some(view),
+                        cleared: false,
+                        outcomes: BTreeMap::new(),
+                        changed: false,
+                    };
+                    (id, folding)
+                })
                 .collect();
 
         // Per owner: status deltas and new activities, in log order.
-        let mut deltas: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
+        let mut deltas: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
         let mut activity: HashMap<String, Vec<Activity>> = HashMap::new();
         // Per owner: events applied, and the positions of the first and last of them.
         let mut seen_by_owner: HashMap<String, (i64, i64, i64)> = HashMap::new();
+        let mut rows = Vec::new();
         for event in events {
             let id = event.batch_id.to_string();
-            let entry = batches
-                .entry(id)
-                .or_insert((event.at.position, event.at.position, None));
-            let before = entry.2.as_ref().map(|v| (v.status.clone(), v.version));
-            let after = DashboardBatch::fold(entry.2.take(), event);
-            entry.2 = after;
-            let Some(view) = entry.2.as_ref() else {
+            let entry = batches.entry(id).or_insert(Folding {
+                created_position: event.at.position,
+                position: event.at.position,
+                before: None,
+                now: None,
+                cleared: false,
+                outcomes: BTreeMap::new(),
+                changed: false,
+            });
+            let was = entry.now.as_ref().map(|v| (v.status.clone(), v.version));
+            rows.clear();
+            entry.now = DashboardBatchSummary::fold(entry.now.take(), event, &mut rows);
+            let Some(view) = entry.now.as_ref() else {
                 continue;
             };
-            if before
+            if was
                 .as_ref()
                 .is_some_and(|(_, version)| *version >= event.sequence)
             {
                 continue;
             }
-            entry.1 = event.at.position;
+            entry.changed = true;
+            entry.position = event.at.position;
+            for row in rows.drain(..) {
+                match row {
+                    DashboardRow::Clear => {
+                        entry.cleared = true;
+                        entry.outcomes.clear();
+                    }
+                    DashboardRow::Outcome {
+                        essay_id,
+                        phase,
+                        outcome,
+                    } => {
+                        entry.outcomes.insert((essay_id, phase), outcome);
+                    }
+                }
+            }
             let owner = view.owner_id.clone();
             let owner_deltas = deltas.entry(owner.clone()).or_default();
-            if let Some((old, _)) = &before {
+            if let Some((old, _)) = &was {
                 *owner_deltas.entry(old.clone()).or_default() -= 1;
             }
             *owner_deltas.entry(view.status.clone()).or_default() += 1;
@@ -317,43 +590,105 @@ impl Projection for DashboardProjection {
             seen.0 += 1;
             seen.2 = event.at.position;
         }
+        let owners: Vec<String> = deltas.keys().cloned().collect();
 
-        let mut rows = Vec::with_capacity(batches.len());
-        for (created, position, view) in batches.values() {
-            if let Some(view) = view {
-                rows.push(view.to_row(*created, *position)?);
+        // What the patches need from before the writes: each owner's lists, and which essays
+        // already had outcomes in the listed batches the page changed.
+        let mut before_lists: HashMap<String, Lists> = HashMap::new();
+        let mut present: HashSet<(String, String)> = HashSet::new();
+        if changes.is_some() {
+            for owner in &owners {
+                before_lists.insert(owner.clone(), lists(conn, owner).await?);
+            }
+            let listed: HashSet<&String> = before_lists
+                .values()
+                .flat_map(|l| l.active.iter().chain(&l.finished))
+                .collect();
+            for (id, batch) in &batches {
+                if batch.cleared || batch.outcomes.is_empty() || !listed.contains(id) {
+                    continue;
+                }
+                let essays: BTreeSet<&str> =
+                    batch.outcomes.keys().map(|(e, _)| e.as_str()).collect();
+                let essays: Vec<&str> = essays.into_iter().collect();
+                for essay in essays_with_outcomes(conn, id, &essays).await? {
+                    present.insert((id.clone(), essay));
+                }
             }
         }
-        docs::upsert_many(conn, BATCHES, &rows).await?;
 
-        let owners: Vec<String> = deltas.keys().cloned().collect();
+        let mut summaries = Vec::with_capacity(batches.len());
+        let mut cleared = Vec::new();
+        let mut outcome_rows = Vec::new();
+        for (id, batch) in &batches {
+            let Some(view) = &batch.now else { continue };
+            if !batch.changed {
+                continue;
+            }
+            summaries.push(DocRow {
+                id: id.clone(),
+                owner_id: view.owner_id.clone(),
+                status: view.status.clone(),
+                created_position: batch.created_position,
+                version: view.version,
+                position: batch.position,
+                doc: docs::to_doc(id, view)?,
+            });
+            if batch.cleared {
+                cleared.push(id.clone());
+            }
+            for ((essay, phase), outcome) in &batch.outcomes {
+                outcome_rows.push(vec![
+                    Cell::Text(id.clone()),
+                    Cell::Text(essay.clone()),
+                    Cell::Text(phase.clone()),
+                    Cell::Text((*outcome).to_owned()),
+                ]);
+            }
+        }
+        docs::upsert_many(conn, BATCHES, &summaries).await?;
+        for chunk in cleared.chunks(400) {
+            let sql = format!(
+                "DELETE FROM {OUTCOMES} WHERE batch_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            query.execute(&mut *conn).await?;
+        }
+        docs::upsert_rows(
+            conn,
+            OUTCOMES,
+            &["batch_id", "essay_id", "phase", "outcome"],
+            &["batch_id", "essay_id", "phase"],
+            &outcome_rows,
+        )
+        .await?;
+
         let mut existing = docs::load_many::<OwnerDashboard>(conn, OWNERS, &owners).await?;
         let mut rows = Vec::with_capacity(owners.len());
-        for owner in owners {
-            let (created, mut dashboard) = match existing.remove(&owner) {
+        // Per owner: the dashboard before the page, and how many activities the page added.
+        let mut befores = Vec::with_capacity(owners.len());
+        for owner in &owners {
+            let (created, before) = match existing.remove(owner) {
                 Some((row, dashboard)) => (row.created_position, dashboard),
-                None => (
-                    0,
-                    OwnerDashboard {
-                        owner_id: owner.clone(),
-                        totals: BTreeMap::new(),
-                        recent_activity: Vec::new(),
-                        events: 0,
-                        position: 0,
-                    },
-                ),
+                None => (0, OwnerDashboard::empty(owner)),
             };
-            for (status, delta) in &deltas[&owner] {
+            let mut dashboard = before.clone();
+            for (status, delta) in &deltas[owner] {
                 let total = dashboard.totals.entry(status.clone()).or_default();
                 *total = (i64::from(*total) + delta).max(0) as u32;
             }
             dashboard.totals.retain(|_, n| *n > 0);
-            let mut recent = activity.remove(&owner).unwrap_or_default();
+            let mut recent = activity.remove(owner).unwrap_or_default();
+            let added = recent.len();
             recent.reverse();
             recent.append(&mut dashboard.recent_activity);
             recent.truncate(RECENT);
             dashboard.recent_activity = recent;
-            let (count, first, position) = seen_by_owner.get(&owner).copied().unwrap_or_default();
+            let (count, first, position) = seen_by_owner.get(owner).copied().unwrap_or_default();
             dashboard.events += count;
             dashboard.position = position;
             rows.push(DocRow {
@@ -363,20 +698,133 @@ impl Projection for DashboardProjection {
                 created_position: if created == 0 { first } else { created },
                 version: dashboard.events,
                 position,
-                doc: docs::to_doc(&owner, &dashboard)?,
+                doc: docs::to_doc(owner, &dashboard)?,
             });
+            befores.push((before, dashboard, added));
         }
         docs::upsert_many(conn, OWNERS, &rows).await?;
-        if let Some(changes) = changes {
-            // One change per owner touched by the page: the whole dashboard, as GET
-            // /v1/dashboard answers it once this transaction commits.
-            for row in &rows {
-                let dashboard = crate::queries::dashboard_on(conn, &row.id).await?;
-                let data = docs::to_doc(&row.id, &dashboard)?;
-                changes.push(
-                    crate::feed::next_version(conn, Change::dashboard_topic(&row.id), data).await?,
-                );
+
+        let Some(changes) = changes else {
+            return Ok(());
+        };
+        for (owner, (before, after, added)) in owners.iter().zip(befores) {
+            let lists_before = before_lists.remove(owner).unwrap_or_default();
+            let lists_after = lists(conn, owner).await?;
+            let mut ops = Vec::new();
+            patch::diff_at(
+                &patch::pointer(["totals"]),
+                &docs::to_value(owner, &before.totals)?,
+                &docs::to_value(owner, &after.totals)?,
+                &mut ops,
+            );
+            // The batches that enter a list from outside both are sent whole.
+            let listed: HashSet<&String> = lists_before
+                .active
+                .iter()
+                .chain(&lists_before.finished)
+                .collect();
+            let mut entering = HashMap::new();
+            for id in lists_after.active.iter().chain(&lists_after.finished) {
+                if !listed.contains(id) {
+                    entering.insert(id.clone(), whole_batch(conn, id).await?);
+                }
             }
+            let paths = [
+                patch::pointer(["active_batches"]),
+                patch::pointer(["recently_finished"]),
+            ];
+            let specs = [
+                patch::List {
+                    path: paths[0].clone(),
+                    before: &lists_before.active,
+                    after: &lists_after.active,
+                },
+                patch::List {
+                    path: paths[1].clone(),
+                    before: &lists_before.finished,
+                    after: &lists_after.finished,
+                },
+            ];
+            let whole = patch::reorder(&specs, &mut ops, |id| {
+                entering.remove(id).ok_or_else(|| ProjectionError::Corrupt {
+                    key: id.to_owned(),
+                    reason: "a batch entering the dashboard was not read".to_owned(),
+                })
+            })?;
+            // The changed batches that were listed already: their own changes, where they are
+            // now.
+            for (path, keys) in [
+                (&paths[0], &lists_after.active),
+                (&paths[1], &lists_after.finished),
+            ] {
+                for (index, id) in keys.iter().enumerate() {
+                    let Some(batch) = batches.get(id) else {
+                        continue;
+                    };
+                    let (Some(was), Some(now)) = (&batch.before, &batch.now) else {
+                        continue;
+                    };
+                    if !batch.changed || whole.contains(id) {
+                        continue;
+                    }
+                    let base = patch::at_index(path, index);
+                    patch::diff_at(
+                        &base,
+                        &docs::to_value(id, was)?,
+                        &docs::to_value(id, now)?,
+                        &mut ops,
+                    );
+                    let outcomes = patch::under(&base, ["essay_outcomes"]);
+                    if batch.cleared {
+                        ops.push(patch::replace(
+                            outcomes,
+                            docs::to_value(id, &batch.outcome_map())?,
+                        ));
+                        continue;
+                    }
+                    for (essay, phases) in batch.outcome_map() {
+                        if present.contains(&(id.clone(), essay.to_owned())) {
+                            for (phase, outcome) in phases {
+                                ops.push(patch::add(
+                                    patch::under(&outcomes, [essay, phase]),
+                                    serde_json::Value::from(outcome),
+                                ));
+                            }
+                        } else {
+                            ops.push(patch::add(
+                                patch::under(&outcomes, [essay]),
+                                docs::to_value(id, &phases)?,
+                            ));
+                        }
+                    }
+                }
+            }
+            // The page's activities, newest first, in front; the list cut back to RECENT.
+            let recent = patch::pointer(["recent_activity"]);
+            if added >= RECENT {
+                ops.push(patch::replace(
+                    recent,
+                    docs::to_value(owner, &after.recent_activity)?,
+                ));
+            } else {
+                for (index, item) in after.recent_activity.iter().take(added).enumerate() {
+                    ops.push(patch::add(
+                        patch::at_index(&recent, index),
+                        docs::to_value(owner, item)?,
+                    ));
+                }
+                for _ in RECENT..before.recent_activity.len() + added {
+                    ops.push(patch::remove(patch::at_index(&recent, RECENT)));
+                }
+            }
+            changes.push(
+                crate::feed::next_version(
+                    conn,
+                    Change::dashboard_topic(owner),
+                    docs::to_doc(owner, &ops)?,
+                )
+                .await?,
+            );
         }
         Ok(())
     }
@@ -494,8 +942,11 @@ mod tests {
         let events = completed_then_rejected();
         let dashboard = events.iter().fold(None, DashboardBatch::fold);
         let view = events.iter().fold(None, BatchView::fold);
-        assert_eq!(dashboard.map(|d| d.status).as_deref(), Some("completed"));
-        assert_eq!(view.map(|v| v.status).as_deref(), Some("completed"));
+        assert_eq!(
+            dashboard.map(|d| d.summary.status).as_deref(),
+            Some("completed")
+        );
+        assert_eq!(view.map(|v| v.summary.status).as_deref(), Some("completed"));
     }
 
     #[test]

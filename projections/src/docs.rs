@@ -117,10 +117,91 @@ pub(crate) async fn upsert_many(
     Ok(())
 }
 
+/// A value as JSON (for a patch).
+pub(crate) fn to_value<T: Serialize>(
+    key: &str,
+    value: &T,
+) -> Result<serde_json::Value, ProjectionError> {
+    serde_json::to_value(value).map_err(|e| ProjectionError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 /// Serialises a document.
 pub(crate) fn to_doc<T: Serialize>(key: &str, value: &T) -> Result<String, ProjectionError> {
     serde_json::to_string(value).map_err(|e| ProjectionError::Corrupt {
         key: key.to_owned(),
         reason: e.to_string(),
+    })
+}
+
+/// One value of a row written by [`upsert_rows`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cell {
+    Text(String),
+    Int(i64),
+}
+
+/// Inserts `rows` (each with one value per column of `columns`) into `table`, replacing the
+/// other columns of a row whose `key` columns exist already. The statements are chunked under
+/// SQLite's parameter limit.
+pub(crate) async fn upsert_rows(
+    conn: &mut AnyConnection,
+    table: &str,
+    columns: &[&str],
+    key: &[&str],
+    rows: &[Vec<Cell>],
+) -> Result<(), ProjectionError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let width = columns.len();
+    let updates = columns
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let per_statement = (CHUNK * 7 / width).max(1);
+    for chunk in rows.chunks(per_statement) {
+        let values = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(1 + i * width, width)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO {table} ({}) VALUES {values} ON CONFLICT ({}) DO UPDATE SET {updates}",
+            columns.join(", "),
+            key.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for row in chunk {
+            for cell in row {
+                query = match cell {
+                    Cell::Text(text) => query.bind(text.as_str()),
+                    Cell::Int(n) => query.bind(*n),
+                };
+            }
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// A read-only transaction in which every query sees the same committed state (PostgreSQL:
+/// `REPEATABLE READ`; SQLite: a read transaction, whose snapshot is taken at its first read).
+/// Views put together from several tables are read in one, so that they are whole and of one
+/// version.
+pub(crate) async fn snapshot(
+    storage: &commands::Storage,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, ProjectionError> {
+    Ok(match storage.engine() {
+        commands::Engine::Postgres => {
+            storage
+                .pool()
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?
+        }
+        commands::Engine::Sqlite => storage.pool().begin().await?,
     })
 }

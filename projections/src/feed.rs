@@ -4,7 +4,10 @@
 //! `dashboard:<owner>` (a teacher's dashboard; clients call it `dashboard`). Every change of a
 //! topic has a version one above the previous one: for a batch, the batch's version (the
 //! sequence of its last event, one change per event); for a dashboard, a counter kept in
-//! `live_topics`, one change per committed page that touched the owner.
+//! `live_topics`, one change per committed page that touched the owner. A change carries a
+//! JSON Patch (RFC 6902) from the previous version's document to its own, made by the
+//! projection from what the page wrote ([`crate::patch`]): its size follows the change, not the
+//! topic. [`Feed::snapshot`] gives a topic's whole document at one exact version.
 //!
 //! Guarantees:
 //! - **After commit, never before.** A projection worker writes its changes to `live_changes`
@@ -41,8 +44,9 @@ pub struct Change {
     /// `batch:<id>` or `dashboard:<owner>`.
     pub topic: String,
     pub version: i64,
-    /// The topic's whole new state, as JSON text.
-    pub data: String,
+    /// A JSON Patch (RFC 6902) from the topic's document at `version - 1` to its document at
+    /// `version`, as JSON text (an array of operations).
+    pub patch: String,
 }
 
 impl Change {
@@ -57,13 +61,14 @@ impl Change {
     }
 }
 
-/// A topic's current state.
+/// A topic's whole document at one version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Whose it is (a batch's owner; a dashboard's teacher).
     pub owner_id: String,
     pub version: i64,
-    /// JSON text.
+    /// The document at exactly `version`, as JSON text: applying the changes after `version`
+    /// to it, in order, gives each later version's document.
     pub data: String,
 }
 
@@ -134,7 +139,7 @@ impl Feed {
                 .collect::<Vec<_>>()
                 .join(", ");
             let sql = format!(
-                "INSERT INTO live_changes (page, topic, version, data, created_at) VALUES {values}
+                "INSERT INTO live_changes (page, topic, version, patch, created_at) VALUES {values}
                  ON CONFLICT (topic, version) DO NOTHING"
             );
             let mut query = sqlx::query(&sql);
@@ -143,7 +148,7 @@ impl Feed {
                     .bind(page.as_str())
                     .bind(change.topic.as_str())
                     .bind(change.version)
-                    .bind(change.data.as_str())
+                    .bind(change.patch.as_str())
                     .bind(now);
             }
             query.execute(&mut *conn).await?;
@@ -174,7 +179,7 @@ impl Feed {
         limit: i64,
     ) -> Result<Vec<Change>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT topic, version, data FROM live_changes
+            "SELECT topic, version, patch FROM live_changes
               WHERE topic = $1 AND version > $2 ORDER BY version LIMIT $3",
         )
         .bind(topic)
@@ -185,46 +190,40 @@ impl Feed {
         rows.iter().map(change_from).collect()
     }
 
-    /// A topic's current state, as its next change would carry it; `None` if there is no
-    /// such topic (no such batch, or a malformed name).
+    /// A topic's current document and its exact version; `None` if there is no such topic
+    /// (no such batch, or a malformed name).
     ///
-    /// A batch's is its `batch_state` row, sent as stored (the document a change carries).
-    /// A dashboard's version (counted in `live_topics`, 0 before its first change) is read
-    /// before the dashboard, so the data is that version's or newer: whole states, so a newer
-    /// one is harmless, while an older one would hide a change.
+    /// Read in one snapshot ([`crate::docs::snapshot`]): the projection writes a topic's rows
+    /// and its version in one transaction, so the document is exactly that version's, and the
+    /// next change's patch applies to it.
     pub async fn snapshot(&self, topic: &str) -> Result<Option<Snapshot>, ProjectionError> {
-        if let Some(id) = topic.strip_prefix("batch:") {
-            let row = sqlx::query(&format!(
-                "SELECT owner_id, version, doc FROM {} WHERE id = $1",
-                crate::batch_state::TABLE
-            ))
-            .bind(id)
-            .fetch_optional(self.storage.pool())
-            .await?;
-            return Ok(match row {
-                Some(row) => Some(Snapshot {
-                    owner_id: row.try_get("owner_id")?,
-                    version: row.try_get("version")?,
-                    data: row.try_get("doc")?,
+        let mut tx = crate::docs::snapshot(&self.storage).await?;
+        let snapshot = if let Some(id) = topic.strip_prefix("batch:") {
+            match crate::queries::batch_on(&mut tx, id).await? {
+                Some(view) => Some(Snapshot {
+                    owner_id: view.summary.owner_id.clone(),
+                    version: view.summary.version,
+                    data: crate::docs::to_doc(id, &view)?,
                 }),
                 None => None,
-            });
-        }
-        let Some(owner) = topic.strip_prefix("dashboard:") else {
-            return Ok(None);
+            }
+        } else if let Some(owner) = topic.strip_prefix("dashboard:") {
+            let version: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
+                    .bind(topic)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let dashboard = crate::queries::dashboard_on(&mut tx, owner).await?;
+            Some(Snapshot {
+                owner_id: owner.to_owned(),
+                version: version.unwrap_or(0),
+                data: crate::docs::to_doc(owner, &dashboard)?,
+            })
+        } else {
+            None
         };
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
-                .bind(topic)
-                .fetch_optional(self.storage.pool())
-                .await?;
-        let mut conn = self.storage.pool().acquire().await?;
-        let dashboard = crate::queries::dashboard_on(&mut conn, owner).await?;
-        Ok(Some(Snapshot {
-            owner_id: owner.to_owned(),
-            version: version.unwrap_or(0),
-            data: crate::docs::to_doc(owner, &dashboard)?,
-        }))
+        tx.commit().await?;
+        Ok(snapshot)
     }
 
     /// On PostgreSQL, receives other nodes' pages (a node that serves WebSocket clients).
@@ -295,7 +294,7 @@ impl Feed {
 
     async fn page(&self, page: &str) -> Result<Vec<Change>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT topic, version, data FROM live_changes WHERE page = $1 ORDER BY id",
+            "SELECT topic, version, patch FROM live_changes WHERE page = $1 ORDER BY id",
         )
         .bind(page)
         .fetch_all(self.storage.pool())
@@ -330,15 +329,15 @@ fn change_from(row: &sqlx::any::AnyRow) -> Result<Change, ProjectionError> {
     Ok(Change {
         topic: row.try_get("topic")?,
         version: row.try_get("version")?,
-        data: row.try_get("data")?,
+        patch: row.try_get("patch")?,
     })
 }
 
-/// Moves a dashboard topic to its next version with `data`, returning the change.
+/// Moves a dashboard topic to its next version with `patch`, returning the change.
 pub(crate) async fn next_version(
     conn: &mut AnyConnection,
     topic: String,
-    data: String,
+    patch: String,
 ) -> Result<Change, ProjectionError> {
     let version: i64 = sqlx::query_scalar(
         "INSERT INTO live_topics (topic, version) VALUES ($1, 1)
@@ -351,6 +350,6 @@ pub(crate) async fn next_version(
     Ok(Change {
         topic,
         version,
-        data,
+        patch,
     })
 }

@@ -12,6 +12,7 @@ pub mod batch_state;
 pub mod dashboard;
 mod docs;
 pub mod feed;
+pub mod patch;
 pub mod queries;
 pub mod replay;
 pub mod worker;
@@ -19,13 +20,13 @@ pub mod worker;
 use std::future::Future;
 
 use commands::{LogError, StoredEvent};
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Row};
 
-pub use batch_state::{BatchStateProjection, BatchView};
-pub use dashboard::DashboardProjection;
+pub use batch_state::{BatchStateProjection, BatchSummary, BatchView};
+pub use dashboard::{DashboardBatch, DashboardBatchSummary, DashboardProjection};
 pub use docs::DocRow;
 pub use feed::{Change, Feed, FeedEvent, Snapshot};
-pub use queries::{Dashboard, Page, ProjectionStatus, Reached, ReadModels};
+pub use queries::{Dashboard, Page, PhaseCounts, ProjectionStatus, Reached, ReadModels};
 pub use worker::{Step, Worker, WorkerOptions};
 
 /// The names of every projection, in the order they are listed to operators.
@@ -49,8 +50,8 @@ pub enum ProjectionError {
 pub trait Projection: Send + Sync + 'static {
     /// The stable name, also the checkpoint's key.
     fn name(&self) -> &'static str;
-    /// The tables this projection owns (emptied by a rebuild).
-    fn tables(&self) -> &'static [&'static str];
+    /// The tables this projection owns (what a rebuild replaces and verification compares).
+    fn tables(&self) -> &'static [Table];
     /// Applies a page of events, in log order, inside the caller's transaction. Must be
     /// idempotent per event (rows remember the version they applied). With `changes`, also
     /// lists the live changes the page makes (see [`feed`]), in order; only events that
@@ -63,27 +64,83 @@ pub trait Projection: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
-/// Reads every row of a projection's tables, ordered, for comparing a live model with a
-/// rebuilt one.
+/// One read-model table: its name and columns. Every column is text or a 64-bit integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub name: &'static str,
+    /// The primary key's columns, in order.
+    pub key: &'static [&'static str],
+    /// The other columns.
+    pub values: &'static [&'static str],
+}
+
+impl Table {
+    /// A table of the shared document shape (see [`docs`]).
+    pub const fn document(name: &'static str) -> Self {
+        Self {
+            name,
+            key: &["id"],
+            values: &[
+                "owner_id",
+                "status",
+                "created_position",
+                "version",
+                "position",
+                "doc",
+            ],
+        }
+    }
+}
+
+/// One row of a read-model table, every column as text: its key and its other values.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TableRow {
+    pub table: &'static str,
+    pub key: Vec<String>,
+    pub values: Vec<String>,
+}
+
+/// The tables of the projection called `name`.
+pub fn tables_of(name: &str) -> Result<&'static [Table], ProjectionError> {
+    match name {
+        "batch_state" => Ok(BatchStateProjection.tables()),
+        "dashboard" => Ok(DashboardProjection.tables()),
+        other => Err(ProjectionError::Unknown(other.to_owned())),
+    }
+}
+
+/// Reads every row of a projection's tables, ordered by table and key, for comparing a live
+/// model with a rebuilt one.
 pub async fn dump(
     storage: &commands::Storage,
     projection: &str,
-) -> Result<Vec<(String, DocRow)>, ProjectionError> {
-    let tables: &[&str] = match projection {
-        "batch_state" => &[batch_state::TABLE],
-        "dashboard" => &[dashboard::BATCHES, dashboard::OWNERS],
-        other => return Err(ProjectionError::Unknown(other.to_owned())),
-    };
+) -> Result<Vec<TableRow>, ProjectionError> {
     let mut rows = Vec::new();
-    for table in tables {
+    for table in tables_of(projection)? {
+        let columns: Vec<String> = table
+            .key
+            .iter()
+            .chain(table.values)
+            .map(|c| format!("CAST({c} AS TEXT)"))
+            .collect();
         let found = sqlx::query(&format!(
-            "SELECT {} FROM {table} ORDER BY id",
-            docs::ROW_COLUMNS
+            "SELECT {} FROM {} ORDER BY {}",
+            columns.join(", "),
+            table.name,
+            table.key.join(", ")
         ))
         .fetch_all(storage.pool())
         .await?;
         for row in found {
-            rows.push(((*table).to_owned(), docs::row_from(&row)?));
+            let mut cells = (0..columns.len())
+                .map(|i| row.try_get::<String, _>(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let values = cells.split_off(table.key.len());
+            rows.push(TableRow {
+                table: table.name,
+                key: cells,
+                values,
+            });
         }
     }
     Ok(rows)

@@ -7,9 +7,9 @@ use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
 use crate::ProjectionError;
-use crate::batch_state::{self, BatchView};
-use crate::dashboard::{self, Activity, DashboardBatch, OwnerDashboard};
-use crate::docs::{ROW_COLUMNS, row_from};
+use crate::batch_state::{self, BatchSummary, BatchView, EssayOutcomeView, EssayView, StoredBatch};
+use crate::dashboard::{self, Activity, DashboardBatch, DashboardBatchSummary, OwnerDashboard};
+use crate::docs::{self, ROW_COLUMNS, row_from};
 use crate::worker::load_checkpoint;
 
 /// One page of a listing, newest first.
@@ -44,6 +44,13 @@ pub struct ProjectionStatus {
     pub updated_at: String,
 }
 
+/// How many essays succeeded and failed in one phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct PhaseCounts {
+    pub succeeded: u32,
+    pub failed: u32,
+}
+
 /// The outcome of waiting for a projection to reach a position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reached {
@@ -67,15 +74,44 @@ impl ReadModels {
         }
     }
 
+    /// A whole batch: its summary, essays and outcomes, all of one version.
     pub async fn batch(&self, id: &str) -> Result<Option<BatchView>, ProjectionError> {
-        let row = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM {} WHERE id = $1",
-            batch_state::TABLE
+        let mut tx = docs::snapshot(&self.storage).await?;
+        let view = batch_on(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(view)
+    }
+
+    /// A batch's summary (one row, whatever the batch's size).
+    pub async fn batch_summary(&self, id: &str) -> Result<Option<BatchSummary>, ProjectionError> {
+        let mut conn = self.storage.pool().acquire().await?;
+        Ok(stored_batch(&mut conn, id).await?.map(|s| s.summary))
+    }
+
+    /// Per phase, how many of a batch's essays succeeded and failed (their latest outcomes).
+    pub async fn phase_counts(
+        &self,
+        id: &str,
+    ) -> Result<std::collections::BTreeMap<String, PhaseCounts>, ProjectionError> {
+        let rows = sqlx::query(&format!(
+            "SELECT phase, outcome, COUNT(*) AS n FROM {} WHERE batch_id = $1
+              GROUP BY phase, outcome",
+            batch_state::OUTCOMES
         ))
         .bind(id)
-        .fetch_optional(self.storage.pool())
+        .fetch_all(self.storage.pool())
         .await?;
-        row.map(|row| row_from(&row)?.parse()).transpose()
+        let mut counts: std::collections::BTreeMap<String, PhaseCounts> = Default::default();
+        for row in rows {
+            let entry = counts.entry(row.try_get("phase")?).or_default();
+            let n: i64 = row.try_get("n")?;
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            match row.try_get::<String, _>("outcome")?.as_str() {
+                "failed" => entry.failed += n,
+                _ => entry.succeeded += n,
+            }
+        }
+        Ok(counts)
     }
 
     /// Batches newest first, optionally of one owner and one status. The cursor is the
@@ -86,7 +122,7 @@ impl ReadModels {
         status: Option<&str>,
         limit: u32,
         cursor: Option<i64>,
-    ) -> Result<Page<BatchView>, ProjectionError> {
+    ) -> Result<Page<BatchSummary>, ProjectionError> {
         let mut sql = format!(
             "SELECT {ROW_COLUMNS} FROM {} WHERE created_position < $1",
             batch_state::TABLE
@@ -110,7 +146,7 @@ impl ReadModels {
         for row in rows.iter().take(limit as usize) {
             let row = row_from(row)?;
             last = Some(row.created_position);
-            items.push(row.parse()?);
+            items.push(row.parse::<StoredBatch>()?.summary);
         }
         let next_cursor = (rows.len() > limit as usize)
             .then_some(last)
@@ -119,9 +155,12 @@ impl ReadModels {
         Ok(Page { items, next_cursor })
     }
 
+    /// A teacher's dashboard, all of one version.
     pub async fn dashboard(&self, owner: &str) -> Result<Dashboard, ProjectionError> {
-        let mut conn = self.storage.pool().acquire().await?;
-        dashboard_on(&mut conn, owner).await
+        let mut tx = docs::snapshot(&self.storage).await?;
+        let dashboard = dashboard_on(&mut tx, owner).await?;
+        tx.commit().await?;
+        Ok(dashboard)
     }
 
     pub async fn projections(
@@ -192,7 +231,70 @@ impl ReadModels {
     }
 }
 
-/// An owner's dashboard, read on `conn` (a projection worker reads it inside its transaction).
+/// A batch's stored summary row.
+async fn stored_batch(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<StoredBatch>, ProjectionError> {
+    let row = sqlx::query(&format!(
+        "SELECT {ROW_COLUMNS} FROM {} WHERE id = $1",
+        batch_state::TABLE
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| row_from(&row)?.parse()).transpose()
+}
+
+/// A whole batch read on `conn` (one snapshot: see [`docs::snapshot`]).
+pub(crate) async fn batch_on(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<BatchView>, ProjectionError> {
+    let Some(stored) = stored_batch(conn, id).await? else {
+        return Ok(None);
+    };
+    let corrupt = |e: serde_json::Error| ProjectionError::Corrupt {
+        key: id.to_owned(),
+        reason: e.to_string(),
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT doc FROM {} WHERE batch_id = $1 ORDER BY ordinal",
+        batch_state::ESSAYS
+    ))
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut essays = Vec::with_capacity(rows.len());
+    for row in rows {
+        let doc: String = row.try_get("doc")?;
+        essays.push(serde_json::from_str::<EssayView>(&doc).map_err(corrupt)?);
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT phase, essay_id, doc FROM {} WHERE batch_id = $1",
+        batch_state::OUTCOMES
+    ))
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut phases: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
+        Default::default();
+    for row in rows {
+        let doc: String = row.try_get("doc")?;
+        let outcome: EssayOutcomeView = serde_json::from_str(&doc).map_err(corrupt)?;
+        phases
+            .entry(row.try_get::<String, _>("phase")?)
+            .or_default()
+            .insert(row.try_get::<String, _>("essay_id")?, outcome);
+    }
+    Ok(Some(BatchView {
+        summary: stored.summary,
+        essays,
+        phases,
+    }))
+}
+
+/// An owner's dashboard, read on `conn` (one snapshot: see [`docs::snapshot`]).
 pub(crate) async fn dashboard_on(
     conn: &mut AnyConnection,
     owner: &str,
@@ -205,22 +307,31 @@ pub(crate) async fn dashboard_on(
     .fetch_optional(&mut *conn)
     .await?;
     let owner_doc: Option<OwnerDashboard> = row.map(|row| row_from(&row)?.parse()).transpose()?;
-    let active_batches = owner_batches(
-        conn,
-        owner,
-        "('registered', 'ready', 'processing')",
-        "created_position",
-        50,
-    )
-    .await?;
-    let recently_finished = owner_batches(
-        conn,
-        owner,
-        "('completed', 'completed_with_failures', 'cancelled')",
-        "position",
-        dashboard::RECENT,
-    )
-    .await?;
+    let mut lists = Vec::with_capacity(2);
+    for finished in [false, true] {
+        let rows = sqlx::query(&dashboard::list_sql(ROW_COLUMNS, finished))
+            .bind(owner)
+            .fetch_all(&mut *conn)
+            .await?;
+        let summaries: Vec<DashboardBatchSummary> = rows
+            .iter()
+            .map(|row| row_from(row)?.parse())
+            .collect::<Result<_, _>>()?;
+        lists.push(summaries);
+    }
+    let ids: Vec<String> = lists.iter().flatten().map(|b| b.batch_id.clone()).collect();
+    let mut outcomes = dashboard::outcomes_of(conn, &ids).await?;
+    let mut whole = |summaries: Vec<DashboardBatchSummary>| -> Vec<DashboardBatch> {
+        summaries
+            .into_iter()
+            .map(|summary| DashboardBatch {
+                essay_outcomes: outcomes.remove(&summary.batch_id).unwrap_or_default(),
+                summary,
+            })
+            .collect()
+    };
+    let recently_finished = whole(lists.pop().unwrap_or_default());
+    let active_batches = whole(lists.pop().unwrap_or_default());
     let (totals, recent_activity) = owner_doc
         .map(|d| (d.totals, d.recent_activity))
         .unwrap_or_default();
@@ -230,24 +341,4 @@ pub(crate) async fn dashboard_on(
         recently_finished,
         recent_activity,
     })
-}
-
-/// An owner's dashboard rows whose status is in `statuses` (an SQL list of literals), the
-/// greatest `order_by` first.
-async fn owner_batches(
-    conn: &mut AnyConnection,
-    owner: &str,
-    statuses: &'static str,
-    order_by: &'static str,
-    limit: usize,
-) -> Result<Vec<DashboardBatch>, ProjectionError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {ROW_COLUMNS} FROM {} WHERE owner_id = $1 AND status IN {statuses}
-          ORDER BY {order_by} DESC LIMIT {limit}",
-        dashboard::BATCHES
-    ))
-    .bind(owner)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter().map(|row| row_from(row)?.parse()).collect()
 }

@@ -42,7 +42,7 @@ pub async fn reset<P: Projection>(
     .execute(&mut *tx)
     .await?;
     for table in projection.tables() {
-        sqlx::query(&format!("DELETE FROM {table}"))
+        sqlx::query(&format!("DELETE FROM {}", table.name))
             .execute(&mut *tx)
             .await?;
     }

@@ -146,14 +146,18 @@ impl TestApp {
     }
 }
 
-/// What one topic's stream delivered, checked as it arrives: a snapshot or changes whose
-/// versions increase by exactly one.
+/// What one topic's stream delivered, checked as it arrives: a snapshot, then changes whose
+/// versions increase by exactly one, each patch applied (RFC 6902) to the document held, as a
+/// client does.
 #[derive(Debug, Default)]
 pub struct TopicLog {
     pub version: i64,
+    /// The document: the last snapshot with every later patch applied.
     pub data: Value,
     pub snapshots: Vec<i64>,
     pub changes: Vec<i64>,
+    /// The bytes of every change's patch, as sent.
+    pub patch_bytes: usize,
 }
 
 impl TopicLog {
@@ -161,7 +165,10 @@ impl TopicLog {
     pub fn take(&mut self, message: &Value) {
         let version = message["version"].as_i64().unwrap();
         match message["type"].as_str().unwrap() {
-            "snapshot" => self.snapshots.push(version),
+            "snapshot" => {
+                self.snapshots.push(version);
+                self.data = message["data"].clone();
+            }
             "change" => {
                 assert!(
                     !self.snapshots.is_empty() || !self.changes.is_empty() || self.version > 0,
@@ -173,12 +180,21 @@ impl TopicLog {
                     "versions must increase by one: had {}, got {message}",
                     self.version
                 );
+                assert!(
+                    message.get("data").is_none(),
+                    "a change carries a patch: {message}"
+                );
+                let patch: json_patch::Patch =
+                    serde_json::from_value(message["patch"].clone()).unwrap();
+                self.patch_bytes += message["patch"].to_string().len();
+                json_patch::patch(&mut self.data, &patch).unwrap_or_else(|e| {
+                    panic!("the patch of version {version} does not apply: {e}")
+                });
                 self.changes.push(version);
             }
             other => panic!("not a snapshot or change: {other}"),
         }
         self.version = version;
-        self.data = message["data"].clone();
     }
 }
 

@@ -261,12 +261,7 @@ impl Hub {
             let item = Item {
                 topic: topic.clone(),
                 version: change.version,
-                frame: frame(
-                    "change",
-                    visible_topic(&change.topic),
-                    change.version,
-                    &change.data,
-                ),
+                frame: change_frame(visible_topic(&change.topic), change.version, &change.patch),
             };
             for outbox in subscribers.values() {
                 outbox.push(item.clone());
@@ -322,11 +317,20 @@ pub fn visible_topic(topic: &str) -> &str {
     }
 }
 
-/// A `snapshot` or `change` frame; `data` is JSON text.
-pub fn frame(kind: &str, topic: &str, version: i64, data: &str) -> Utf8Bytes {
+/// A `snapshot` frame: the topic's whole document (`data`, JSON text) at `version`.
+pub fn snapshot_frame(topic: &str, version: i64, data: &str) -> Utf8Bytes {
     let topic = serde_json::Value::from(topic);
     Utf8Bytes::from(format!(
-        r#"{{"type":"{kind}","topic":{topic},"version":{version},"data":{data}}}"#
+        r#"{{"type":"snapshot","topic":{topic},"version":{version},"data":{data}}}"#
+    ))
+}
+
+/// A `change` frame: the JSON Patch (RFC 6902; `patch`, JSON text) from `version - 1` to
+/// `version`.
+pub fn change_frame(topic: &str, version: i64, patch: &str) -> Utf8Bytes {
+    let topic = serde_json::Value::from(topic);
+    Utf8Bytes::from(format!(
+        r#"{{"type":"change","topic":{topic},"version":{version},"patch":{patch}}}"#
     ))
 }
 
@@ -338,7 +342,7 @@ mod tests {
         Change {
             topic: topic.to_owned(),
             version,
-            data: format!(r#"{{"v":{version}}}"#),
+            patch: format!(r#"[{{"op":"replace","path":"/v","value":{version}}}]"#),
         }
     }
 
@@ -407,13 +411,19 @@ mod tests {
     }
 
     #[test]
-    fn a_change_frame_is_the_documented_json() {
-        let text = frame("change", visible_topic("dashboard:u1"), 7, r#"{"x":[1]}"#);
-        let value: serde_json::Value =
-            serde_json::from_str(text.as_str()).unwrap_or_else(|e| panic!("{e}"));
+    fn change_and_snapshot_frames_are_the_documented_json() {
+        let parse = |text: Utf8Bytes| -> serde_json::Value {
+            serde_json::from_str(text.as_str()).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let patch = r#"[{"op":"add","path":"/x/-","value":1}]"#;
         assert_eq!(
-            value,
-            serde_json::json!({"type": "change", "topic": "dashboard", "version": 7, "data": {"x": [1]}})
+            parse(change_frame(visible_topic("dashboard:u1"), 7, patch)),
+            serde_json::json!({"type": "change", "topic": "dashboard", "version": 7,
+                "patch": [{"op": "add", "path": "/x/-", "value": 1}]})
+        );
+        assert_eq!(
+            parse(snapshot_frame("batch:b", 3, r#"{"x":[1]}"#)),
+            serde_json::json!({"type": "snapshot", "topic": "batch:b", "version": 3, "data": {"x": [1]}})
         );
     }
 }

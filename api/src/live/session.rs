@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{Hub, Item, Live, LiveMetrics, Outbox, frame, visible_topic};
+use super::{Hub, Item, Live, LiveMetrics, Outbox, change_frame, snapshot_frame, visible_topic};
 use crate::auth::AuthUser;
 use tokio_tungstenite::tungstenite;
 
@@ -441,7 +441,7 @@ impl Session {
                             .all(|(change, expected)| change.version == expected) =>
                 {
                     for change in &changes {
-                        let text = frame("change", &sub.visible, change.version, &change.data);
+                        let text = change_frame(&sub.visible, change.version, &change.patch);
                         feed(socket, Message::Text(text)).await?;
                     }
                     flush(socket).await?;
@@ -455,7 +455,7 @@ impl Session {
                 }
             }
         }
-        let text = frame("snapshot", &sub.visible, version, &data);
+        let text = snapshot_frame(&sub.visible, version, &data);
         send(socket, Message::Text(text)).await?;
         LiveMetrics::add(&metrics.snapshots_sent, 1);
         sub.last = version;

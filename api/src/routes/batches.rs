@@ -13,7 +13,7 @@ use domain::values::{
     Phase, RequestId, Title, ValidationError,
 };
 use domain::{BatchCommand, BatchEvent, BatchStatus, Essay};
-use projections::{BatchView, Page, Reached};
+use projections::{BatchSummary, BatchView, Page, Reached};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -365,9 +365,29 @@ pub(super) struct BatchQuery {
 async fn visible_batch(state: &AppState, user: &AuthUser, id: &str) -> ApiResult<BatchView> {
     let id = batch_id(id)?;
     match state.reads.batch(&id.to_string()).await? {
-        Some(view) if user.may_read(&view.owner_id) => Ok(view),
+        Some(view) if user.may_read(&view.summary.owner_id) => Ok(view),
         _ => Err(ApiError::NotFound),
     }
+}
+
+async fn visible_summary(state: &AppState, user: &AuthUser, id: &str) -> ApiResult<BatchSummary> {
+    let id = batch_id(id)?;
+    match state.reads.batch_summary(&id.to_string()).await? {
+        Some(summary) if user.may_read(&summary.owner_id) => Ok(summary),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+/// Whether an `If-None-Match` header (RFC 9110 section 13.1.2) matches `etag`: `*`, or one of
+/// its entity tags compared weakly.
+fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches",
@@ -389,24 +409,25 @@ pub(super) async fn get_batch(
         return batch_at_version(&state, &user, &id, version).await;
     }
     wait_until_applied(&state, "batch_state", query.min_position).await?;
-    let view = visible_batch(&state, &user, &id).await?;
-    let etag = format!("\"{}\"", view.version);
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().trim_start_matches("W/") == etag)
-        });
-    let mut response = if matches {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        axum::Json(view).into_response()
+    let etag_of = |version: i64| format!("\"{version}\"");
+    let with_etag = |mut response: Response, etag: &str| {
+        if let Ok(value) = HeaderValue::from_str(etag) {
+            response.headers_mut().insert(header::ETAG, value);
+        }
+        response
     };
-    if let Ok(value) = HeaderValue::from_str(&etag) {
-        response.headers_mut().insert(header::ETAG, value);
+    // A conditional request is answered from the summary row alone: a client that holds the
+    // current version never costs the batch's essays and outcomes.
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        let summary = visible_summary(&state, &user, &id).await?;
+        let etag = etag_of(summary.version);
+        if none_match(&headers, &etag) {
+            return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));
+        }
     }
-    Ok(response)
+    let view = visible_batch(&state, &user, &id).await?;
+    let etag = etag_of(view.summary.version);
+    Ok(with_etag(axum::Json(view).into_response(), &etag))
 }
 
 /// A batch's events up to `max_sequence`, if the caller may see the batch: the owner comes from
@@ -455,20 +476,14 @@ async fn batch_at_version(
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-pub(super) struct PhaseCounts {
-    succeeded: usize,
-    failed: usize,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct BatchStatusResponse {
     batch_id: String,
     status: String,
     version: i64,
-    essays_added: usize,
+    essays_added: u32,
     expected_essay_count: u32,
     pipeline: Option<projections::batch_state::PipelineView>,
-    phases: std::collections::BTreeMap<String, PhaseCounts>,
+    phases: std::collections::BTreeMap<String, projections::PhaseCounts>,
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}/status", tag = "batches",
@@ -482,28 +497,15 @@ pub(super) async fn get_status(
     Query(consistency): Query<Consistency>,
 ) -> ApiResult<axum::Json<BatchStatusResponse>> {
     wait_until_applied(&state, "batch_state", consistency.min_position).await?;
-    let view = visible_batch(&state, &user, &id).await?;
-    let phases = view
-        .phases
-        .iter()
-        .map(|(phase, outcomes)| {
-            let failed = outcomes.values().filter(|o| o.outcome == "failed").count();
-            (
-                phase.clone(),
-                PhaseCounts {
-                    succeeded: outcomes.len() - failed,
-                    failed,
-                },
-            )
-        })
-        .collect();
+    let summary = visible_summary(&state, &user, &id).await?;
+    let phases = state.reads.phase_counts(&summary.batch_id).await?;
     Ok(axum::Json(BatchStatusResponse {
-        batch_id: view.batch_id,
-        status: view.status,
-        version: view.version,
-        essays_added: view.essays.len(),
-        expected_essay_count: view.expected_essay_count,
-        pipeline: view.pipeline,
+        batch_id: summary.batch_id,
+        status: summary.status,
+        version: summary.version,
+        essays_added: summary.essay_count,
+        expected_essay_count: summary.expected_essay_count,
+        pipeline: summary.pipeline,
         phases,
     }))
 }
@@ -521,12 +523,12 @@ pub(super) struct ListQuery {
     params(("status" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("min_position" = Option<i64>, Query)),
     security(("bearer" = [])),
-    responses((status = 200, body = Page<BatchView>), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Batch summaries (no essays or outcomes: GET /v1/batches/{id} has them)", body = Page<BatchSummary>), (status = 400, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn list_batches(
     State(state): State<AppState>,
     user: AuthUser,
     Query(query): Query<ListQuery>,
-) -> ApiResult<axum::Json<Page<BatchView>>> {
+) -> ApiResult<axum::Json<Page<BatchSummary>>> {
     let bad = |field: &str, reason: &str| {
         ApiError::BadQuery(FieldError {
             field: field.into(),
