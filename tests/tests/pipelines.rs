@@ -48,10 +48,7 @@ async fn a_pipeline_runs_to_completion_with_the_development_processor(engine: En
     }
 
     // The conductor's commands name their cause: PipelineResolved was caused by the request.
-    let events: Value = app
-        .get_json(&teacher, &format!("/v1/batches/{id}/events"))
-        .await;
-    let events = events.as_array().unwrap();
+    let events = app.events(&teacher, &id).await;
     let types: Vec<&str> = events
         .iter()
         .map(|e| e["event_type"].as_str().unwrap())
