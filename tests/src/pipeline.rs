@@ -154,6 +154,12 @@ impl TestApp {
     }
 }
 
+/// A `result` object whose compact JSON is exactly `bytes` long (at least 11).
+pub fn result_of_size(bytes: usize) -> Value {
+    // {"blob":""} is 11 bytes.
+    json!({ "blob": "x".repeat(bytes - 11) })
+}
+
 /// A result message as processors send it.
 pub fn result(batch_id: &str, essay_id: &str, phase: &str, outcome: &str) -> Value {
     json!({
