@@ -82,7 +82,7 @@ pub async fn start(
 ) -> anyhow::Result<(Ingress, PipelineStatus)> {
     let bus = bus(settings)?;
     let topics = Topics::new(&settings.topic_prefix);
-    let ingress = Ingress::new(commands.clone(), storage.clone());
+    let ingress = Ingress::new(commands.clone(), storage.clone(), settings.max_result_bytes);
     let mut status = PipelineStatus {
         bus: bus.kind(),
         topics: topics.clone(),

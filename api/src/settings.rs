@@ -40,6 +40,10 @@ pub struct Settings {
     pub simulate_processors: bool,
     pub simulator_latency_ms: u64,
     pub simulator_failure_rate: f64,
+    /// The largest processor result accepted, in bytes of its `result` as compact JSON (at
+    /// least 256). A larger one is refused and nothing is appended: `POST /v1/internal/results`
+    /// answers 422 with field `result`; from Kafka it is dead-lettered with `x-error: result: ...`.
+    pub max_result_bytes: usize,
     /// PEM certificate chain and private key: serve HTTPS and WSS (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -105,6 +109,7 @@ impl Default for Settings {
             simulate_processors: false,
             simulator_latency_ms: 200,
             simulator_failure_rate: 0.0,
+            max_result_bytes: commands::messages::DEFAULT_MAX_RESULT_BYTES,
             tls_cert: None,
             tls_key: None,
             ws: WsSettings::default(),
@@ -127,6 +132,7 @@ impl std::fmt::Debug for Settings {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("topic_prefix", &self.topic_prefix)
             .field("simulate_processors", &self.simulate_processors)
+            .field("max_result_bytes", &self.max_result_bytes)
             .field("tls_cert", &self.tls_cert)
             .field("ws", &self.ws)
             .finish_non_exhaustive()
@@ -221,6 +227,9 @@ impl Settings {
                 .parse()
                 .context("ESSAYFLOW_SIMULATOR_FAILURE_RATE must be a number from 0 to 1")?;
         }
+        if let Some(v) = var("ESSAYFLOW_MAX_RESULT_BYTES") {
+            self.max_result_bytes = parse_u("ESSAYFLOW_MAX_RESULT_BYTES", v)? as usize;
+        }
         if let Some(v) = var("ESSAYFLOW_TLS_CERT") {
             self.tls_cert = (!v.is_empty()).then(|| PathBuf::from(v));
         }
@@ -282,6 +291,12 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&self.simulator_failure_rate) {
             bail!("simulator_failure_rate must be from 0 to 1");
+        }
+        if self.max_result_bytes < commands::messages::MIN_MAX_RESULT_BYTES {
+            bail!(
+                "max_result_bytes must be at least {}",
+                commands::messages::MIN_MAX_RESULT_BYTES
+            );
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("ESSAYFLOW_TLS_CERT and ESSAYFLOW_TLS_KEY must be set together");
@@ -401,6 +416,20 @@ mod tests {
             .apply_env(|name| (name == "ESSAYFLOW_TOKEN_TTL_SECS").then(|| "soon".to_owned()))
             .expect_err("refused");
         assert!(err.to_string().contains("ESSAYFLOW_TOKEN_TTL_SECS"));
+    }
+
+    #[test]
+    fn the_result_size_limit_defaults_to_64_kib_and_is_at_least_256_bytes() {
+        assert_eq!(Settings::default().max_result_bytes, 65_536);
+        let mut settings = Settings::default();
+        settings
+            .apply_env(|name| (name == "ESSAYFLOW_MAX_RESULT_BYTES").then(|| "1024".to_owned()))
+            .expect("test setup");
+        assert_eq!(settings.max_result_bytes, 1024);
+        let err = Settings::default()
+            .apply_env(|name| (name == "ESSAYFLOW_MAX_RESULT_BYTES").then(|| "255".to_owned()))
+            .expect_err("refused");
+        assert!(err.to_string().contains("max_result_bytes"), "{err}");
     }
 
     #[test]

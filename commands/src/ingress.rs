@@ -10,6 +10,8 @@
 //!   partition, offset and the error; consumption goes on.
 //! - A database outage is not the message's fault: the ingress retries the same message with
 //!   backoff (and consumes nothing further) until the database is back.
+//! - A result larger than the configured limit (`max_result_bytes`, of its `result` as compact
+//!   JSON) is refused before anything is appended: dead-lettered from Kafka, 422 over HTTP.
 //! - [`Ingress::record`] is also the HTTP twin's entry point (`POST /v1/internal/results`).
 
 use std::collections::BTreeMap;
@@ -89,14 +91,18 @@ pub struct Ingress {
     commands: CommandService,
     storage: Storage,
     stats: Arc<IngressStats>,
+    max_result_bytes: usize,
 }
 
 impl Ingress {
-    pub fn new(commands: CommandService, storage: Storage) -> Self {
+    /// An ingress that refuses results whose `result` is over `max_result_bytes` bytes of
+    /// compact JSON (see [`ResultMessage::validate`]).
+    pub fn new(commands: CommandService, storage: Storage, max_result_bytes: usize) -> Self {
         Self {
             commands,
             storage,
             stats: Arc::default(),
+            max_result_bytes,
         }
     }
 
@@ -104,14 +110,18 @@ impl Ingress {
         self.stats.clone()
     }
 
-    /// Records one result. `Accepted::events` is 0 for a duplicate.
+    /// Records one result. `Accepted::events` is 0 for a duplicate. An invalid message
+    /// (including a `result` over the size limit) is [`IngressError::Invalid`], with nothing
+    /// appended.
     pub async fn record(
         &self,
         message: ResultMessage,
         correlation_id: Uuid,
         user_id: &str,
     ) -> Result<Accepted, IngressError> {
-        let result = message.validate().map_err(IngressError::Invalid)?;
+        let result = message
+            .validate(self.max_result_bytes)
+            .map_err(IngressError::Invalid)?;
         let context = CommandContext {
             correlation_id,
             causation_id: Some(result_causation_id(&result.message_id)),

@@ -29,7 +29,9 @@ pub mod simulator;
 mod storage;
 
 pub use appender::{AppendError, Appender};
-pub use log::{EventLog, EventMetadata, LogError, LogPosition, StoredEvent};
+pub use log::{
+    BatchPage, EventLog, EventMetadata, HISTORY_PAGE_BYTES, LogError, LogPosition, StoredEvent,
+};
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};
 pub use storage::{CheckpointBoard, Engine, Storage, StorageError, StorageOptions};

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
 use domain::BatchEvent;
-use domain::values::BatchId;
+use domain::values::{BatchId, UserId};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -101,6 +101,21 @@ pub struct EventLog {
 /// Payload bytes after which [`EventLog::read_after`] ends a page early.
 pub const PAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Payload bytes after which a page of one batch's history (`GET /v1/batches/{id}/events`,
+/// [`EventLog::read_batch_page`]) ends early: 4 MiB. An essay may be 100 000 characters and
+/// one `EssaysAdded` may carry many, so a count alone would not bound a page.
+pub const HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A page of one batch's history, from [`EventLog::read_batch_page`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPage {
+    /// Events in sequence order, with no gap between them.
+    pub events: Vec<StoredEvent>,
+    /// Whether the batch had events after the last of `events` when the page was read.
+    /// Always `false` when `events` is empty.
+    pub more: bool,
+}
+
 const COLUMNS: &str = "global_position, aggregate_id, sequence, event_type, event_version";
 
 impl EventLog {
@@ -166,19 +181,112 @@ impl EventLog {
         max_sequence: Option<i64>,
     ) -> Result<Vec<StoredEvent>, LogError> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS}, {tx} AS tx, {payload} AS payload, {metadata} AS metadata
-               FROM events
+            "{select}
               WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence <= $2
               ORDER BY sequence",
-            tx = self.text_expr("transaction_id", "'0'"),
-            payload = self.text_expr("payload", "payload"),
-            metadata = self.text_expr("metadata", "metadata"),
+            select = self.select_events(),
         ))
         .bind(batch_id.to_string())
         .bind(max_sequence.unwrap_or(i64::MAX))
         .fetch_all(self.storage.pool())
         .await?;
         rows.iter().map(|row| self.decode(row)).collect()
+    }
+
+    /// A page of one batch's history: up to `limit` events with a sequence above `after`, in
+    /// sequence order, ending early once the payloads read reach `max_bytes` (stored text,
+    /// in bytes; always at least one event, however large). The work is bounded by the page,
+    /// not by the batch: rows come by the primary key `(aggregate_type, aggregate_id,
+    /// sequence)`, and whether more follow is one more index lookup, made only for a page that
+    /// stopped at `limit` or `max_bytes`.
+    ///
+    /// A batch's sequences have no gaps among committed events (sequence `n + 1` is appended
+    /// by a writer that read `n`), so a reader that passes the last sequence of one page as
+    /// `after` of the next sees every event once. An `after` at or past the batch's last
+    /// sequence, or a batch with no events, gives an empty page.
+    pub async fn read_batch_page(
+        &self,
+        batch_id: BatchId,
+        after: i64,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<BatchPage, LogError> {
+        let query = format!(
+            "{select}
+              WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence > $2
+              ORDER BY sequence
+              LIMIT $3",
+            select = self.select_events(),
+        );
+        let mut rows = sqlx::query(&query)
+            .bind(batch_id.to_string())
+            .bind(after)
+            .bind(limit)
+            .fetch(self.storage.pool());
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        let mut full = false;
+        while let Some(row) = rows.try_next().await? {
+            let payload: String = row.try_get("payload")?;
+            bytes += payload.len();
+            events.push(self.decode_with(&row, payload)?);
+            if bytes >= max_bytes {
+                full = true;
+                break;
+            }
+        }
+        drop(rows);
+        let Some(last) = events.last().map(|e| e.sequence) else {
+            return Ok(BatchPage {
+                events,
+                more: false,
+            });
+        };
+        let more = if full || events.len() as i64 >= limit {
+            sqlx::query(
+                "SELECT sequence FROM events
+                  WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence > $2
+                  ORDER BY sequence
+                  LIMIT 1",
+            )
+            .bind(batch_id.to_string())
+            .bind(last)
+            .fetch_optional(self.storage.pool())
+            .await?
+            .is_some()
+        } else {
+            false
+        };
+        Ok(BatchPage { events, more })
+    }
+
+    /// The owner of a batch, from its first event (`BatchRegistered`, sequence 1): one small
+    /// row, whatever the batch's length. `None` when the batch does not exist.
+    pub async fn batch_owner(&self, batch_id: BatchId) -> Result<Option<UserId>, LogError> {
+        let row = sqlx::query(&format!(
+            "{select}
+              WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence = 1",
+            select = self.select_events(),
+        ))
+        .bind(batch_id.to_string())
+        .fetch_optional(self.storage.pool())
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        match self.decode(&row)? {
+            StoredEvent {
+                event: BatchEvent::BatchRegistered { owner_id, .. },
+                ..
+            } => Ok(Some(owner_id)),
+            other => Err(LogError::Corrupt {
+                position: other.at.position,
+                reason: format!(
+                    "the first event of batch {batch_id} is {}, not BatchRegistered",
+                    other.event_type
+                ),
+            }),
+        }
     }
 
     /// The log position of one appended event.
@@ -233,6 +341,17 @@ impl EventLog {
             .bind(after.position),
         };
         Ok(query.fetch_one(self.storage.pool()).await?)
+    }
+
+    /// `SELECT <every column decode needs> FROM events`, for reads by batch.
+    fn select_events(&self) -> String {
+        format!(
+            "SELECT {COLUMNS}, {tx} AS tx, {payload} AS payload, {metadata} AS metadata
+               FROM events",
+            tx = self.text_expr("transaction_id", "'0'"),
+            payload = self.text_expr("payload", "payload"),
+            metadata = self.text_expr("metadata", "metadata"),
+        )
     }
 
     fn text_expr(&self, pg_column: &str, sqlite_expr: &str) -> String {

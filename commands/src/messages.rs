@@ -127,6 +127,31 @@ pub struct ValidResult {
 /// The longest `error` text a result may carry.
 pub const MAX_ERROR_CHARS: usize = 2000;
 
+/// The default largest `result`, in bytes of compact JSON (`ESSAYFLOW_MAX_RESULT_BYTES`): 64 KiB.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+
+/// The smallest `max_result_bytes` a deployment may configure; the development processor's
+/// results stay below it.
+pub const MIN_MAX_RESULT_BYTES: usize = 256;
+
+/// The length in bytes of `value` serialised as compact JSON, counted without building it.
+pub fn compact_json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 impl ResultMessage {
     /// Parses a message body, naming the offending field when it does not fit the contract.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, ValidationError> {
@@ -138,8 +163,11 @@ impl ResultMessage {
         })
     }
 
-    /// Checks every field: the value objects' own rules, and the result's shape.
-    pub fn validate(self) -> Result<ValidResult, Vec<ValidationError>> {
+    /// Checks every field: the value objects' own rules, and the result's shape and size:
+    /// `result` must be a JSON object of at most `max_result_bytes` bytes as compact JSON
+    /// ([`compact_json_len`]); a larger one is refused with field `result`, so it is never
+    /// stored (HTTP: 422; Kafka: dead-lettered).
+    pub fn validate(self, max_result_bytes: usize) -> Result<ValidResult, Vec<ValidationError>> {
         let mut errors = Vec::new();
         let message_id = MessageId::parse(self.message_id)
             .map_err(|e| errors.push(e))
@@ -152,7 +180,18 @@ impl ResultMessage {
             .ok();
         let result = match self.result {
             None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
-            Some(object @ serde_json::Value::Object(_)) => object,
+            Some(object @ serde_json::Value::Object(_)) => {
+                let size = compact_json_len(&object);
+                if size > max_result_bytes {
+                    errors.push(ValidationError::new(
+                        "result",
+                        format!(
+                            "must be at most {max_result_bytes} bytes as compact JSON; this one is {size}"
+                        ),
+                    ));
+                }
+                object
+            }
             Some(_) => {
                 errors.push(ValidationError::new("result", "must be a JSON object"));
                 serde_json::Value::Null
@@ -244,11 +283,40 @@ mod tests {
             pipeline_request_id: None,
         };
         let fields: Vec<String> = message
-            .validate()
+            .validate(DEFAULT_MAX_RESULT_BYTES)
             .unwrap_err()
             .into_iter()
             .map(|e| e.field)
             .collect();
         assert_eq!(fields, ["message_id", "essay_id", "phase", "result"]);
+    }
+
+    #[test]
+    fn a_result_over_the_size_limit_is_refused_and_one_at_the_limit_is_not() {
+        // {"blob":"xx...x"} is 11 bytes of JSON around the x's.
+        let sized = |bytes: usize| ResultMessage {
+            message_id: "m".into(),
+            batch_id: Uuid::new_v4(),
+            essay_id: "e".into(),
+            phase: "nlp".into(),
+            outcome: Outcome::Succeeded,
+            result: Some(serde_json::json!({ "blob": "x".repeat(bytes - 11) })),
+            error: None,
+            pipeline_request_id: None,
+        };
+        let limit = 1000;
+        assert_eq!(
+            compact_json_len(sized(limit).result.as_ref().unwrap()),
+            limit
+        );
+        assert!(sized(limit).validate(limit).is_ok());
+        let refused = sized(limit + 1).validate(limit).unwrap_err();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].field, "result");
+        assert!(
+            refused[0].reason.contains("at most 1000 bytes"),
+            "{refused:?}"
+        );
+        assert!(refused[0].reason.contains("1001"), "{refused:?}");
     }
 }

@@ -147,3 +147,28 @@ async fn answer(
     bus.publish_until_taken(std::slice::from_ref(&out), cancel)
         .await
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::messages::{MIN_MAX_RESULT_BYTES, compact_json_len};
+
+    #[test]
+    fn simulated_results_fit_the_smallest_result_limit() {
+        // The longest phase name and a long essay: the result's size does not grow with either
+        // beyond a few bytes.
+        let request = PhaseRequest {
+            request_id: uuid::Uuid::new_v4(),
+            batch_id: uuid::Uuid::new_v4(),
+            essay_id: "e".repeat(64),
+            phase: "p".repeat(32),
+            pipeline_request_id: uuid::Uuid::new_v4(),
+            text: "word ".repeat(100_000 / 5),
+        };
+        let message = simulate(&request, false);
+        let size = compact_json_len(message.result.as_ref().unwrap());
+        assert!(size < MIN_MAX_RESULT_BYTES, "{size}");
+        assert!(message.validate(MIN_MAX_RESULT_BYTES).is_ok());
+    }
+}

@@ -80,14 +80,54 @@ impl TestApp {
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// The pages of a batch's history (`GET /v1/batches/{id}/events`), `limit` events a page
+    /// (the server's default when `None`), following `next_cursor` to the last page.
+    pub async fn event_pages(
+        &self,
+        user: &User,
+        batch_id: &str,
+        limit: Option<u32>,
+    ) -> Vec<Vec<Value>> {
+        let base = format!("/v1/batches/{batch_id}/events");
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut query = Vec::new();
+            if let Some(limit) = limit {
+                query.push(format!("limit={limit}"));
+            }
+            if let Some(after) = &after {
+                query.push(format!("after={after}"));
+            }
+            let path = if query.is_empty() {
+                base.clone()
+            } else {
+                format!("{base}?{}", query.join("&"))
+            };
+            let response = self.get(user, &path).await;
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            let page: Value = response.json().await.unwrap();
+            pages.push(page["items"].as_array().unwrap().clone());
+            match page["next_cursor"].as_str() {
+                Some(cursor) => after = Some(cursor.to_owned()),
+                None => return pages,
+            }
+        }
+    }
+
+    /// Every event of a batch, in order (all pages).
+    pub async fn events(&self, user: &User, batch_id: &str) -> Vec<Value> {
+        self.event_pages(user, batch_id, None)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The types of a batch's events, in order.
     pub async fn event_types(&self, user: &User, batch_id: &str) -> Vec<String> {
-        let events = self
-            .get_json(user, &format!("/v1/batches/{batch_id}/events"))
-            .await;
-        events
-            .as_array()
-            .unwrap()
+        self.events(user, batch_id)
+            .await
             .iter()
             .map(|e| e["event_type"].as_str().unwrap().to_owned())
             .collect()
@@ -112,6 +152,12 @@ impl TestApp {
         })
         .await;
     }
+}
+
+/// A `result` object whose compact JSON is exactly `bytes` long (at least 11).
+pub fn result_of_size(bytes: usize) -> Value {
+    // {"blob":""} is 11 bytes.
+    json!({ "blob": "x".repeat(bytes - 11) })
 }
 
 /// A result message as processors send it.

@@ -56,12 +56,8 @@ async fn a_registered_batch_with_its_essays_reads_back_as_written(engine: Engine
     assert_eq!(status["status"], "ready");
     assert_eq!(status["essays_added"], 2);
 
-    let events: Value = app
-        .get_json(&teacher, &format!("/v1/batches/{id}/events"))
-        .await;
+    let events = app.events(&teacher, id).await;
     let types: Vec<&str> = events
-        .as_array()
-        .unwrap()
         .iter()
         .map(|e| e["event_type"].as_str().unwrap())
         .collect();

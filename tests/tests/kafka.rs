@@ -15,6 +15,7 @@ use domain::values::Phase;
 use integration_tests::kafka::{
     Proxy, Received, Tansu, TestConsumer, TestProducer, free_port, test_brokers, unique_prefix,
 };
+use integration_tests::pipeline::result_of_size;
 use integration_tests::{TestApp, wait_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -235,7 +236,8 @@ async fn poison_results_are_dead_lettered_and_consumption_goes_on() {
         .await;
 
     // A first valid result, then garbage, a result for an essay the batch does not have, a
-    // wrong-typed field, and then the last valid result.
+    // wrong-typed field, a result one byte over the size limit (had it been recorded, the
+    // last result would be a duplicate), and then the last valid result.
     send_result(
         &producer,
         &topics,
@@ -252,6 +254,10 @@ async fn poison_results_are_dead_lettered_and_consumption_goes_on() {
     let mut wrong_type = answer(&requests[1].payload, "succeeded");
     wrong_type["message_id"] = json!(42);
     send_result(&producer, &topics, &wrong_type).await;
+    let mut oversized = answer(&requests[1].payload, "succeeded");
+    oversized["message_id"] = json!("oversized");
+    oversized["result"] = result_of_size(app.settings.max_result_bytes + 1);
+    send_result(&producer, &topics, &oversized).await;
     send_result(&producer, &topics, &answer(&requests[1].payload, "failed")).await;
 
     let request_id = requested["request_id"].as_str().unwrap();
@@ -263,7 +269,7 @@ async fn poison_results_are_dead_lettered_and_consumption_goes_on() {
 
     let dlq = TestConsumer::new(&brokers, &[topics.dead_letters()]);
     let letters = dlq
-        .receive_until(Duration::from_secs(60), |seen| seen.len() >= 3)
+        .receive_until(Duration::from_secs(60), |seen| seen.len() >= 4)
         .await;
     let errors: Vec<&str> = letters
         .iter()
@@ -272,6 +278,12 @@ async fn poison_results_are_dead_lettered_and_consumption_goes_on() {
     assert!(errors[0].starts_with("body:"), "{errors:?}");
     assert!(errors[1].contains("e404"), "{errors:?}");
     assert!(errors[2].starts_with("message_id:"), "{errors:?}");
+    assert!(errors[3].starts_with("result:"), "{errors:?}");
+    assert!(
+        errors[3].contains(&app.settings.max_result_bytes.to_string()),
+        "{errors:?}"
+    );
+    assert_eq!(letters[3].payload, oversized, "the original bytes");
     assert_eq!(letters[0].raw, b"\x00not json at all");
     let mut offsets = Vec::new();
     for letter in &letters {
@@ -283,7 +295,7 @@ async fn poison_results_are_dead_lettered_and_consumption_goes_on() {
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
     assert_eq!(
         app.metric("essayflow_ingress_dead_lettered_total").await,
-        Some(3)
+        Some(4)
     );
 }
 

@@ -4,7 +4,7 @@
 
 use api::auth::Role;
 use commands::Engine;
-use integration_tests::pipeline::result;
+use integration_tests::pipeline::{result, result_of_size};
 use integration_tests::{TestApp, assert_problem, both_engines};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -48,10 +48,7 @@ async fn a_pipeline_runs_to_completion_with_the_development_processor(engine: En
     }
 
     // The conductor's commands name their cause: PipelineResolved was caused by the request.
-    let events: Value = app
-        .get_json(&teacher, &format!("/v1/batches/{id}/events"))
-        .await;
-    let events = events.as_array().unwrap();
+    let events = app.events(&teacher, &id).await;
     let types: Vec<&str> = events
         .iter()
         .map(|e| e["event_type"].as_str().unwrap())
@@ -261,6 +258,39 @@ async fn the_http_twin_records_a_result_once_and_refuses_bad_ones(engine: Engine
     assert_eq!(status["phases"]["spellcheck"]["succeeded"], 2);
 }
 
+async fn a_result_over_the_size_limit_is_a_422_and_one_at_the_limit_is_recorded(engine: Engine) {
+    // The default limit: 64 KiB of `result` as compact JSON.
+    let app = TestApp::spawn(engine).await;
+    let limit = app.settings.max_result_bytes;
+    assert_eq!(limit, 64 * 1024);
+    let teacher = app.user(Role::Teacher).await;
+    let service = app.user(Role::Service).await;
+    let id = app.ready_batch(&teacher, &["e1"]).await;
+    app.request_pipeline(&teacher, &id, "spellcheck").await;
+    app.wait_for_phase(&teacher, &id, "spellcheck").await;
+    let events = app.event_count().await;
+
+    let mut over = result(&id, "e1", "spellcheck", "succeeded");
+    over["result"] = result_of_size(limit + 1);
+    let problem = assert_problem(
+        app.post_result(&service, &over).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(problem["errors"][0]["field"], "result");
+    let reason = problem["errors"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains(&limit.to_string()), "{reason}");
+    assert_eq!(app.event_count().await, events, "nothing appended");
+
+    let mut at_limit = result(&id, "e1", "spellcheck", "succeeded");
+    at_limit["result"] = result_of_size(limit);
+    let recorded = app.post_result(&service, &at_limit).await;
+    assert_eq!(recorded.status(), StatusCode::ACCEPTED);
+    assert_eq!(recorded.json::<Value>().await.unwrap()["recorded"], true);
+    let status = app.wait_for_status(&teacher, &id, "completed").await;
+    assert_eq!(status["phases"]["spellcheck"]["succeeded"], 1);
+}
+
 async fn a_conductor_replayed_from_the_start_issues_nothing_twice(engine: Engine) {
     let app = with_simulator(engine, 0.0).await;
     let teacher = app.user(Role::Teacher).await;
@@ -328,5 +358,6 @@ both_engines!(
     one_failed_essay_is_skipped_by_later_phases,
     cancelling_stops_further_phases,
     the_http_twin_records_a_result_once_and_refuses_bad_ones,
+    a_result_over_the_size_limit_is_a_422_and_one_at_the_limit_is_recorded,
     a_conductor_replayed_from_the_start_issues_nothing_twice,
 );

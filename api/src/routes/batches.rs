@@ -574,41 +574,119 @@ pub(super) struct EventResponse {
     payload: serde_json::Value,
 }
 
+/// The largest `limit` of `GET /v1/batches/{id}/events`, and the default.
+const EVENTS_MAX_LIMIT: i64 = 1000;
+const EVENTS_DEFAULT_LIMIT: i64 = 100;
+
+/// `GET /v1/batches/{id}/events?after=&limit=`. Both are taken as text and parsed here, so that
+/// a bad value is a 400 naming its field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventsQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// One page of a batch's history, oldest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct EventPage {
+    /// Events in sequence order, continuing exactly where the previous page ended.
+    items: Vec<EventResponse>,
+    /// Pass back as `after` for the next page; `null` on the last page.
+    next_cursor: Option<String>,
+}
+
+impl EventsQuery {
+    /// `(after, limit)`: the sequence to continue after (0 from the start) and the page size.
+    fn parse(&self) -> ApiResult<(i64, i64)> {
+        let bad = |field: &str, reason: &str| {
+            ApiError::BadQuery(FieldError {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        let limit = match &self.limit {
+            None => EVENTS_DEFAULT_LIMIT,
+            Some(raw) => raw
+                .parse::<i64>()
+                .ok()
+                .filter(|l| (1..=EVENTS_MAX_LIMIT).contains(l))
+                .ok_or_else(|| {
+                    bad(
+                        "limit",
+                        &format!("must be a whole number from 1 to {EVENTS_MAX_LIMIT}"),
+                    )
+                })?,
+        };
+        // The cursor is the last sequence of the previous page; clients treat it as opaque.
+        let after = match &self.after {
+            None => 0,
+            Some(raw) => raw
+                .parse::<i64>()
+                .ok()
+                .filter(|a| *a >= 0)
+                .ok_or_else(|| bad("after", "not a cursor from a previous page"))?,
+        };
+        Ok((after, limit))
+    }
+}
+
 #[utoipa::path(get, path = "/v1/batches/{id}/events", tag = "batches",
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
-    responses((status = 200, body = Vec<EventResponse>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    params(("id" = String, Path, description = "Batch id"),
+        ("after" = Option<String>, Query, description = "next_cursor of the previous page; absent for the first page"),
+        ("limit" = Option<u32>, Query, description = "Events per page, 1 to 1000, default 100. A page also ends early once its payloads reach 4 MiB (always at least one event)")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "One page of the batch's events, oldest first", body = EventPage),
+        (status = 400, description = "Bad limit or after", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn batch_events(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<Vec<EventResponse>>> {
+    Query(query): Query<EventsQuery>,
+) -> ApiResult<axum::Json<EventPage>> {
     let batch_id = batch_id(&id)?;
-    let events = visible_history(&state, &user, batch_id, None).await?;
-    let events = events
-        .into_iter()
-        .map(|e| {
-            // The stored form is {"EventType": {...}}; show the inner payload.
-            let payload = match serde_json::to_value(&e.event) {
-                Ok(serde_json::Value::Object(map)) if map.len() == 1 => {
-                    map.into_iter().next().map(|(_, v)| v).unwrap_or_default()
-                }
-                Ok(other) => other,
-                Err(_) => serde_json::Value::Null,
-            };
-            EventResponse {
-                sequence: e.sequence,
-                position: e.at.position,
-                event_type: e.event_type,
-                event_version: e.event_version,
-                occurred_at: e.metadata.occurred_at,
-                correlation_id: e.metadata.correlation_id,
-                causation_id: e.metadata.causation_id,
-                user_id: e.metadata.user_id,
-                payload,
-            }
-        })
-        .collect();
-    Ok(axum::Json(events))
+    let (after, limit) = query.parse()?;
+    // The owner is in the batch's first event: one row, however long the history.
+    let owner = state.log.batch_owner(batch_id).await?;
+    if !owner.is_some_and(|o| user.may_read(&o.to_string())) {
+        return Err(ApiError::NotFound);
+    }
+    let page = state
+        .log
+        .read_batch_page(batch_id, after, limit, commands::HISTORY_PAGE_BYTES)
+        .await?;
+    let next_cursor = page
+        .more
+        .then(|| page.events.last().map(|e| e.sequence.to_string()))
+        .flatten();
+    Ok(axum::Json(EventPage {
+        items: page.events.into_iter().map(event_response).collect(),
+        next_cursor,
+    }))
+}
+
+/// An event as the API shows it: the stored form is `{"EventType": {...}}`; `payload` is the
+/// inner object.
+fn event_response(e: commands::StoredEvent) -> EventResponse {
+    let payload = match serde_json::to_value(&e.event) {
+        Ok(serde_json::Value::Object(map)) if map.len() == 1 => {
+            map.into_iter().next().map(|(_, v)| v).unwrap_or_default()
+        }
+        Ok(other) => other,
+        Err(_) => serde_json::Value::Null,
+    };
+    EventResponse {
+        sequence: e.sequence,
+        position: e.at.position,
+        event_type: e.event_type,
+        event_version: e.event_version,
+        occurred_at: e.metadata.occurred_at,
+        correlation_id: e.metadata.correlation_id,
+        causation_id: e.metadata.causation_id,
+        user_id: e.metadata.user_id,
+        payload,
+    }
 }
 
 pub fn router() -> Router<AppState> {

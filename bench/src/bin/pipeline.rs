@@ -86,6 +86,36 @@ async fn post(
     Ok(response.json().await?)
 }
 
+/// Every event of a batch: `GET /v1/batches/{id}/events`, page after page.
+async fn history(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    id: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let mut events = Vec::new();
+    let mut path = format!("{url}/v1/batches/{id}/events?limit=1000");
+    loop {
+        let page: Value = http
+            .get(&path)
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let items = page["items"]
+            .as_array()
+            .with_context(|| format!("{path}: no items in {page}"))?;
+        events.extend(items.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                path = format!("{url}/v1/batches/{id}/events?limit=1000&after={cursor}")
+            }
+            None => return Ok(events),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     url: &str,
@@ -166,19 +196,9 @@ async fn run(
     let (mut first, mut last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (None, None);
     let mut essay_phases = 0u64;
     for id in &ids {
-        let events: Value = http
-            .get(format!("{url}/v1/batches/{id}/events"))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let events = history(&http, url, token, id).await?;
         let at = |kind: &str| -> Option<DateTime<Utc>> {
-            events
-                .as_array()?
-                .iter()
-                .rev()
-                .find(|e| e["event_type"] == kind)?["occurred_at"]
+            events.iter().rev().find(|e| e["event_type"] == kind)?["occurred_at"]
                 .as_str()?
                 .parse()
                 .ok()
@@ -191,16 +211,11 @@ async fn run(
         first = Some(first.map_or(requested, |f| f.min(requested)));
         last = Some(last.map_or(completed, |l| l.max(completed)));
         essay_phases += events
-            .as_array()
-            .map(|e| {
-                e.iter()
-                    .filter(|e| {
-                        e["event_type"] == "EssayPhaseCompleted"
-                            || e["event_type"] == "EssayPhaseFailed"
-                    })
-                    .count() as u64
+            .iter()
+            .filter(|e| {
+                e["event_type"] == "EssayPhaseCompleted" || e["event_type"] == "EssayPhaseFailed"
             })
-            .unwrap_or(0);
+            .count() as u64;
     }
     latencies.sort_by(f64::total_cmp);
     let span = match (first, last) {
