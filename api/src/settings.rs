@@ -69,6 +69,9 @@ pub struct WsSettings {
     pub send_buffer: usize,
     /// How long changes are kept for clients that resume with `since`.
     pub history_secs: u64,
+    /// The most changes a resume (`since`) replays from the history; a client further behind
+    /// gets a snapshot.
+    pub max_replay: i64,
 }
 
 impl Default for WsSettings {
@@ -82,6 +85,7 @@ impl Default for WsSettings {
             max_message_bytes: 4096,
             send_buffer: 256,
             history_secs: 900,
+            max_replay: 10_000,
         }
     }
 }
@@ -249,6 +253,9 @@ impl Settings {
                 *slot = parse_u(name, v)?;
             }
         }
+        if let Some(v) = var("ESSAYFLOW_WS_MAX_REPLAY") {
+            ws.max_replay = parse_u("ESSAYFLOW_WS_MAX_REPLAY", v)? as i64;
+        }
         for (name, slot) in [
             ("ESSAYFLOW_WS_MAX_SUBSCRIPTIONS", &mut ws.max_subscriptions),
             ("ESSAYFLOW_WS_MAX_MESSAGE_BYTES", &mut ws.max_message_bytes),
@@ -309,6 +316,7 @@ impl Settings {
             || ws.message_burst == 0
             || ws.max_message_bytes < 256
             || ws.send_buffer < 4
+            || ws.max_replay < 0
         {
             bail!(
                 "ws settings: intervals, limits and rates must be positive, \

@@ -73,11 +73,12 @@ pub fn spawn_workers(
     errors
 }
 
-/// How long live changes are kept for resuming clients.
+/// How long live changes are kept for resuming clients, and how often old ones are pruned
+/// (every minute, or more often when they are kept less than a minute).
 pub fn retention(settings: &Settings) -> Retention {
     Retention {
         keep: Duration::from_secs(settings.ws.history_secs),
-        ..Retention::default()
+        every: Duration::from_secs(settings.ws.history_secs.clamp(1, 60)),
     }
 }
 

@@ -22,8 +22,8 @@ use super::{Hub, Item, Live, LiveMetrics, Outbox, change_frame, snapshot_frame, 
 use crate::auth::AuthUser;
 use tokio_tungstenite::tungstenite;
 
-/// Catching up from history sends at most this many changes; beyond, a snapshot.
-const MAX_REPLAY: i64 = 256;
+/// Changes read from the history at once while catching a client up.
+const REPLAY_PAGE: i64 = 256;
 
 /// A write that takes longer than this (a client that stopped reading, with full TCP
 /// buffers) ends the connection: no session can hold up shutdown or its own timers for long.
@@ -426,33 +426,38 @@ impl Session {
         (version, data): (i64, String),
     ) -> Result<(), End> {
         let metrics = &self.connect.hub().metrics;
-        if let Some(since) = since.filter(|s| (version - MAX_REPLAY..=version).contains(s)) {
-            if since == version {
+        let max_replay = self.connect.live.settings.ws.max_replay;
+        if let Some(since) = since.filter(|s| (version - max_replay..=version).contains(s)) {
+            // The missed changes, page by page, as long as the history has every one of them;
+            // at the first gap (pruned, or unreadable) a snapshot replaces what was sent.
+            let live = &self.connect.live;
+            let mut at = since;
+            while at < version {
+                let page = match live
+                    .feed
+                    .history(topic, at, REPLAY_PAGE.min(version - at))
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::warn!(%error, "reading live history failed; sending a snapshot");
+                        break;
+                    }
+                };
+                if page.is_empty() || page.iter().zip(at + 1..).any(|(c, v)| c.version != v) {
+                    break;
+                }
+                for change in &page {
+                    let text = change_frame(&sub.visible, change.version, &change.patch);
+                    feed(socket, Message::Text(text)).await?;
+                    at = change.version;
+                }
+                flush(socket).await?;
+                LiveMetrics::add(&metrics.changes_sent, page.len() as u64);
+            }
+            if at == version {
                 sub.last = version;
                 return Ok(());
-            }
-            let live = &self.connect.live;
-            match live.feed.history(topic, since, version - since).await {
-                Ok(changes)
-                    if changes.len() as i64 == version - since
-                        && changes
-                            .iter()
-                            .zip(since + 1..)
-                            .all(|(change, expected)| change.version == expected) =>
-                {
-                    for change in &changes {
-                        let text = change_frame(&sub.visible, change.version, &change.patch);
-                        feed(socket, Message::Text(text)).await?;
-                    }
-                    flush(socket).await?;
-                    LiveMetrics::add(&metrics.changes_sent, changes.len() as u64);
-                    sub.last = version;
-                    return Ok(());
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "reading live history failed; sending a snapshot")
-                }
             }
         }
         let text = snapshot_frame(&sub.visible, version, &data);
