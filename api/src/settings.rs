@@ -67,6 +67,8 @@ pub struct WsSettings {
     pub max_message_bytes: usize,
     /// Messages waiting to be written to one client; past it the oldest changes are dropped.
     pub send_buffer: usize,
+    /// The same limit in bytes of queued frames.
+    pub send_buffer_bytes: usize,
     /// How long changes are kept for clients that resume with `since`.
     pub history_secs: u64,
     /// The most changes a resume (`since`) replays from the history; a client further behind
@@ -83,7 +85,8 @@ impl Default for WsSettings {
             messages_per_second: 10,
             message_burst: 20,
             max_message_bytes: 4096,
-            send_buffer: 256,
+            send_buffer: 1024,
+            send_buffer_bytes: 16 * 1024 * 1024,
             history_secs: 900,
             max_replay: 10_000,
         }
@@ -260,6 +263,7 @@ impl Settings {
             ("ESSAYFLOW_WS_MAX_SUBSCRIPTIONS", &mut ws.max_subscriptions),
             ("ESSAYFLOW_WS_MAX_MESSAGE_BYTES", &mut ws.max_message_bytes),
             ("ESSAYFLOW_WS_SEND_BUFFER", &mut ws.send_buffer),
+            ("ESSAYFLOW_WS_SEND_BUFFER_BYTES", &mut ws.send_buffer_bytes),
         ] {
             if let Some(v) = var(name) {
                 *slot = parse_u(name, v)? as usize;
@@ -316,11 +320,13 @@ impl Settings {
             || ws.message_burst == 0
             || ws.max_message_bytes < 256
             || ws.send_buffer < 4
+            || ws.send_buffer_bytes < 64 * 1024
             || ws.max_replay < 0
         {
             bail!(
                 "ws settings: intervals, limits and rates must be positive, \
-                 max_message_bytes at least 256 and send_buffer at least 4"
+                 max_message_bytes at least 256, send_buffer at least 4 \
+                 and send_buffer_bytes at least 65536"
             );
         }
         Ok(())

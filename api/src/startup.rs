@@ -108,7 +108,10 @@ impl Application {
         feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
         let settings = Arc::new(settings);
         let live = Arc::new(Live {
-            hub: Arc::new(Hub::new(settings.ws.send_buffer)),
+            hub: Arc::new(Hub::new(
+                settings.ws.send_buffer,
+                settings.ws.send_buffer_bytes,
+            )),
             feed: feed.clone(),
             reads: ReadModels::new(storage.clone()),
             settings: settings.clone(),

@@ -20,14 +20,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::values::ValidationError;
+use domain::values::{BatchId, ValidationError};
 use domain::{BatchCommand, BatchError};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics, next_backoff};
-use crate::messages::{ResultMessage, result_causation_id};
+use crate::messages::{ResultMessage, ValidResult, result_causation_id};
 use crate::service::{Accepted, CommandContext, CommandError, CommandService};
 use crate::storage::Storage;
 
@@ -122,32 +122,19 @@ impl Ingress {
         let result = message
             .validate(self.max_result_bytes)
             .map_err(IngressError::Invalid)?;
-        let context = CommandContext {
-            correlation_id,
-            causation_id: Some(result_causation_id(&result.message_id)),
-            user_id: Some(user_id.to_owned()),
-            require_owner: None,
-        };
-        let command = BatchCommand::RecordEssayResult {
-            essay_id: result.essay_id,
-            phase: result.phase,
-            outcome: result.outcome,
-            message_id: result.message_id,
-            result: result.result,
-            error: result.error,
-            pipeline_request_id: result.pipeline_request_id,
-        };
-        let accepted = self
-            .commands
-            .execute(result.batch_id, command, &context)
-            .await?;
+        let (batch_id, command, context) = command_of(result, correlation_id, user_id);
+        let accepted = self.commands.execute(batch_id, command, &context).await?;
+        self.count(&accepted);
+        Ok(accepted)
+    }
+
+    fn count(&self, accepted: &Accepted) {
         let counter = if accepted.events == 0 {
             &self.stats.duplicates
         } else {
             &self.stats.recorded
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Ok(accepted)
     }
 
     /// Consumes the results topic until `cancel` fires.
@@ -195,12 +182,9 @@ impl Ingress {
             let chunk_ref = &chunk;
             let handled: Vec<bool> = futures::stream::iter(by_key.into_values())
                 .map(|indices| async move {
-                    for i in indices {
-                        if !self.handle(&chunk_ref[i], bus, topics, cancel).await {
-                            return false;
-                        }
-                    }
-                    true
+                    let messages: Vec<&InMessage> =
+                        indices.iter().map(|&i| &chunk_ref[i]).collect();
+                    self.handle_group(&messages, bus, topics, cancel).await
                 })
                 .buffer_unordered(CONCURRENCY)
                 .collect()
@@ -213,6 +197,129 @@ impl Ingress {
         }
         subscription.close().await;
         tracing::info!("results ingress stopped");
+    }
+
+    /// Records or dead-letters one key's messages, in order. The results of one batch are
+    /// recorded together ([`CommandService::execute_many`]: one append for all of them, not
+    /// one per result); a message that does not fit the contract, or that the batch refuses,
+    /// is dead-lettered on its own. Transient failures retry the group; a group that keeps
+    /// failing on storage while the database answers is taken apart, one message at a time,
+    /// so that the one that cannot be recorded is set aside. Returns `false` only when
+    /// cancelled before every message was settled.
+    async fn handle_group(
+        &self,
+        messages: &[&InMessage],
+        bus: &Bus,
+        topics: &Topics,
+        cancel: &CancellationToken,
+    ) -> bool {
+        // Runs of consecutive results for the same batch (a key should hold one batch's), so
+        // that whatever is dead-lettered keeps its order among the rest.
+        type Run<'m> = (BatchId, Vec<(&'m InMessage, BatchCommand, CommandContext)>);
+        let mut run: Option<Run<'_>> = None;
+        for &message in messages {
+            let parsed = ResultMessage::from_slice(message.payload.as_deref().unwrap_or(b""))
+                .map_err(|error| IngressError::Invalid(vec![error]))
+                .and_then(|result| {
+                    result
+                        .validate(self.max_result_bytes)
+                        .map_err(IngressError::Invalid)
+                });
+            match parsed {
+                Ok(result) => {
+                    let (batch_id, command, context) =
+                        command_of(result, Uuid::new_v4(), INGRESS_USER);
+                    match &mut run {
+                        Some((id, group)) if *id == batch_id => {
+                            group.push((message, command, context))
+                        }
+                        _ => {
+                            if let Some((id, group)) = run.take()
+                                && !self.record_group(id, &group, bus, topics, cancel).await
+                            {
+                                return false;
+                            }
+                            run = Some((batch_id, vec![(message, command, context)]));
+                        }
+                    }
+                }
+                Err(error) => {
+                    if let Some((id, group)) = run.take()
+                        && !self.record_group(id, &group, bus, topics, cancel).await
+                    {
+                        return false;
+                    }
+                    let reason = dead_letter_reason(&error);
+                    if !self
+                        .dead_letter(message, &reason, bus, topics, cancel)
+                        .await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        match run {
+            Some((id, group)) => self.record_group(id, &group, bus, topics, cancel).await,
+            None => true,
+        }
+    }
+
+    async fn record_group(
+        &self,
+        batch_id: BatchId,
+        group: &[(&InMessage, BatchCommand, CommandContext)],
+        bus: &Bus,
+        topics: &Topics,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let commands: Vec<(BatchCommand, CommandContext)> = group
+            .iter()
+            .map(|(_, command, context)| (command.clone(), context.clone()))
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        let mut storage_failures = 0;
+        loop {
+            let error = match self.commands.execute_many(batch_id, &commands).await {
+                Ok(answers) => {
+                    for ((message, ..), answer) in group.iter().zip(answers) {
+                        match answer {
+                            Ok(accepted) => self.count(&accepted),
+                            Err(rejected) => {
+                                let error = IngressError::Command(CommandError::Rejected(rejected));
+                                let reason = dead_letter_reason(&error);
+                                if !self
+                                    .dead_letter(message, &reason, bus, topics, cancel)
+                                    .await
+                                {
+                                    return false;
+                                }
+                            }
+                        }
+                    }
+                    return true;
+                }
+                Err(error) => error,
+            };
+            if matches!(error, CommandError::Storage(_)) {
+                storage_failures += 1;
+            }
+            if storage_failures >= STORAGE_ATTEMPTS && self.storage.ping().await.is_ok() {
+                for (message, ..) in group {
+                    if !self.handle(message, bus, topics, cancel).await {
+                        return false;
+                    }
+                }
+                return true;
+            }
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, results = group.len(), retry_in = ?backoff, "could not record results; retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff, Duration::from_secs(5));
+        }
     }
 
     /// Records or dead-letters one message, retrying transient failures until they pass.
@@ -249,12 +356,7 @@ impl Ingress {
                     tracing::warn!(%error, retry_in = ?backoff, "could not record a result; retrying");
                 }
                 Err(error) => {
-                    let reason = match &error {
-                        IngressError::Command(CommandError::Rejected(BatchError::NotFound)) => {
-                            "batch_id: no such batch".to_owned()
-                        }
-                        other => other.to_string(),
-                    };
+                    let reason = dead_letter_reason(&error);
                     if self
                         .dead_letter(message, &reason, bus, topics, cancel)
                         .await
@@ -290,6 +392,41 @@ impl Ingress {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
         taken
+    }
+}
+
+/// The `RecordEssayResult` command of a checked result, with its context: correlated as given,
+/// caused by the result's message id.
+fn command_of(
+    result: ValidResult,
+    correlation_id: Uuid,
+    user_id: &str,
+) -> (BatchId, BatchCommand, CommandContext) {
+    let context = CommandContext {
+        correlation_id,
+        causation_id: Some(result_causation_id(&result.message_id)),
+        user_id: Some(user_id.to_owned()),
+        require_owner: None,
+    };
+    let command = BatchCommand::RecordEssayResult {
+        essay_id: result.essay_id,
+        phase: result.phase,
+        outcome: result.outcome,
+        message_id: result.message_id,
+        result: result.result,
+        error: result.error,
+        pipeline_request_id: result.pipeline_request_id,
+    };
+    (result.batch_id, command, context)
+}
+
+/// Why a result is dead-lettered, as `field: reason` where there is a field.
+fn dead_letter_reason(error: &IngressError) -> String {
+    match error {
+        IngressError::Command(CommandError::Rejected(BatchError::NotFound)) => {
+            "batch_id: no such batch".to_owned()
+        }
+        other => other.to_string(),
     }
 }
 

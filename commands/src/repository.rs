@@ -66,6 +66,14 @@ macro_rules! delegate {
     };
 }
 
+impl EventRepository {
+    /// The appender this repository writes through (for appends that build their own
+    /// serialized events: [`crate::CommandService::execute_many`]).
+    pub fn appender(&self) -> Appender {
+        self.appender.clone()
+    }
+}
+
 impl PersistedEventRepository for EventRepository {
     async fn get_events<A: Aggregate>(
         &self,

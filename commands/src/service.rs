@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
-use cqrs_es::{AggregateError, EventStore};
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore, SerializedEvent};
+use cqrs_es::{AggregateError, EventEnvelope, EventStore};
 use domain::values::BatchId;
 use domain::{Batch, BatchCommand, BatchError, BatchServices};
 use rand::Rng;
 use uuid::Uuid;
 
+use crate::appender::{AppendError, Appender};
 use crate::log::{EventLog, EventMetadata, LogError, LogPosition};
 use crate::repository::{EventRepository, RECEIPT};
 use crate::storage::Storage;
@@ -73,6 +74,8 @@ impl From<LogError> for CommandError {
 #[derive(Clone)]
 pub struct CommandService {
     store: Arc<PersistedEventStore<EventRepository, Batch>>,
+    /// The store's appender, for groups of commands ([`CommandService::execute_many`]).
+    appender: Appender,
     /// Recently written batches at their version, so that most commands need no load. Only
     /// states this service itself committed go in; see `execute` for how staleness is caught.
     cache: moka::sync::Cache<BatchId, Arc<(usize, Batch)>>,
@@ -83,10 +86,13 @@ pub struct CommandService {
 
 impl CommandService {
     pub fn new(storage: &Storage, services: BatchServices) -> Self {
-        let store = PersistedEventStore::new_event_store(EventRepository::new(storage))
-            .with_upcasters(crate::upcasters());
+        let repository = EventRepository::new(storage);
+        let appender = repository.appender();
+        let store =
+            PersistedEventStore::new_event_store(repository).with_upcasters(crate::upcasters());
         Self {
             store: Arc::new(store),
+            appender,
             cache: moka::sync::Cache::new(100_000),
             log: EventLog::new(storage.clone()),
             services,
@@ -195,6 +201,149 @@ impl CommandService {
                     return Err(storage_error(error));
                 }
             }
+        }
+        Err(CommandError::Conflict {
+            attempts: self.max_attempts,
+        })
+    }
+
+    /// Decides `commands` for one batch in order, each against the state the ones before it
+    /// left, and appends all their events in one append (one transaction: one flush for the
+    /// group instead of one per command). Each command has its own answer: accepted (with no
+    /// events when it was a repeat) or rejected (it appends nothing; the others still do). The
+    /// outer error means nothing was appended: the store failed, or other writers kept the
+    /// batch changing. Every event carries the metadata of the command that caused it.
+    pub async fn execute_many(
+        &self,
+        batch_id: BatchId,
+        commands: &[(BatchCommand, CommandContext)],
+    ) -> Result<Vec<Result<Accepted, BatchError>>, CommandError> {
+        let aggregate_id = batch_id.to_string();
+        let now = Utc::now();
+        let metadata: Vec<serde_json::Value> = commands
+            .iter()
+            .map(|(command, context)| {
+                serde_json::to_value(
+                    EventMetadata {
+                        correlation_id: context.correlation_id,
+                        causation_id: context.causation_id,
+                        user_id: context.user_id.clone(),
+                        occurred_at: now,
+                        command: command.name().to_owned(),
+                    }
+                    .to_map(),
+                )
+                .unwrap_or_default()
+            })
+            .collect();
+        let mut trust_cache = true;
+        for attempt in 1..=self.max_attempts {
+            let cached = trust_cache.then(|| self.cache.get(&batch_id)).flatten();
+            let from_cache = cached.is_some();
+            let (start, mut state) = match cached {
+                Some(entry) => (entry.0, entry.1.clone()),
+                None => {
+                    let loaded = self
+                        .store
+                        .load_aggregate(&aggregate_id)
+                        .await
+                        .map_err(storage_error)?;
+                    (loaded.current_sequence, loaded.aggregate)
+                }
+            };
+            // Per command: its events' range in the append, or its rejection.
+            let mut decided: Vec<Result<std::ops::Range<usize>, BatchError>> =
+                Vec::with_capacity(commands.len());
+            let mut serialized: Vec<SerializedEvent> = Vec::new();
+            let mut doubt = false;
+            for ((command, context), metadata) in commands.iter().zip(&metadata) {
+                let owned = context.require_owner.is_none_or(|owner| {
+                    start + serialized.len() == 0 || state.owner() == Some(owner)
+                });
+                let outcome = if owned {
+                    state.decide(command.clone(), &self.services)
+                } else {
+                    Err(BatchError::NotFound)
+                };
+                match outcome {
+                    Ok(events) => {
+                        doubt |= events.is_empty();
+                        let first = serialized.len();
+                        for event in events {
+                            let envelope = EventEnvelope::<Batch> {
+                                aggregate_id: aggregate_id.clone(),
+                                sequence: start + serialized.len() + 1,
+                                payload: event.clone(),
+                                metadata: Default::default(),
+                            };
+                            let mut event_row = SerializedEvent::try_from(&envelope)
+                                .map_err(|e| CommandError::Storage(e.to_string()))?;
+                            event_row.metadata = metadata.clone();
+                            serialized.push(event_row);
+                            state.apply_event(event);
+                        }
+                        decided.push(Ok(first..serialized.len()));
+                    }
+                    Err(rejected) => {
+                        doubt = true;
+                        decided.push(Err(rejected));
+                    }
+                }
+            }
+            // A rejection or a no-op decided on cached state is checked on fresh state.
+            if doubt && from_cache {
+                trust_cache = false;
+                continue;
+            }
+            let positions = if serialized.is_empty() {
+                Vec::new()
+            } else {
+                match self.appender.append(serialized.clone()).await {
+                    Ok(positions) => positions,
+                    Err(AppendError::Conflict) => {
+                        tracing::debug!(%batch_id, attempt, "append conflict; retrying the group");
+                        self.cache.invalidate(&batch_id);
+                        trust_cache = false;
+                        let cap = 1u64 << attempt.min(6);
+                        let wait = rand::rng().random_range(0..=cap);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        self.cache.invalidate(&batch_id);
+                        return Err(CommandError::Storage(error.to_string()));
+                    }
+                }
+            };
+            let end = start + serialized.len();
+            if !serialized.is_empty() {
+                self.cache.insert(batch_id, Arc::new((end, state)));
+            }
+            // The position of the batch's latest event before this group, for repeats that come
+            // before any new event.
+            let before = if start > 0 && decided.iter().any(|d| matches!(d, Ok(r) if r.is_empty()))
+            {
+                self.accepted(batch_id, 0, start).await?.position
+            } else {
+                LogPosition::default()
+            };
+            let mut answers = Vec::with_capacity(decided.len());
+            for decision in decided {
+                answers.push(decision.map(|range| {
+                    // A repeat answers with the batch as it stood after the commands before it.
+                    let last = range.end;
+                    Accepted {
+                        batch_id,
+                        events: range.len(),
+                        version: (start + last) as i64,
+                        position: match last.checked_sub(1) {
+                            Some(i) => positions.get(i).copied().unwrap_or(before),
+                            None => before,
+                        },
+                    }
+                }));
+            }
+            return Ok(answers);
         }
         Err(CommandError::Conflict {
             attempts: self.max_attempts,

@@ -87,6 +87,8 @@ pub struct Drained {
 #[derive(Default)]
 struct Pending {
     items: VecDeque<Item>,
+    /// The bytes of the frames in `items`.
+    bytes: usize,
     /// Lagged topics (and whether the session was told): their changes are refused until the
     /// session drops the subscription.
     lagged: Vec<(Arc<str>, bool)>,
@@ -102,17 +104,31 @@ impl Pending {
     /// last version it got, so they would only take room from other topics.
     fn mark_lagged(&mut self, topic: Arc<str>) -> u64 {
         let before = self.items.len();
-        self.items.retain(|item| item.topic != topic);
+        self.remove_topic(&topic);
         self.lagged.push((topic, false));
         (before - self.items.len()) as u64
     }
+
+    fn remove_topic(&mut self, topic: &str) {
+        let mut freed = 0;
+        self.items.retain(|item| {
+            let keep = &*item.topic != topic;
+            if !keep {
+                freed += item.frame.len();
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
 }
 
-/// One connection's bounded send buffer.
+/// One connection's bounded send buffer: at most `capacity` messages and `capacity_bytes` of
+/// frames (a single frame larger than that still goes through an empty buffer).
 pub struct Outbox {
     pending: Mutex<Pending>,
     notify: Notify,
     capacity: usize,
+    capacity_bytes: usize,
     metrics: Arc<LiveMetrics>,
 }
 
@@ -128,9 +144,14 @@ impl Outbox {
                 LiveMetrics::add(&self.metrics.dropped, 1);
                 return;
             }
-            if pending.items.len() >= self.capacity
-                && let Some(oldest) = pending.items.pop_front()
+            let size = item.frame.len();
+            while pending.items.len() >= self.capacity
+                || (pending.bytes + size > self.capacity_bytes && !pending.items.is_empty())
             {
+                let Some(oldest) = pending.items.pop_front() else {
+                    break;
+                };
+                pending.bytes -= oldest.frame.len();
                 let dropped = 1 + pending.mark_lagged(oldest.topic);
                 LiveMetrics::add(&self.metrics.dropped, dropped);
                 if pending.is_lagged(&item.topic) {
@@ -138,6 +159,7 @@ impl Outbox {
                     return;
                 }
             }
+            pending.bytes += size;
             pending.items.push_back(item);
         }
         self.notify.notify_one();
@@ -163,6 +185,7 @@ impl Outbox {
                 lagged.push(topic.clone());
             }
         }
+        pending.bytes = 0;
         Drained {
             items: std::mem::take(&mut pending.items),
             lagged,
@@ -175,7 +198,7 @@ impl Outbox {
     pub fn forget(&self, topic: &str) {
         let mut pending = self.lock();
         pending.lagged.retain(|(t, _)| &**t != topic);
-        pending.items.retain(|item| &*item.topic != topic);
+        pending.remove_topic(topic);
     }
 }
 
@@ -188,16 +211,20 @@ pub struct Hub {
     connections: Mutex<HashMap<u64, Weak<Outbox>>>,
     next_id: AtomicU64,
     send_buffer: usize,
+    send_buffer_bytes: usize,
     pub metrics: Arc<LiveMetrics>,
 }
 
 impl Hub {
-    pub fn new(send_buffer: usize) -> Self {
+    /// A hub whose connections each buffer at most `send_buffer` messages and
+    /// `send_buffer_bytes` bytes of frames.
+    pub fn new(send_buffer: usize, send_buffer_bytes: usize) -> Self {
         Self {
             topics: RwLock::default(),
             connections: Mutex::default(),
             next_id: AtomicU64::new(1),
             send_buffer,
+            send_buffer_bytes,
             metrics: Arc::default(),
         }
     }
@@ -209,6 +236,7 @@ impl Hub {
             pending: Mutex::default(),
             notify: Notify::new(),
             capacity: self.send_buffer,
+            capacity_bytes: self.send_buffer_bytes,
             metrics: self.metrics.clone(),
         });
         self.connections
@@ -348,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_full_outbox_drops_the_oldest_change_and_marks_its_topic_lagged() {
-        let hub = Hub::new(4);
+        let hub = Hub::new(4, usize::MAX);
         let (id, outbox) = hub.connect();
         let (a, b): (Arc<str>, Arc<str>) = ("batch:a".into(), "batch:b".into());
         hub.subscribe(&a, id, &outbox);
@@ -408,6 +436,27 @@ mod tests {
         outbox.forget("batch:b");
         let drained = outbox.drain();
         assert!(drained.lagged.is_empty() && drained.items.is_empty());
+    }
+
+    #[test]
+    fn an_outbox_over_its_byte_limit_drops_the_oldest_change_too() {
+        // Room for many messages but only about three frames' bytes.
+        let one = change("batch:a", 1).patch.len() + 60;
+        let hub = Hub::new(1000, 3 * one);
+        let (id, outbox) = hub.connect();
+        let (a, b): (Arc<str>, Arc<str>) = ("batch:a".into(), "batch:b".into());
+        hub.subscribe(&a, id, &outbox);
+        hub.subscribe(&b, id, &outbox);
+        hub.dispatch(&[change("batch:a", 1), change("batch:b", 1)]);
+        hub.dispatch(&[change("batch:b", 2), change("batch:b", 3)]);
+        let drained = outbox.drain();
+        assert_eq!(drained.lagged, vec![a], "a:1 made room");
+        let versions: Vec<i64> = drained.items.iter().map(|i| i.version).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        // Draining frees the bytes.
+        hub.dispatch(&[change("batch:b", 4), change("batch:b", 5)]);
+        assert_eq!(outbox.drain().items.len(), 2);
+        assert_eq!(hub.metrics.dropped.load(Ordering::Relaxed), 1);
     }
 
     #[test]

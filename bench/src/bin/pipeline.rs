@@ -3,6 +3,11 @@
 //!   until every one completed (the processing services being the development processor), and
 //!   reports essay-phases completed per second and the time from `PipelineRequested` to
 //!   `PipelineCompleted`, taken from the events' own timestamps.
+//! - `class-setup` and `class-run`: one class at real size. `class-setup` registers one batch
+//!   of E essays of about W words each (added 250 at a time) and prints its id once the read
+//!   model has it; `class-run` requests a pipeline for it and reports the seconds from the
+//!   request to the batch being `completed` (polled), so that a script can measure the
+//!   database between the two.
 //! - `raw-producer`: the baseline for the relay: N messages of S bytes through a plain
 //!   idempotent rdkafka producer, every send in flight at once.
 //!
@@ -43,6 +48,28 @@ enum Command {
         /// Requests in flight while setting up.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    ClassSetup {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 1000)]
+        essays: usize,
+        #[arg(long, default_value_t = 500)]
+        words: usize,
+    },
+    ClassRun {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        batch: String,
+        #[arg(long, default_value = "ai_feedback")]
+        pipeline: String,
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
@@ -234,6 +261,113 @@ async fn run(
     }))
 }
 
+/// About `words` words of text, different for every `seed`.
+fn essay_text(seed: usize, words: usize) -> String {
+    const WORDS: [&str; 16] = [
+        "homework",
+        "improves",
+        "discipline",
+        "although",
+        "students",
+        "often",
+        "argue",
+        "that",
+        "rest",
+        "matters",
+        "more",
+        "today",
+        "because",
+        "evidence",
+        "suggests",
+        "balance",
+    ];
+    (0..words)
+        .map(|i| WORDS[(seed * 7 + i * 13) % WORDS.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn class_setup(url: &str, token: &str, essays: usize, words: usize) -> anyhow::Result<Value> {
+    loopback(url)?;
+    let http = reqwest::Client::new();
+    let batch = post(
+        &http,
+        &format!("{url}/v1/batches"),
+        token,
+        json!({ "title": "A class at real size", "course_code": "BENCH", "expected_essay_count": essays }),
+    )
+    .await?;
+    let id = batch["batch_id"].as_str().context("batch_id")?.to_owned();
+    let mut position = 0;
+    for start in (0..essays).step_by(250) {
+        let list: Vec<Value> = (start..essays.min(start + 250))
+            .map(|i| json!({ "essay_id": format!("s{i:04}"), "title": format!("Essay {i}"), "text": essay_text(i, words) }))
+            .collect();
+        let added = post(
+            &http,
+            &format!("{url}/v1/batches/{id}/essays"),
+            token,
+            json!({ "essays": list }),
+        )
+        .await?;
+        position = added["position"].as_i64().context("position")?;
+    }
+    let response = http
+        .get(format!(
+            "{url}/v1/batches/{id}/status?min_position={position}"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("the batch did not become readable: {}", response.status());
+    }
+    Ok(json!({ "batch_id": id, "essays": essays, "words": words }))
+}
+
+async fn class_run(
+    url: &str,
+    token: &str,
+    batch: &str,
+    pipeline: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    loopback(url)?;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    post(
+        &http,
+        &format!("{url}/v1/batches/{batch}/pipelines"),
+        token,
+        json!({ "pipeline": pipeline }),
+    )
+    .await?;
+    let accepted = started.elapsed().as_secs_f64();
+    loop {
+        if started.elapsed() > timeout {
+            bail!("the pipeline did not finish within {timeout:?}");
+        }
+        let status: Value = http
+            .get(format!("{url}/v1/batches/{batch}/status"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if matches!(
+            status["status"].as_str(),
+            Some("completed" | "completed_with_failures")
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(json!({
+        "seconds": started.elapsed().as_secs_f64(),
+        "accepted_ms": accepted * 1e3,
+    }))
+}
+
 async fn raw_producer(
     brokers: &str,
     topic: &str,
@@ -301,6 +435,28 @@ async fn main() -> anyhow::Result<()> {
                 essays,
                 &pipeline,
                 concurrency,
+                Duration::from_secs(timeout_secs),
+            )
+            .await?
+        }
+        Command::ClassSetup {
+            url,
+            token,
+            essays,
+            words,
+        } => class_setup(&url, &token, essays, words).await?,
+        Command::ClassRun {
+            url,
+            token,
+            batch,
+            pipeline,
+            timeout_secs,
+        } => {
+            class_run(
+                &url,
+                &token,
+                &batch,
+                &pipeline,
                 Duration::from_secs(timeout_secs),
             )
             .await?
