@@ -8,7 +8,8 @@ use commands::CommandService;
 use commands::bus::Topics;
 use commands::simulator::{self, SimulatorOptions};
 use domain::BatchServices;
-use projections::{BatchStateProjection, DashboardProjection, PROJECTIONS, replay};
+use projections::rebuild::{Rebuild, RebuildProgress};
+use projections::{AnyProjection, PROJECTIONS, Projection};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -54,10 +55,18 @@ enum Command {
     },
     /// Run the database migrations and exit.
     Migrate,
-    /// Rebuild a projection from event zero.
+    /// Rebuild a projection from event zero beside the live one, then swap it in (safe while
+    /// the service runs; an interrupted rebuild resumes).
     Replay {
         #[arg(long)]
         projection: String,
+    },
+    /// Fold the log from event zero and compare the result with the live read model, row by
+    /// row; exits with 1 if any row differs.
+    Verify {
+        /// One projection (default: every one).
+        #[arg(long)]
+        projection: Option<String>,
     },
     /// Manage users.
     Users {
@@ -166,22 +175,89 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replay { projection } => {
             let storage = connect(&settings).await?;
-            let show = |p: replay::ReplayProgress| progress_bar(&projection, p);
-            let report = match projection.as_str() {
-                "batch_state" => replay::rebuild(BatchStateProjection, &storage, show).await?,
-                "dashboard" => replay::rebuild(DashboardProjection, &storage, show).await?,
-                other => bail!(
-                    "unknown projection {other:?}; known: {}",
+            let named = AnyProjection::named(&projection).map_err(|_| {
+                anyhow::anyhow!(
+                    "unknown projection {projection:?}; known: {}",
                     PROJECTIONS.join(", ")
-                ),
-            };
+                )
+            })?;
+            let rebuild = Rebuild::claim(named, &storage, settings.rebuild_options()).await?;
+            if rebuild.resumed_from() > 0 {
+                eprintln!(
+                    "resuming an interrupted rebuild of {projection} from {} events",
+                    rebuild.resumed_from()
+                );
+            }
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            let report = rebuild
+                .run(None, |p| progress_bar(&projection, p), &cancel)
+                .await?;
             eprintln!();
             println!(
-                "replayed {} events into {projection} in {:.2} s ({:.0} events/s)",
-                report.applied,
+                "replayed {} events into {projection} in {:.2} s ({:.0} events/s) and swapped it in",
+                report.done,
                 report.elapsed.as_secs_f64(),
                 report.events_per_second()
             );
+            Ok(())
+        }
+        Command::Verify { projection } => {
+            let storage = connect(&settings).await?;
+            let names: Vec<String> = match projection {
+                Some(name) => vec![name],
+                None => PROJECTIONS.iter().map(|p| (*p).to_owned()).collect(),
+            };
+            let mut differing = 0;
+            for name in names {
+                let named = AnyProjection::named(&name).map_err(|_| {
+                    anyhow::anyhow!(
+                        "unknown projection {name:?}; known: {}",
+                        PROJECTIONS.join(", ")
+                    )
+                })?;
+                let report = projections::verify::verify(
+                    named,
+                    &storage,
+                    settings.verify_options(),
+                    |events| {
+                        if std::io::stderr().is_terminal() {
+                            eprint!("\r{name}: folded {events} events");
+                        }
+                    },
+                    &CancellationToken::new(),
+                )
+                .await?;
+                if std::io::stderr().is_terminal() {
+                    eprintln!();
+                }
+                println!(
+                    "{}: {} rows compared with a fold of {} events (to position {}): {} differ, {} skipped (changed meanwhile)",
+                    named.name(),
+                    report.rows_compared,
+                    report.events,
+                    report.checkpoint,
+                    report.rows_differing,
+                    report.rows_skipped
+                );
+                for difference in &report.differences {
+                    println!(
+                        "  {} {} [{}] {}",
+                        difference.kind,
+                        difference.table,
+                        difference.key.join(", "),
+                        difference.columns.join("; ")
+                    );
+                }
+                differing += report.rows_differing;
+            }
+            if differing > 0 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Users {
@@ -220,19 +296,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn progress_bar(name: &str, p: replay::ReplayProgress) {
+fn progress_bar(name: &str, p: &RebuildProgress) {
     let mut err = std::io::stderr();
     let ratio = if p.total == 0 {
         1.0
     } else {
-        p.applied as f64 / p.total as f64
+        p.done as f64 / p.total as f64
     };
     let filled = (ratio * 30.0).round() as usize;
+    let eta = p
+        .eta()
+        .map(|t| format!(", {:.0} s left", t.as_secs_f64()))
+        .unwrap_or_default();
     let line = format!(
-        "{name} [{}{}] {}/{} events, {:.0} events/s",
+        "{name} [{}{}] {}/{} events, {:.0} events/s{eta}",
         "#".repeat(filled),
         "-".repeat(30 - filled.min(30)),
-        p.applied,
+        p.done,
         p.total,
         p.events_per_second()
     );

@@ -53,6 +53,9 @@ pub enum ApiError {
     /// 409: other commands kept changing the batch.
     #[error("{0}")]
     Conflict(String),
+    /// 409: a rebuild or verification of this projection is already running.
+    #[error("{0}")]
+    JobRunning(String),
     /// 413: the body is over the size limit.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -93,6 +96,7 @@ impl ApiError {
             Self::Rejected(BatchError::NotFound) => (StatusCode::NOT_FOUND, "not-found"),
             Self::Rejected(e) => (StatusCode::CONFLICT, e.code()),
             Self::Conflict(_) => (StatusCode::CONFLICT, "concurrent-modification"),
+            Self::JobRunning(_) => (StatusCode::CONFLICT, "job-running"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
             Self::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod jobs;
 pub mod json;
 pub mod live;
 pub mod pipeline;

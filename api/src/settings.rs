@@ -47,6 +47,14 @@ pub struct Settings {
     /// PEM certificate chain and private key: serve HTTPS and WSS (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Events per page of a rebuild beside the live model, and of a verification's fold.
+    pub rebuild_page_size: i64,
+    /// Seconds a rebuild's claim lasts unless renewed: after a crash, another process resumes
+    /// it once this has passed.
+    pub rebuild_lease_secs: u64,
+    /// Verify every projection against a fold of the log this often, in seconds (on one node);
+    /// 0: only when asked (`essayflow verify`, `POST /v1/admin/projections/{name}/verify`).
+    pub verify_interval_secs: u64,
     /// WebSocket sessions (`GET /v1/ws`), see `api::live`.
     pub ws: WsSettings,
 }
@@ -119,6 +127,9 @@ impl Default for Settings {
             max_result_bytes: commands::messages::DEFAULT_MAX_RESULT_BYTES,
             tls_cert: None,
             tls_key: None,
+            rebuild_page_size: 5000,
+            rebuild_lease_secs: 30,
+            verify_interval_secs: 0,
             ws: WsSettings::default(),
         }
     }
@@ -156,6 +167,22 @@ fn redact_url(url: &str) -> String {
 }
 
 impl Settings {
+    /// How rebuilds run.
+    pub fn rebuild_options(&self) -> projections::rebuild::RebuildOptions {
+        projections::rebuild::RebuildOptions {
+            page_size: self.rebuild_page_size,
+            lease: Duration::from_secs(self.rebuild_lease_secs),
+        }
+    }
+
+    /// How verifications run.
+    pub fn verify_options(&self) -> projections::verify::VerifyOptions {
+        projections::verify::VerifyOptions {
+            page_size: self.rebuild_page_size,
+            ..Default::default()
+        }
+    }
+
     /// Loads the file named by `ESSAYFLOW_CONFIG` (if any), then applies the environment.
     pub fn load() -> anyhow::Result<Self> {
         let mut settings = match std::env::var_os("ESSAYFLOW_CONFIG") {
@@ -237,6 +264,15 @@ impl Settings {
         if let Some(v) = var("ESSAYFLOW_MAX_RESULT_BYTES") {
             self.max_result_bytes = parse_u("ESSAYFLOW_MAX_RESULT_BYTES", v)? as usize;
         }
+        if let Some(v) = var("ESSAYFLOW_REBUILD_PAGE_SIZE") {
+            self.rebuild_page_size = parse_u("ESSAYFLOW_REBUILD_PAGE_SIZE", v)? as i64;
+        }
+        if let Some(v) = var("ESSAYFLOW_REBUILD_LEASE_SECS") {
+            self.rebuild_lease_secs = parse_u("ESSAYFLOW_REBUILD_LEASE_SECS", v)?;
+        }
+        if let Some(v) = var("ESSAYFLOW_VERIFY_INTERVAL_SECS") {
+            self.verify_interval_secs = parse_u("ESSAYFLOW_VERIFY_INTERVAL_SECS", v)?;
+        }
         if let Some(v) = var("ESSAYFLOW_TLS_CERT") {
             self.tls_cert = (!v.is_empty()).then(|| PathBuf::from(v));
         }
@@ -308,6 +344,12 @@ impl Settings {
                 "max_result_bytes must be at least {}",
                 commands::messages::MIN_MAX_RESULT_BYTES
             );
+        }
+        if !(1..=100_000).contains(&self.rebuild_page_size) {
+            bail!("rebuild_page_size must be from 1 to 100000");
+        }
+        if self.rebuild_lease_secs < 2 {
+            bail!("rebuild_lease_secs must be at least 2");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("ESSAYFLOW_TLS_CERT and ESSAYFLOW_TLS_KEY must be set together");

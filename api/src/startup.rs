@@ -141,11 +141,26 @@ impl Application {
         let (ingress, pipeline) =
             crate::pipeline::start(&settings, &storage, &commands, &catalog, &cancel, &tracker)
                 .await?;
+        let jobs = Arc::new(crate::jobs::Jobs::new(
+            storage.clone(),
+            feed.clone(),
+            cancel.child_token(),
+            tracker.clone(),
+            settings.rebuild_options(),
+            settings.verify_options(),
+        ));
+        if settings.run_workers {
+            jobs.spawn_resumer(settings.rebuild_options().lease);
+            if settings.verify_interval_secs > 0 {
+                jobs.spawn_verifier(Duration::from_secs(settings.verify_interval_secs));
+            }
+        }
         let state = AppState {
             commands,
             ingress,
             pipeline: Arc::new(pipeline),
             live,
+            jobs,
             reads: ReadModels::new(storage.clone()),
             log: EventLog::new(storage.clone()),
             storage,

@@ -25,6 +25,8 @@ pub struct AppState {
     pub pipeline: Arc<PipelineStatus>,
     /// Live projection streams (`GET /v1/ws`).
     pub live: Arc<crate::live::Live>,
+    /// Rebuilds and verifications of the read models.
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// Counters exported on `/metrics` in Prometheus text format.

@@ -411,16 +411,18 @@ fn event_patch(
 
 /// The tables of this projection.
 const TABLES: &[crate::Table] = &[
-    crate::Table::document(TABLE),
+    crate::Table::document(TABLE, crate::Scope::Batch),
     crate::Table {
         name: ESSAYS,
         key: &["batch_id", "ordinal"],
         values: &["essay_id", "doc"],
+        scope: crate::Scope::Batch,
     },
     crate::Table {
         name: OUTCOMES,
         key: &["batch_id", "phase", "essay_id"],
         values: &["outcome", "doc"],
+        scope: crate::Scope::Batch,
     },
 ];
 
@@ -440,14 +442,20 @@ impl Projection for BatchStateProjection {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
+        space: crate::Space,
         events: &[StoredEvent],
         mut changes: Option<&mut Vec<Change>>,
     ) -> Result<(), ProjectionError> {
+        let (table, essays_table, outcomes_table) = (
+            space.table(TABLE),
+            space.table(ESSAYS),
+            space.table(OUTCOMES),
+        );
         let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
         let mut batches: HashMap<String, Folding> =
-            docs::load_many::<StoredBatch>(conn, TABLE, &ids)
+            docs::load_many::<StoredBatch>(conn, &table, &ids)
                 .await?
                 .into_iter()
                 .map(|(id, (row, stored))| {
@@ -533,10 +541,10 @@ impl Projection for BatchStateProjection {
                 });
             }
         }
-        docs::upsert_many(conn, TABLE, &summaries).await?;
+        docs::upsert_many(conn, &table, &summaries).await?;
         docs::upsert_rows(
             conn,
-            ESSAYS,
+            &essays_table,
             &["batch_id", "ordinal", "essay_id", "doc"],
             &["batch_id", "ordinal"],
             &essays,
@@ -556,7 +564,7 @@ impl Projection for BatchStateProjection {
             .collect();
         docs::upsert_rows(
             conn,
-            OUTCOMES,
+            &outcomes_table,
             &["batch_id", "phase", "essay_id", "outcome", "doc"],
             &["batch_id", "phase", "essay_id"],
             &outcomes,

@@ -332,30 +332,35 @@ struct Lists {
 }
 
 /// The query of one of an owner's lists: `columns` of its batches, in the dashboard's order.
-pub(crate) fn list_sql(columns: &str, finished: bool) -> String {
+pub(crate) fn list_sql(space: crate::Space, columns: &str, finished: bool) -> String {
     let (statuses, order, limit) = if finished {
         (FINISHED, "position", RECENT)
     } else {
         (ACTIVE, "created_position", ACTIVE_LIMIT)
     };
     format!(
-        "SELECT {columns} FROM {BATCHES} WHERE owner_id = $1 AND status IN {statuses}
-          ORDER BY {order} DESC LIMIT {limit}"
+        "SELECT {columns} FROM {} WHERE owner_id = $1 AND status IN {statuses}
+          ORDER BY {order} DESC LIMIT {limit}",
+        space.table(BATCHES)
     )
 }
 
-async fn lists(conn: &mut AnyConnection, owner: &str) -> Result<Lists, ProjectionError> {
+async fn lists(
+    conn: &mut AnyConnection,
+    space: crate::Space,
+    owner: &str,
+) -> Result<Lists, ProjectionError> {
     let ids = |rows: Vec<sqlx::any::AnyRow>| -> Result<Vec<String>, ProjectionError> {
         Ok(rows
             .iter()
             .map(|row| row.try_get("id"))
             .collect::<Result<_, _>>()?)
     };
-    let active = sqlx::query(&list_sql("id", false))
+    let active = sqlx::query(&list_sql(space, "id", false))
         .bind(owner)
         .fetch_all(&mut *conn)
         .await?;
-    let finished = sqlx::query(&list_sql("id", true))
+    let finished = sqlx::query(&list_sql(space, "id", true))
         .bind(owner)
         .fetch_all(&mut *conn)
         .await?;
@@ -368,6 +373,7 @@ async fn lists(conn: &mut AnyConnection, owner: &str) -> Result<Lists, Projectio
 /// The outcome rows of `batches`, as each batch's `essay_outcomes`.
 pub(crate) async fn outcomes_of(
     conn: &mut AnyConnection,
+    space: crate::Space,
     batches: &[String],
 ) -> Result<HashMap<String, BTreeMap<String, BTreeMap<String, String>>>, ProjectionError> {
     let mut found: HashMap<String, BTreeMap<String, BTreeMap<String, String>>> = HashMap::new();
@@ -376,7 +382,8 @@ pub(crate) async fn outcomes_of(
             continue;
         }
         let sql = format!(
-            "SELECT batch_id, essay_id, phase, outcome FROM {OUTCOMES} WHERE batch_id IN ({})",
+            "SELECT batch_id, essay_id, phase, outcome FROM {} WHERE batch_id IN ({})",
+            space.table(OUTCOMES),
             placeholders(1, chunk.len())
         );
         let mut query = sqlx::query(&sql);
@@ -398,13 +405,15 @@ pub(crate) async fn outcomes_of(
 /// Which of `essays` of a batch have at least one outcome row.
 async fn essays_with_outcomes(
     conn: &mut AnyConnection,
+    space: crate::Space,
     batch: &str,
     essays: &[&str],
 ) -> Result<HashSet<String>, ProjectionError> {
     let mut found = HashSet::new();
     for chunk in essays.chunks(400) {
         let sql = format!(
-            "SELECT DISTINCT essay_id FROM {OUTCOMES} WHERE batch_id = $1 AND essay_id IN ({})",
+            "SELECT DISTINCT essay_id FROM {} WHERE batch_id = $1 AND essay_id IN ({})",
+            space.table(OUTCOMES),
             placeholders(2, chunk.len())
         );
         let mut query = sqlx::query(&sql).bind(batch);
@@ -421,17 +430,19 @@ async fn essays_with_outcomes(
 /// One batch as a dashboard shows it, read back whole (for one entering a list).
 async fn whole_batch(
     conn: &mut AnyConnection,
+    space: crate::Space,
     id: &str,
 ) -> Result<serde_json::Value, ProjectionError> {
-    let summary = docs::load_many::<DashboardBatchSummary>(conn, BATCHES, &[id.to_owned()])
-        .await?
-        .remove(id)
-        .map(|(_, summary)| summary)
-        .ok_or_else(|| ProjectionError::Corrupt {
-            key: id.to_owned(),
-            reason: "listed but not found".to_owned(),
-        })?;
-    let essay_outcomes = outcomes_of(conn, &[id.to_owned()])
+    let summary =
+        docs::load_many::<DashboardBatchSummary>(conn, &space.table(BATCHES), &[id.to_owned()])
+            .await?
+            .remove(id)
+            .map(|(_, summary)| summary)
+            .ok_or_else(|| ProjectionError::Corrupt {
+                key: id.to_owned(),
+                reason: "listed but not found".to_owned(),
+            })?;
+    let essay_outcomes = outcomes_of(conn, space, &[id.to_owned()])
         .await?
         .remove(id)
         .unwrap_or_default();
@@ -474,12 +485,13 @@ impl Folding {
 
 /// The tables of this projection.
 const TABLES: &[crate::Table] = &[
-    crate::Table::document(BATCHES),
-    crate::Table::document(OWNERS),
+    crate::Table::document(BATCHES, crate::Scope::Batch),
+    crate::Table::document(OWNERS, crate::Scope::Owner),
     crate::Table {
         name: OUTCOMES,
         key: &["batch_id", "essay_id", "phase"],
         values: &["outcome"],
+        scope: crate::Scope::Batch,
     },
 ];
 
@@ -499,14 +511,20 @@ impl Projection for DashboardProjection {
     async fn apply(
         &self,
         conn: &mut AnyConnection,
+        space: crate::Space,
         events: &[StoredEvent],
         changes: Option<&mut Vec<Change>>,
     ) -> Result<(), ProjectionError> {
+        let (batches_table, owners_table, outcomes_table) = (
+            space.table(BATCHES),
+            space.table(OWNERS),
+            space.table(OUTCOMES),
+        );
         let mut ids: Vec<String> = events.iter().map(|e| e.batch_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
         let mut batches: HashMap<String, Folding> =
-            docs::load_many::<DashboardBatchSummary>(conn, BATCHES, &ids)
+            docs::load_many::<DashboardBatchSummary>(conn, &batches_table, &ids)
                 .await?
                 .into_iter()
                 .map(|(id, (row, view))| {
@@ -598,7 +616,7 @@ impl Projection for DashboardProjection {
         let mut present: HashSet<(String, String)> = HashSet::new();
         if changes.is_some() {
             for owner in &owners {
-                before_lists.insert(owner.clone(), lists(conn, owner).await?);
+                before_lists.insert(owner.clone(), lists(conn, space, owner).await?);
             }
             let listed: HashSet<&String> = before_lists
                 .values()
@@ -611,7 +629,7 @@ impl Projection for DashboardProjection {
                 let essays: BTreeSet<&str> =
                     batch.outcomes.keys().map(|(e, _)| e.as_str()).collect();
                 let essays: Vec<&str> = essays.into_iter().collect();
-                for essay in essays_with_outcomes(conn, id, &essays).await? {
+                for essay in essays_with_outcomes(conn, space, id, &essays).await? {
                     present.insert((id.clone(), essay));
                 }
             }
@@ -646,10 +664,10 @@ impl Projection for DashboardProjection {
                 ]);
             }
         }
-        docs::upsert_many(conn, BATCHES, &summaries).await?;
+        docs::upsert_many(conn, &batches_table, &summaries).await?;
         for chunk in cleared.chunks(400) {
             let sql = format!(
-                "DELETE FROM {OUTCOMES} WHERE batch_id IN ({})",
+                "DELETE FROM {outcomes_table} WHERE batch_id IN ({})",
                 placeholders(1, chunk.len())
             );
             let mut query = sqlx::query(&sql);
@@ -660,14 +678,14 @@ impl Projection for DashboardProjection {
         }
         docs::upsert_rows(
             conn,
-            OUTCOMES,
+            &outcomes_table,
             &["batch_id", "essay_id", "phase", "outcome"],
             &["batch_id", "essay_id", "phase"],
             &outcome_rows,
         )
         .await?;
 
-        let mut existing = docs::load_many::<OwnerDashboard>(conn, OWNERS, &owners).await?;
+        let mut existing = docs::load_many::<OwnerDashboard>(conn, &owners_table, &owners).await?;
         let mut rows = Vec::with_capacity(owners.len());
         // Per owner: the dashboard before the page, and how many activities the page added.
         let mut befores = Vec::with_capacity(owners.len());
@@ -702,14 +720,14 @@ impl Projection for DashboardProjection {
             });
             befores.push((before, dashboard, added));
         }
-        docs::upsert_many(conn, OWNERS, &rows).await?;
+        docs::upsert_many(conn, &owners_table, &rows).await?;
 
         let Some(changes) = changes else {
             return Ok(());
         };
         for (owner, (before, after, added)) in owners.iter().zip(befores) {
             let lists_before = before_lists.remove(owner).unwrap_or_default();
-            let lists_after = lists(conn, owner).await?;
+            let lists_after = lists(conn, space, owner).await?;
             let mut ops = Vec::new();
             patch::diff_at(
                 &patch::pointer(["totals"]),
@@ -726,7 +744,7 @@ impl Projection for DashboardProjection {
             let mut entering = HashMap::new();
             for id in lists_after.active.iter().chain(&lists_after.finished) {
                 if !listed.contains(id) {
-                    entering.insert(id.clone(), whole_batch(conn, id).await?);
+                    entering.insert(id.clone(), whole_batch(conn, space, id).await?);
                 }
             }
             let paths = [

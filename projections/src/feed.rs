@@ -80,6 +80,9 @@ pub enum FeedEvent {
     /// Changes may have been missed (a lost `LISTEN` connection, a receiver that fell behind):
     /// compare every watched topic with the store.
     Resync,
+    /// A rebuild replaced this projection's tables: send every watched topic of it afresh (a
+    /// snapshot), since its documents may differ from what the old model's patches built.
+    Reset(Arc<str>),
 }
 
 /// The change feed of this process (cheap to clone).
@@ -161,6 +164,13 @@ impl Feed {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Tells this process's subscribers, and (on PostgreSQL) every other node, that
+    /// `projection`'s tables were replaced by a rebuild.
+    pub async fn reset(&self, projection: &str) {
+        let _ = self.sender.send(FeedEvent::Reset(projection.into()));
+        notify(&self.storage, &self.node, &format!("{RESET}{projection}")).await;
     }
 
     /// Hands committed changes to this process's subscribers.
@@ -281,6 +291,10 @@ impl Feed {
                 if node == &*self.node {
                     continue;
                 }
+                if let Some(projection) = page.strip_prefix(RESET) {
+                    let _ = self.sender.send(FeedEvent::Reset(projection.into()));
+                    continue;
+                }
                 match self.page(page).await {
                     Ok(changes) => self.publish(changes),
                     Err(error) => {
@@ -322,6 +336,31 @@ impl Feed {
                 Err(error) => tracing::warn!(%error, "could not prune live changes"),
             }
         }
+    }
+}
+
+/// The notification payload's prefix for a projection whose tables a rebuild replaced.
+const RESET: &str = "reset:";
+
+/// Tells every node (on PostgreSQL) that `projection`'s tables were replaced, from a process
+/// without a feed of its own (`essayflow replay`). On SQLite there is nobody to tell across
+/// processes: the swapped model equals the old one unless the fold changed, and a changed
+/// fold comes with a new binary, whose restart sends every client a snapshot.
+pub async fn notify_reset(storage: &Storage, projection: &str) {
+    notify(storage, "-", &format!("{RESET}{projection}")).await;
+}
+
+async fn notify(storage: &Storage, node: &str, message: &str) {
+    if storage.engine() != commands::Engine::Postgres {
+        return;
+    }
+    let sent = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(format!("{node} {message}"))
+        .execute(storage.pool())
+        .await;
+    if let Err(error) = sent {
+        tracing::warn!(%error, "could not notify the other nodes");
     }
 }
 

@@ -6,7 +6,8 @@
 //!   (exactly-once effect; see [`worker`]).
 //! - [`BatchStateProjection`] (`batch_state`) and [`DashboardProjection`] (`dashboard`) are the
 //!   two read models.
-//! - [`ReadModels`] answers queries; [`replay::rebuild`] rebuilds a projection from event zero.
+//! - [`ReadModels`] answers queries; [`rebuild::Rebuild`] rebuilds a projection beside the live
+//!   model and swaps it in; [`verify`] compares the live model with a fold of the whole log.
 
 pub mod batch_state;
 pub mod dashboard;
@@ -14,7 +15,8 @@ mod docs;
 pub mod feed;
 pub mod patch;
 pub mod queries;
-pub mod replay;
+pub mod rebuild;
+pub mod verify;
 pub mod worker;
 
 use std::future::Future;
@@ -46,19 +48,46 @@ pub enum ProjectionError {
     Injected(String),
 }
 
+/// Where a projection's tables are: the live ones that queries read, or a second set beside
+/// them with the same shape (`<table>__shadow` for a rebuild that will replace the live ones,
+/// `<table>__scratch` for a verification that compares with them). The checkpoint of a
+/// projection in a space is named the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Space {
+    Live,
+    Shadow,
+    Scratch,
+}
+
+impl Space {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Live => "",
+            Self::Shadow => "__shadow",
+            Self::Scratch => "__scratch",
+        }
+    }
+
+    /// The name of `table` (a live table's name) in this space.
+    pub fn table(self, table: &str) -> String {
+        format!("{table}{}", self.suffix())
+    }
+}
+
 /// A read model kept by a [`Worker`].
 pub trait Projection: Send + Sync + 'static {
     /// The stable name, also the checkpoint's key.
     fn name(&self) -> &'static str;
     /// The tables this projection owns (what a rebuild replaces and verification compares).
     fn tables(&self) -> &'static [Table];
-    /// Applies a page of events, in log order, inside the caller's transaction. Must be
-    /// idempotent per event (rows remember the version they applied). With `changes`, also
-    /// lists the live changes the page makes (see [`feed`]), in order; only events that
-    /// changed a row make one.
+    /// Applies a page of events, in log order, to its tables in `space`, inside the caller's
+    /// transaction. Must be idempotent per event (rows remember the version they applied).
+    /// With `changes` (live tables only), also lists the live changes the page makes (see
+    /// [`feed`]), in order; only events that changed a row make one.
     fn apply(
         &self,
         conn: &mut AnyConnection,
+        space: Space,
         events: &[StoredEvent],
         changes: Option<&mut Vec<Change>>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
@@ -72,13 +101,24 @@ pub struct Table {
     pub key: &'static [&'static str],
     /// The other columns.
     pub values: &'static [&'static str],
+    /// What the first key column names: whose events change a row.
+    pub scope: Scope,
+}
+
+/// Whose events change a row: a batch's (the key starts with the batch id), or a teacher's
+/// (the key starts with the owner id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Batch,
+    Owner,
 }
 
 impl Table {
     /// A table of the shared document shape (see [`docs`]).
-    pub const fn document(name: &'static str) -> Self {
+    pub const fn document(name: &'static str, scope: Scope) -> Self {
         Self {
             name,
+            scope,
             key: &["id"],
             values: &[
                 "owner_id",
@@ -100,13 +140,66 @@ pub struct TableRow {
     pub values: Vec<String>,
 }
 
+/// Any of the projections, chosen by name at run time (a rebuild or verification an operator
+/// asks for).
+#[derive(Debug, Clone, Copy)]
+pub enum AnyProjection {
+    BatchState(BatchStateProjection),
+    Dashboard(DashboardProjection),
+}
+
+impl AnyProjection {
+    /// The projection called `name` (one of [`PROJECTIONS`]).
+    pub fn named(name: &str) -> Result<Self, ProjectionError> {
+        match name {
+            "batch_state" => Ok(Self::BatchState(BatchStateProjection)),
+            "dashboard" => Ok(Self::Dashboard(DashboardProjection)),
+            other => Err(ProjectionError::Unknown(other.to_owned())),
+        }
+    }
+
+    /// The live topics whose documents this projection's tables hold (`batch:` or
+    /// `dashboard:`, as a prefix).
+    pub fn topic_prefix(&self) -> &'static str {
+        match self {
+            Self::BatchState(_) => "batch:",
+            Self::Dashboard(_) => "dashboard:",
+        }
+    }
+}
+
+impl Projection for AnyProjection {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::BatchState(p) => p.name(),
+            Self::Dashboard(p) => p.name(),
+        }
+    }
+
+    fn tables(&self) -> &'static [Table] {
+        match self {
+            Self::BatchState(p) => p.tables(),
+            Self::Dashboard(p) => p.tables(),
+        }
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        space: Space,
+        events: &[StoredEvent],
+        changes: Option<&mut Vec<Change>>,
+    ) -> Result<(), ProjectionError> {
+        match self {
+            Self::BatchState(p) => p.apply(conn, space, events, changes).await,
+            Self::Dashboard(p) => p.apply(conn, space, events, changes).await,
+        }
+    }
+}
+
 /// The tables of the projection called `name`.
 pub fn tables_of(name: &str) -> Result<&'static [Table], ProjectionError> {
-    match name {
-        "batch_state" => Ok(BatchStateProjection.tables()),
-        "dashboard" => Ok(DashboardProjection.tables()),
-        other => Err(ProjectionError::Unknown(other.to_owned())),
-    }
+    Ok(AnyProjection::named(name)?.tables())
 }
 
 /// Reads every row of a projection's tables, ordered by table and key, for comparing a live

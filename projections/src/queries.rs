@@ -42,6 +42,10 @@ pub struct ProjectionStatus {
     /// `live` when nothing is left to apply, `catching_up` otherwise.
     pub state: String,
     pub updated_at: String,
+    /// The current or last rebuild beside the live model, if any.
+    pub rebuild: Option<crate::rebuild::RebuildStatus>,
+    /// The last verification against a fold of the log, if any.
+    pub verification: Option<crate::verify::VerifyReport>,
 }
 
 /// How many essays succeeded and failed in one phase.
@@ -189,6 +193,8 @@ impl ReadModels {
                 lag,
                 state: if lag == 0 { "live" } else { "catching_up" }.to_owned(),
                 updated_at: row.try_get("updated_at")?,
+                rebuild: crate::rebuild::status(&self.storage, name).await?,
+                verification: crate::verify::last(&self.storage, name).await?,
             });
         }
         Ok(statuses)
@@ -309,10 +315,14 @@ pub(crate) async fn dashboard_on(
     let owner_doc: Option<OwnerDashboard> = row.map(|row| row_from(&row)?.parse()).transpose()?;
     let mut lists = Vec::with_capacity(2);
     for finished in [false, true] {
-        let rows = sqlx::query(&dashboard::list_sql(ROW_COLUMNS, finished))
-            .bind(owner)
-            .fetch_all(&mut *conn)
-            .await?;
+        let rows = sqlx::query(&dashboard::list_sql(
+            crate::Space::Live,
+            ROW_COLUMNS,
+            finished,
+        ))
+        .bind(owner)
+        .fetch_all(&mut *conn)
+        .await?;
         let summaries: Vec<DashboardBatchSummary> = rows
             .iter()
             .map(|row| row_from(row)?.parse())
@@ -320,7 +330,7 @@ pub(crate) async fn dashboard_on(
         lists.push(summaries);
     }
     let ids: Vec<String> = lists.iter().flatten().map(|b| b.batch_id.clone()).collect();
-    let mut outcomes = dashboard::outcomes_of(conn, &ids).await?;
+    let mut outcomes = dashboard::outcomes_of(conn, crate::Space::Live, &ids).await?;
     let mut whole = |summaries: Vec<DashboardBatchSummary>| -> Vec<DashboardBatch> {
         summaries
             .into_iter()

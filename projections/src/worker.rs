@@ -21,7 +21,7 @@ use commands::{EventLog, LogPosition, Storage};
 use sqlx::{Acquire, AnyConnection, AnyPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Feed, Projection, ProjectionError};
+use crate::{Feed, Projection, ProjectionError, Space};
 
 /// How a worker pages through the log.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +62,9 @@ pub type BeforeCommit<'a> =
 
 pub struct Worker<P> {
     projection: P,
+    /// Which of the projection's table sets this worker keeps, and its checkpoint's name there.
+    space: Space,
+    checkpoint_name: String,
     log: EventLog,
     options: WorkerOptions,
     errors: Arc<AtomicU64>,
@@ -76,6 +79,8 @@ pub struct Worker<P> {
 impl<P: Projection> Worker<P> {
     pub fn new(projection: P, storage: &Storage, options: WorkerOptions) -> Self {
         Self {
+            checkpoint_name: projection.name().to_owned(),
+            space: Space::Live,
             projection,
             log: EventLog::new(storage.clone()),
             options,
@@ -92,8 +97,21 @@ impl<P: Projection> Worker<P> {
         self
     }
 
+    /// A worker that keeps the projection's tables in `space` instead of the live ones (a
+    /// rebuild's shadow, a verification's scratch), with a checkpoint of its own.
+    pub fn in_space(mut self, space: Space) -> Self {
+        self.space = space;
+        self.checkpoint_name = space.table(self.projection.name());
+        self
+    }
+
     pub fn name(&self) -> &'static str {
         self.projection.name()
+    }
+
+    /// The name of this worker's checkpoint row (the projection's name in its space).
+    pub fn checkpoint_name(&self) -> &str {
+        &self.checkpoint_name
     }
 
     /// How many steps failed since start.
@@ -192,17 +210,36 @@ impl<P: Projection> Worker<P> {
         &self,
         before_commit: BeforeCommit<'_>,
     ) -> Result<Step, ProjectionError> {
-        let name = self.name();
+        self.step_inner(before_commit, None).await
+    }
+
+    /// Applies the next page, but no event after `limit`: [`Step::Idle`] once the checkpoint
+    /// is at `limit` (a rebuild's shadow follows the live model's checkpoint this way).
+    pub async fn step_until(&self, limit: LogPosition) -> Result<Step, ProjectionError> {
+        self.step_inner(&|_| Ok(()), Some(limit)).await
+    }
+
+    async fn step_inner(
+        &self,
+        before_commit: BeforeCommit<'_>,
+        limit: Option<LogPosition>,
+    ) -> Result<Step, ProjectionError> {
+        let name = self.checkpoint_name.as_str();
         let known = *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
         let checkpoint = match known {
             Some(checkpoint) => checkpoint,
             None => load_checkpoint(self.pool(), name).await?,
         };
         let started = std::time::Instant::now();
-        let events = self
+        let mut events = self
             .log
             .read_after(checkpoint, self.options.page_size)
             .await?;
+        if let Some(limit) = limit {
+            // The log is in order: what is past the limit is a tail.
+            let within = events.partition_point(|e| e.at <= limit);
+            events.truncate(within);
+        }
         let Some(last) = events.last().map(|e| e.at) else {
             return Ok(Step::Idle);
         };
@@ -225,13 +262,17 @@ impl<P: Projection> Worker<P> {
         }
         let mut changes = Vec::new();
         match &self.feed {
-            Some(feed) => {
+            Some(feed) if self.space == Space::Live => {
                 self.projection
-                    .apply(&mut tx, &events, Some(&mut changes))
+                    .apply(&mut tx, self.space, &events, Some(&mut changes))
                     .await?;
                 feed.record(&mut tx, &changes).await?;
             }
-            None => self.projection.apply(&mut tx, &events, None).await?,
+            _ => {
+                self.projection
+                    .apply(&mut tx, self.space, &events, None)
+                    .await?
+            }
         }
         before_commit(&events)?;
         let applied = started.elapsed();

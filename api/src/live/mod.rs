@@ -82,6 +82,8 @@ pub struct Drained {
     pub lagged: Vec<Arc<str>>,
     /// The feed may have missed changes: check every topic.
     pub resync: bool,
+    /// A rebuild replaced the tables behind these topic prefixes: send their topics afresh.
+    pub reset: Vec<&'static str>,
 }
 
 #[derive(Default)]
@@ -93,6 +95,7 @@ struct Pending {
     /// session drops the subscription.
     lagged: Vec<(Arc<str>, bool)>,
     resync: bool,
+    reset: Vec<&'static str>,
 }
 
 impl Pending {
@@ -170,6 +173,15 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    fn reset(&self, prefix: &'static str) {
+        let mut pending = self.lock();
+        if !pending.reset.contains(&prefix) {
+            pending.reset.push(prefix);
+        }
+        drop(pending);
+        self.notify.notify_one();
+    }
+
     /// Waits until something is pending.
     pub async fn ready(&self) {
         self.notify.notified().await;
@@ -190,6 +202,7 @@ impl Outbox {
             items: std::mem::take(&mut pending.items),
             lagged,
             resync: std::mem::take(&mut pending.resync),
+            reset: std::mem::take(&mut pending.reset),
         }
     }
 
@@ -297,18 +310,31 @@ impl Hub {
         }
     }
 
-    /// Tells every connection to check its topics against the store.
-    pub fn resync_all(&self) {
-        LiveMetrics::add(&self.metrics.resyncs, 1);
-        let connections: Vec<Arc<Outbox>> = self
-            .connections
+    fn outboxes(&self) -> Vec<Arc<Outbox>> {
+        self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(Weak::upgrade)
-            .collect();
-        for outbox in connections {
+            .collect()
+    }
+
+    /// Tells every connection to check its topics against the store.
+    pub fn resync_all(&self) {
+        LiveMetrics::add(&self.metrics.resyncs, 1);
+        for outbox in self.outboxes() {
             outbox.resync();
+        }
+    }
+
+    /// Tells every connection to send its topics of a rebuilt projection afresh.
+    pub fn reset_all(&self, projection: &str) {
+        let prefix = match projections::AnyProjection::named(projection) {
+            Ok(projection) => projection.topic_prefix(),
+            Err(_) => return,
+        };
+        for outbox in self.outboxes() {
+            outbox.reset(prefix);
         }
     }
 
@@ -323,6 +349,7 @@ impl Hub {
             match received {
                 Ok(FeedEvent::Changes(changes)) => self.dispatch(&changes),
                 Ok(FeedEvent::Resync) => self.resync_all(),
+                Ok(FeedEvent::Reset(projection)) => self.reset_all(&projection),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(
                         missed,

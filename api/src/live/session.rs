@@ -479,6 +479,19 @@ impl Session {
             )
             .await?;
         }
+        if !drained.reset.is_empty() {
+            // A rebuild swapped the tables behind these topics: whatever the version, the
+            // document is sent whole again.
+            let topics: Vec<Arc<str>> = self
+                .subs
+                .keys()
+                .filter(|t| drained.reset.iter().any(|p| t.starts_with(p)))
+                .cloned()
+                .collect();
+            for topic in topics {
+                self.refresh(socket, &topic).await?;
+            }
+        }
         if drained.resync {
             let topics: Vec<Arc<str>> = self.subs.keys().cloned().collect();
             for topic in topics {
@@ -529,6 +542,35 @@ impl Session {
             "message": why,
         });
         send_json(socket, &lagged).await
+    }
+
+    /// Sends a subscribed topic's snapshot again, whatever version the client has.
+    async fn refresh(&mut self, socket: &mut WebSocket, topic: &Arc<str>) -> Result<(), End> {
+        let Some(mut sub) = self.subs.remove(topic) else {
+            return Ok(());
+        };
+        let live = self.connect.live.clone();
+        let snapshot = match live.catching_up.acquire().await {
+            Ok(_permit) => self.snapshot(topic).await,
+            Err(_) => return Err(End::Gone),
+        };
+        let result = match snapshot {
+            Ok(Some(snapshot)) => self.deliver(socket, topic, &mut sub, None, snapshot).await,
+            Ok(None) => Ok(()),
+            Err(error) => {
+                tracing::warn!(%error, "refreshing a live topic failed");
+                self.subs.insert(topic.clone(), sub);
+                return self
+                    .lagged(
+                        socket,
+                        topic,
+                        "the read model was rebuilt; subscribe again with since = version",
+                    )
+                    .await;
+            }
+        };
+        self.subs.insert(topic.clone(), sub);
+        result
     }
 
     /// Brings one subscribed topic up to date from the store. At most a few sessions of this

@@ -42,6 +42,8 @@ impl Modify for BearerAuth {
         super::batches::cancel_batch,
         super::dashboard::dashboard,
         super::admin::projections,
+        super::admin::rebuild,
+        super::admin::verify,
         super::ws::ws,
         super::health::healthz,
         super::health::readyz,

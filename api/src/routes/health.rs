@@ -163,11 +163,52 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             out,
             "# HELP essayflow_projection_lag_events Events not yet applied\n# TYPE essayflow_projection_lag_events gauge"
         );
-        for s in statuses {
+        for s in &statuses {
             let _ = writeln!(
                 out,
                 "essayflow_projection_lag_events{{projection=\"{}\"}} {}",
                 s.name, s.lag
+            );
+        }
+        let verified: Vec<_> = statuses
+            .iter()
+            .filter_map(|s| s.verification.as_ref().map(|v| (&s.name, v)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "# HELP essayflow_projection_verified_timestamp_seconds When the projection was last verified against a fold of the log (Unix time)\n# TYPE essayflow_projection_verified_timestamp_seconds gauge"
+        );
+        for (name, v) in &verified {
+            let at = chrono::DateTime::parse_from_rfc3339(&v.verified_at)
+                .map(|t| t.timestamp())
+                .unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "essayflow_projection_verified_timestamp_seconds{{projection=\"{name}\"}} {at}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP essayflow_projection_verify_rows_differing Rows that differed at the last verification\n# TYPE essayflow_projection_verify_rows_differing gauge"
+        );
+        for (name, v) in &verified {
+            let _ = writeln!(
+                out,
+                "essayflow_projection_verify_rows_differing{{projection=\"{name}\"}} {}",
+                v.rows_differing
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP essayflow_projection_rebuild_running Whether a rebuild beside the live model is running (1) or not (0)\n# TYPE essayflow_projection_rebuild_running gauge"
+        );
+        for s in &statuses {
+            let running = s.rebuild.as_ref().is_some_and(|r| r.state == "building");
+            let _ = writeln!(
+                out,
+                "essayflow_projection_rebuild_running{{projection=\"{}\"}} {}",
+                s.name,
+                u8::from(running)
             );
         }
     }

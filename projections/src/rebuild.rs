@@ -1,0 +1,648 @@
+//! Rebuilding a projection beside its live model, then swapping the two.
+//!
+//! A rebuild folds the log from event zero into *shadow* tables (`<table>__shadow`, the same
+//! shape as the live ones; see [`Space`]) with the same [`Worker`] code that keeps the live
+//! model, while the live model goes on serving queries and streaming changes. The shadow never
+//! passes the live model's checkpoint; once it has caught up, one transaction holds the live
+//! worker off (by locking its checkpoint row), applies the last few events to the shadow, and
+//! renames the shadow tables into place. The retired tables are dropped afterwards.
+//!
+//! Guarantees:
+//! - **No window.** Readers see the old tables until the swap commits and the new ones after:
+//!   never nothing, never an older state (both models stand at the same checkpoint at the
+//!   swap). On PostgreSQL a reader waits for the (short) swap transaction; on SQLite it reads
+//!   its snapshot.
+//! - **No gap for live clients.** The live worker's next page applies to the swapped tables
+//!   from the same checkpoint. After the swap the feed tells every node to send its clients a
+//!   fresh snapshot of the projection's topics ([`crate::Feed::reset`]), so that even a model
+//!   whose fold changed is never patched from the old one.
+//! - **One at a time, resumable.** A rebuild holds a lease in `projection_rebuilds`, renewed as
+//!   it goes. A crash leaves the live model untouched and the shadow with its checkpoint; once
+//!   the lease runs out, [`Rebuild::claim`] (an admin, `essayflow replay`, or a server's
+//!   [`interrupted`] check) resumes from that checkpoint.
+
+use std::time::{Duration, Instant};
+
+use commands::checkpoint::{advance_checkpoint, ensure_checkpoint};
+use commands::{Engine, EventLog, LogPosition, Storage};
+use serde::Serialize;
+use sqlx::{AnyConnection, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::{Step, Worker, WorkerOptions, load_checkpoint};
+use crate::{Feed, Projection, ProjectionError, Space};
+
+/// How a rebuild runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RebuildOptions {
+    /// Events per shadow page.
+    pub page_size: i64,
+    /// How long a rebuild's claim lasts without being renewed; a rebuild whose process died is
+    /// resumed by another once this has passed.
+    pub lease: Duration,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        Self {
+            page_size: 5000,
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a rebuild stands, reported after every page.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebuildProgress {
+    /// Events folded into the shadow, this run and any earlier run it resumed.
+    pub done: u64,
+    /// Events up to the live model's checkpoint (it grows while the live model moves on).
+    pub total: u64,
+    /// Events the shadow already had when this run started (0 unless it resumed).
+    pub resumed_from: u64,
+    pub elapsed: Duration,
+}
+
+impl RebuildProgress {
+    /// This run's speed.
+    pub fn events_per_second(&self) -> f64 {
+        (self.done - self.resumed_from) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The time left at this run's speed, if it has one yet.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.events_per_second();
+        (rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.total.saturating_sub(self.done) as f64 / rate))
+    }
+}
+
+/// A projection's current or last rebuild, as `GET /v1/admin/projections` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct RebuildStatus {
+    /// `building` (the shadow is filling), `done`, or `failed` (see `error`; a new request
+    /// resumes it).
+    pub state: String,
+    /// RFC 3339.
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub events_done: i64,
+    /// Events up to the live model's checkpoint when last reported.
+    pub events_total: i64,
+    pub events_per_second: i64,
+    /// Estimated seconds left, while building.
+    pub eta_seconds: Option<f64>,
+    pub error: Option<String>,
+    /// RFC 3339: until when the process running it holds it; past this, another one resumes it.
+    pub lease_until: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("a rebuild of {name} is already running (since {since})")]
+    AlreadyRunning { name: String, since: String },
+    #[error("the rebuild was stopped before it finished; it resumes when claimed again")]
+    Cancelled,
+    #[error("another process took the rebuild over")]
+    LostLease,
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+}
+
+impl From<sqlx::Error> for RebuildError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Projection(error.into())
+    }
+}
+
+impl From<commands::LogError> for RebuildError {
+    fn from(error: commands::LogError) -> Self {
+        Self::Projection(error.into())
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn rfc3339(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339())
+}
+
+/// A claimed rebuild of one projection: run it with [`Rebuild::run`].
+pub struct Rebuild<P> {
+    projection: P,
+    storage: Storage,
+    options: RebuildOptions,
+    /// This claim's id: the lease is renewed only while the row still names it.
+    owner: String,
+    resumed_from: u64,
+    /// Events up to the live checkpoint when claimed, and the live model's count then.
+    total_at_claim: u64,
+    live_applied_at_claim: i64,
+}
+
+/// The live checkpoint of `name`, with its count of events applied.
+async fn live_checkpoint(
+    storage: &Storage,
+    name: &str,
+) -> Result<(LogPosition, i64), ProjectionError> {
+    ensure_checkpoint(storage.pool(), name).await?;
+    let row = sqlx::query(
+        "SELECT tx, position, events_applied FROM projection_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_one(storage.pool())
+    .await?;
+    Ok((
+        LogPosition {
+            tx: row.try_get("tx")?,
+            position: row.try_get("position")?,
+        },
+        row.try_get("events_applied")?,
+    ))
+}
+
+/// Whether a table exists.
+pub(crate) async fn table_exists(
+    conn: &mut AnyConnection,
+    engine: Engine,
+    table: &str,
+) -> Result<bool, ProjectionError> {
+    let sql = match engine {
+        Engine::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables
+              WHERE table_schema = current_schema() AND table_name = $1"
+        }
+        Engine::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
+    };
+    let n: i64 = sqlx::query_scalar(sql)
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(n > 0)
+}
+
+/// Creates `copy` with the columns, keys and indexes of `live` (empty).
+pub(crate) async fn create_like(
+    conn: &mut AnyConnection,
+    engine: Engine,
+    live: &str,
+    copy: &str,
+) -> Result<(), ProjectionError> {
+    match engine {
+        Engine::Postgres => {
+            sqlx::query(&format!("CREATE TABLE {copy} (LIKE {live} INCLUDING ALL)"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Engine::Sqlite => {
+            let corrupt = |reason: &str| ProjectionError::Corrupt {
+                key: live.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let sql: String = sqlx::query_scalar(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1",
+            )
+            .bind(live)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| corrupt("no such table"))?;
+            let body = &sql[sql.find('(').ok_or_else(|| corrupt("unexpected schema"))?..];
+            sqlx::query(&format!("CREATE TABLE \"{copy}\" {body}"))
+                .execute(&mut *conn)
+                .await?;
+            let indexes = sqlx::query(
+                "SELECT name, sql FROM sqlite_master
+                  WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
+            )
+            .bind(live)
+            .fetch_all(&mut *conn)
+            .await?;
+            // Index names are global: each copy's get a suffix of their own.
+            let stamp = now_ms();
+            for index in indexes {
+                let name: String = index.try_get("name")?;
+                let sql: String = index.try_get("sql")?;
+                let upper = sql.to_ascii_uppercase();
+                let on = upper
+                    .find(" ON ")
+                    .ok_or_else(|| corrupt("unexpected index"))?;
+                let columns = on
+                    + sql[on..]
+                        .find('(')
+                        .ok_or_else(|| corrupt("unexpected index"))?;
+                let unique = if upper.trim_start().starts_with("CREATE UNIQUE") {
+                    "UNIQUE "
+                } else {
+                    ""
+                };
+                let base = name.split("__r").next().unwrap_or(&name);
+                sqlx::query(&format!(
+                    "CREATE {unique}INDEX \"{base}__r{stamp}\" ON \"{copy}\" {}",
+                    &sql[columns..]
+                ))
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<P: Projection + Clone> Rebuild<P> {
+    /// Claims the projection's rebuild: a new one, or the one a dead process left (its shadow
+    /// and checkpoint are kept and it goes on from there). Refused while another process holds
+    /// an unexpired claim.
+    pub async fn claim(
+        projection: P,
+        storage: &Storage,
+        options: RebuildOptions,
+    ) -> Result<Self, RebuildError> {
+        let name = projection.name();
+        let owner = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        let stamp = chrono::Utc::now().to_rfc3339();
+        sqlx::query(
+            "INSERT INTO projection_rebuilds (name, state, started_at, events_total, events_done,
+                 events_per_second, owner, lease_until, updated_at)
+             VALUES ($1, 'idle', $2, 0, 0, 0, NULL, 0, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(&stamp)
+        .execute(storage.pool())
+        .await?;
+        let claimed = sqlx::query(
+            "UPDATE projection_rebuilds
+                SET state = 'building', owner = $2, lease_until = $3, started_at = $4,
+                    finished_at = NULL, error = NULL, events_per_second = 0, updated_at = $4
+              WHERE name = $1 AND (state <> 'building' OR lease_until < $5)",
+        )
+        .bind(name)
+        .bind(&owner)
+        .bind(now + options.lease.as_millis() as i64)
+        .bind(&stamp)
+        .bind(now)
+        .execute(storage.pool())
+        .await?;
+        if claimed.rows_affected() != 1 {
+            let since: String =
+                sqlx::query_scalar("SELECT started_at FROM projection_rebuilds WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(storage.pool())
+                    .await?;
+            return Err(RebuildError::AlreadyRunning {
+                name: name.to_owned(),
+                since,
+            });
+        }
+        let shadow_checkpoint = Space::Shadow.table(name);
+        let mut conn = storage.pool().acquire().await?;
+        let mut shadow_complete = true;
+        for table in projection.tables() {
+            shadow_complete &= table_exists(
+                &mut conn,
+                storage.engine(),
+                &Space::Shadow.table(table.name),
+            )
+            .await?;
+        }
+        let resumed: Option<i64> =
+            sqlx::query_scalar("SELECT events_applied FROM projection_checkpoints WHERE name = $1")
+                .bind(&shadow_checkpoint)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let resumed_from = match resumed {
+            Some(done) if shadow_complete => done.max(0) as u64,
+            _ => {
+                let _turn = storage.write_turn().await;
+                for table in projection.tables() {
+                    let shadow = Space::Shadow.table(table.name);
+                    sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
+                        .execute(&mut *conn)
+                        .await?;
+                    create_like(&mut conn, storage.engine(), table.name, &shadow).await?;
+                }
+                ensure_checkpoint(storage.pool(), &shadow_checkpoint).await?;
+                sqlx::query(
+                    "UPDATE projection_checkpoints SET tx = 0, position = 0, events_applied = 0
+                      WHERE name = $1",
+                )
+                .bind(&shadow_checkpoint)
+                .execute(&mut *conn)
+                .await?;
+                0
+            }
+        };
+        drop(conn);
+        let (live, live_applied) = live_checkpoint(storage, name).await?;
+        let log = EventLog::new(storage.clone());
+        let total = (log.count().await? - log.count_after(live).await?).max(0) as u64;
+        let rebuild = Self {
+            projection,
+            storage: storage.clone(),
+            options,
+            owner,
+            resumed_from,
+            total_at_claim: total,
+            live_applied_at_claim: live_applied,
+        };
+        rebuild.report(resumed_from, total, 0).await?;
+        tracing::info!(
+            projection = name,
+            resumed_from,
+            events = total,
+            "rebuild claimed"
+        );
+        Ok(rebuild)
+    }
+
+    /// How many events this run started from (more than 0 when it resumed a rebuild).
+    pub fn resumed_from(&self) -> u64 {
+        self.resumed_from
+    }
+
+    /// Records progress and renews the lease; fails if another process took the claim.
+    async fn report(&self, done: u64, total: u64, rate: i64) -> Result<(), RebuildError> {
+        let renewed = sqlx::query(
+            "UPDATE projection_rebuilds
+                SET events_done = $2, events_total = $3, events_per_second = $4,
+                    lease_until = $5, updated_at = $6
+              WHERE name = $1 AND owner = $7 AND state = 'building'",
+        )
+        .bind(self.projection.name())
+        .bind(done as i64)
+        .bind(total as i64)
+        .bind(rate)
+        .bind(now_ms() + self.options.lease.as_millis() as i64)
+        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(&self.owner)
+        .execute(self.storage.pool())
+        .await?;
+        if renewed.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(RebuildError::LostLease)
+        }
+    }
+
+    async fn fail(&self, error: &RebuildError) {
+        let recorded = sqlx::query(
+            "UPDATE projection_rebuilds SET state = 'failed', error = $2, owner = NULL,
+                    lease_until = 0, updated_at = $3
+              WHERE name = $1 AND owner = $4",
+        )
+        .bind(self.projection.name())
+        .bind(error.to_string())
+        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(&self.owner)
+        .execute(self.storage.pool())
+        .await;
+        if let Err(error) = recorded {
+            tracing::warn!(%error, "could not record a failed rebuild");
+        }
+    }
+
+    /// Fills the shadow up to the live model, swaps, and tells live clients to take fresh
+    /// snapshots (through `feed` in this process; other nodes are notified on PostgreSQL).
+    /// Calls `progress` after every page. On cancellation the claim is kept until its lease
+    /// runs out, and the rebuild resumes from its checkpoint when claimed again; on a failure
+    /// it is recorded as `failed`.
+    pub async fn run(
+        self,
+        feed: Option<&Feed>,
+        mut progress: impl FnMut(&RebuildProgress),
+        cancel: &CancellationToken,
+    ) -> Result<RebuildProgress, RebuildError> {
+        let result = self.fill_and_swap(feed, &mut progress, cancel).await;
+        match &result {
+            Ok(report) => tracing::info!(
+                projection = self.projection.name(),
+                events = report.done,
+                seconds = report.elapsed.as_secs_f64(),
+                "rebuild swapped in"
+            ),
+            Err(RebuildError::Cancelled) => {}
+            Err(error) => {
+                tracing::error!(projection = self.projection.name(), %error, "rebuild failed");
+                self.fail(error).await;
+            }
+        }
+        result
+    }
+
+    async fn fill_and_swap(
+        &self,
+        feed: Option<&Feed>,
+        progress: &mut impl FnMut(&RebuildProgress),
+        cancel: &CancellationToken,
+    ) -> Result<RebuildProgress, RebuildError> {
+        let name = self.projection.name();
+        let worker = Worker::new(
+            self.projection.clone(),
+            &self.storage,
+            WorkerOptions {
+                page_size: self.options.page_size,
+                ..WorkerOptions::default()
+            },
+        )
+        .in_space(Space::Shadow);
+        let started = Instant::now();
+        let mut report = RebuildProgress {
+            done: self.resumed_from,
+            total: self.total_at_claim.max(self.resumed_from),
+            resumed_from: self.resumed_from,
+            elapsed: Duration::ZERO,
+        };
+        let mut reported = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return Err(RebuildError::Cancelled);
+            }
+            let (live, live_applied) = live_checkpoint(&self.storage, name).await?;
+            let step = tokio::select! {
+                _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
+                step = worker.step_until(live) => step?,
+            };
+            report.elapsed = started.elapsed();
+            report.total = (self.total_at_claim as i64 + live_applied - self.live_applied_at_claim)
+                .max(report.done as i64) as u64;
+            match step {
+                Step::Applied(n) => report.done += n as u64,
+                Step::Idle => break,
+                Step::Superseded => return Err(RebuildError::LostLease),
+            }
+            report.total = report.total.max(report.done);
+            progress(&report);
+            if reported.elapsed() >= self.options.lease / 6 {
+                self.report(report.done, report.total, report.events_per_second() as i64)
+                    .await?;
+                reported = Instant::now();
+            }
+        }
+        report.done = self.swap(report.done).await?;
+        report.total = report.done;
+        report.elapsed = started.elapsed();
+        progress(&report);
+        self.drop_retired().await;
+        match feed {
+            Some(feed) => feed.reset(name).await,
+            None => crate::feed::notify_reset(&self.storage, name).await,
+        }
+        Ok(report)
+    }
+
+    /// Holds the live worker off, brings the shadow to the live checkpoint, and renames the
+    /// shadow tables into place, in one transaction. Returns the events the new model holds.
+    async fn swap(&self, mut done: u64) -> Result<u64, RebuildError> {
+        let name = self.projection.name();
+        let shadow_checkpoint = Space::Shadow.table(name);
+        let log = EventLog::new(self.storage.clone());
+        let _turn = self.storage.write_turn().await;
+        let mut tx = match self.storage.engine() {
+            Engine::Postgres => self.storage.pool().begin().await?,
+            Engine::Sqlite => self.storage.pool().begin_with("BEGIN IMMEDIATE").await?,
+        };
+        let lock = match self.storage.engine() {
+            Engine::Postgres => {
+                sqlx::query("SET LOCAL lock_timeout = '10s'")
+                    .execute(&mut *tx)
+                    .await?;
+                " FOR UPDATE"
+            }
+            Engine::Sqlite => "",
+        };
+        // The live worker's next page waits on this row until the swap has committed.
+        let row = sqlx::query(&format!(
+            "SELECT tx, position FROM projection_checkpoints WHERE name = $1{lock}"
+        ))
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let live = LogPosition {
+            tx: row.try_get("tx")?,
+            position: row.try_get("position")?,
+        };
+        let mut at = load_checkpoint(self.storage.pool(), &shadow_checkpoint).await?;
+        loop {
+            let mut events = log.read_after(at, self.options.page_size).await?;
+            let within = events.partition_point(|e| e.at <= live);
+            events.truncate(within);
+            let Some(last) = events.last().map(|e| e.at) else {
+                break;
+            };
+            self.projection
+                .apply(&mut tx, Space::Shadow, &events, None)
+                .await?;
+            if !advance_checkpoint(&mut *tx, &shadow_checkpoint, at, last, events.len()).await? {
+                return Err(RebuildError::LostLease);
+            }
+            done += events.len() as u64;
+            at = last;
+        }
+        for table in self.projection.tables() {
+            let retired = format!("{}__retired", table.name);
+            sqlx::query(&format!("DROP TABLE IF EXISTS {retired}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!("ALTER TABLE {} RENAME TO {retired}", table.name))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "ALTER TABLE {} RENAME TO {}",
+                Space::Shadow.table(table.name),
+                table.name
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
+            .bind(&shadow_checkpoint)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE projection_checkpoints SET events_applied = $2 WHERE name = $1")
+            .bind(name)
+            .bind(done as i64)
+            .execute(&mut *tx)
+            .await?;
+        let finished = sqlx::query(
+            "UPDATE projection_rebuilds
+                SET state = 'done', finished_at = $2, events_done = $3, events_total = $3,
+                    owner = NULL, lease_until = 0, updated_at = $2
+              WHERE name = $1 AND owner = $4",
+        )
+        .bind(name)
+        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(done as i64)
+        .bind(&self.owner)
+        .execute(&mut *tx)
+        .await?;
+        if finished.rows_affected() != 1 {
+            return Err(RebuildError::LostLease);
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Drops the tables the swap retired (best effort: a leftover is dropped by the next swap).
+    async fn drop_retired(&self) {
+        let _turn = self.storage.write_turn().await;
+        for table in self.projection.tables() {
+            let dropped = sqlx::query(&format!("DROP TABLE IF EXISTS {}__retired", table.name))
+                .execute(self.storage.pool())
+                .await;
+            if let Err(error) = dropped {
+                tracing::warn!(%error, table = table.name, "could not drop a retired table");
+            }
+        }
+    }
+}
+
+/// The current or last rebuild of `name`, if there ever was one.
+pub async fn status(
+    storage: &Storage,
+    name: &str,
+) -> Result<Option<RebuildStatus>, ProjectionError> {
+    let row = sqlx::query(
+        "SELECT state, started_at, finished_at, events_total, events_done, events_per_second,
+                error, lease_until
+           FROM projection_rebuilds WHERE name = $1 AND state <> 'idle'",
+    )
+    .bind(name)
+    .fetch_optional(storage.pool())
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: String = row.try_get("state")?;
+    let (done, total, rate): (i64, i64, i64) = (
+        row.try_get("events_done")?,
+        row.try_get("events_total")?,
+        row.try_get("events_per_second")?,
+    );
+    let lease_until: i64 = row.try_get("lease_until")?;
+    let building = state == "building";
+    Ok(Some(RebuildStatus {
+        eta_seconds: (building && rate > 0).then(|| (total - done).max(0) as f64 / rate as f64),
+        lease_until: if building { rfc3339(lease_until) } else { None },
+        state,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        events_done: done,
+        events_total: total,
+        events_per_second: rate,
+        error: row.try_get("error")?,
+    }))
+}
+
+/// The projections whose rebuild was left building by a process that is gone (its lease ran
+/// out): claim them to resume.
+pub async fn interrupted(storage: &Storage) -> Result<Vec<String>, ProjectionError> {
+    Ok(sqlx::query_scalar(
+        "SELECT name FROM projection_rebuilds WHERE state = 'building' AND lease_until < $1
+          ORDER BY name",
+    )
+    .bind(now_ms())
+    .fetch_all(storage.pool())
+    .await?)
+}
