@@ -409,7 +409,8 @@ fn event_patch(
     Ok(ops)
 }
 
-/// The tables of this projection.
+/// The tables of this projection, in the order readers take them (the summary first: see
+/// `queries::batch_on`), which a swap follows too, so that the two never wait on each other.
 const TABLES: &[crate::Table] = &[
     crate::Table::document(TABLE, crate::Scope::Batch),
     crate::Table {

@@ -218,12 +218,14 @@ impl Feed {
                 None => None,
             }
         } else if let Some(owner) = topic.strip_prefix("dashboard:") {
+            // The dashboard first: the snapshot is taken by the first statement, and it must
+            // touch the read model (see `crate::rebuild`'s swap).
+            let dashboard = crate::queries::dashboard_on(&mut tx, owner).await?;
             let version: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
                     .bind(topic)
                     .fetch_optional(&mut *tx)
                     .await?;
-            let dashboard = crate::queries::dashboard_on(&mut tx, owner).await?;
             Some(Snapshot {
                 owner_id: owner.to_owned(),
                 version: version.unwrap_or(0),

@@ -540,6 +540,19 @@ impl<P: Projection + Clone> Rebuild<P> {
             done += events.len() as u64;
             at = last;
         }
+        if self.storage.engine() == Engine::Postgres {
+            // The live tables, in the order every reader takes them: a reader holding one of
+            // them finishes first, and none can hold a later one while waiting for ours. (A
+            // read transaction's first statement touches the first table, so its snapshot is
+            // taken after this swap, never before it with the new tables read after.)
+            let names: Vec<&str> = self.projection.tables().iter().map(|t| t.name).collect();
+            sqlx::query(&format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                names.join(", ")
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
         for table in self.projection.tables() {
             let retired = format!("{}__retired", table.name);
             sqlx::query(&format!("DROP TABLE IF EXISTS {retired}"))
