@@ -16,6 +16,18 @@
 #   ONLY=pipeline scripts/bench.sh   # only the pipeline and relay figures
 #   ONLY=ws scripts/bench.sh         # only the WebSocket figures
 #   ONLY=ws WS_CONNECTIONS=5000 WS_SUBSCRIBERS=1000 scripts/bench.sh   # a smaller WebSocket run
+#   ONLY=class scripts/bench.sh      # one class of 1 000 essays through ai_feedback, both engines
+#   ONLY=class BASELINE_REV=e9627d3 scripts/bench.sh   # ... beside an earlier revision, same run
+#   ONLY=growth scripts/bench.sh     # commands/s and replay at ~200 000 and ~1 000 000 events
+#
+# The class run (ONLY=class): a batch of 1 000 essays of about 500 words, ai_feedback with the
+# development processor at 0 ms: seconds from the request to `completed`, the database's growth
+# over the run, and the bytes the live feed stored; a class of 100 as the same run's scaling
+# baseline; with BASELINE_REV, the same on that revision (built once into target/baseline).
+# The rebuild figures (in the engine runs): `essayflow replay` while 16 clients keep sending
+# commands, beside the same replay with the server stopped. The growth run (ONLY=growth,
+# PostgreSQL): commands/s at 64 clients and replay events/s with the log topped up to about
+# 200 000, then about 1 000 000 events.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,12 +75,149 @@ run_engine() {
   # Top the log up to the replay size.
   "$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 64 --duration 600 \
     --until-events "$REPLAY_EVENTS" >/dev/null
+  # A rebuild beside the live model, while 16 clients keep sending commands.
+  for projection in batch_state dashboard; do
+    "$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 16 --duration 600 >"$WORK/load.json" & local load=$!
+    local line
+    line=$("$BIN" replay --projection "$projection" 2>/dev/null | tail -n 1)
+    kill -INT "$load" 2>/dev/null; kill "$load" 2>/dev/null; wait "$load" 2>/dev/null || true
+    echo "$engine beside load: $line" >&2
+    printf '| %s | %s | beside 16 clients sending commands | %s |\n' "$engine" "$projection" "$line" >> "$OUT.replay"
+  done
   kill "$server"; wait "$server" || true
   for projection in batch_state dashboard; do
     local line
     line=$("$BIN" replay --projection "$projection" 2>/dev/null | tail -n 1)
     echo "$engine $line" >&2
-    printf '| %s | %s | %s |\n' "$engine" "$projection" "$line" >> "$OUT.replay"
+    printf '| %s | %s | server stopped (baseline) | %s |\n' "$engine" "$projection" "$line" >> "$OUT.replay"
+  done
+}
+
+# ---- One class at real size (ONLY=class) ----
+# class_run ENGINE URL BIN ESSAYS LABEL: one class through ai_feedback on a fresh database;
+# appends a row to $OUT.class.
+class_run() {
+  local engine=$1 url=$2 bin=$3 essays=$4 label=$5 data="$WORK/class-$RANDOM"
+  mkdir -p "$data"
+  export ESSAYFLOW_DATABASE_URL=$url ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+  export ESSAYFLOW_BIND=127.0.0.1:$PORT ESSAYFLOW_DATA_DIR=$data
+  export ESSAYFLOW_SIMULATE_PROCESSORS=true ESSAYFLOW_SIMULATOR_LATENCY_MS=0
+  echo "benchpassword" | "$bin" users add --username bench --role teacher --password-stdin >/dev/null
+  local token
+  token=$("$bin" token --username bench)
+  "$bin" serve & local server=$!
+  wait_healthy
+  local setup batch before r after
+  setup=$("$PIPE" class-setup --url "http://127.0.0.1:$PORT" --token "$token" --essays "$essays")
+  batch=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['batch_id'])" "$setup")
+  before=$(db_size "$engine" "$url")
+  r=$("$PIPE" class-run --url "http://127.0.0.1:$PORT" --token "$token" --batch "$batch")
+  kill "$server"; wait "$server" 2>/dev/null || true
+  after=$(db_size "$engine" "$url")
+  local feed
+  feed=$(feed_bytes "$engine" "$url")
+  echo "class $engine $label $essays: $r growth $((after - before)) feed $feed" >&2
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$engine" "$label" "$essays" "$(field "$r" seconds)" \
+    "$(python3 -c "print(round(($after - $before) / 1048576, 1))")" "$feed" >> "$OUT.class"
+  unset ESSAYFLOW_SIMULATE_PROCESSORS ESSAYFLOW_SIMULATOR_LATENCY_MS
+}
+
+# db_size ENGINE URL: bytes of the database (SQLite: the file and its WAL).
+db_size() {
+  if [ "$1" = postgres ]; then
+    psql "${2%%\?*}" -Atqc "SELECT pg_database_size(current_database())"
+  else
+    # Pages in use once the WAL is checkpointed into the file (the WAL file itself is
+    # recycled, so its size says little).
+    python3 -c "
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], timeout=30)
+c.execute('PRAGMA wal_checkpoint(FULL)').fetchone()
+pages, free, size = (c.execute(f'PRAGMA {p}').fetchone()[0] for p in ('page_count', 'freelist_count', 'page_size'))
+print((pages - free) * size)" "${2#sqlite:}"
+  fi
+}
+
+# feed_bytes ENGINE URL: "<changes> changes, <MB> MB" stored by the live feed (any revision's column).
+feed_bytes() {
+  local sql="SELECT count(*), coalesce(sum(length(patch)), 0) FROM live_changes"
+  local old="SELECT count(*), coalesce(sum(length(data)), 0) FROM live_changes"
+  if [ "$1" = postgres ]; then
+    local out
+    out=$(psql "${2%%\?*}" -Atqc "$sql" 2>/dev/null || psql "${2%%\?*}" -Atqc "$old")
+    python3 -c "import sys; n, b = sys.argv[1].split('|'); print(f'{n} changes, {int(b) / 1048576:.1f} MB')" "$out"
+  else
+    python3 -c "
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+try: n, b = c.execute(sys.argv[2]).fetchone()
+except sqlite3.OperationalError: n, b = c.execute(sys.argv[3]).fetchone()
+print(f'{n} changes, {b / 1048576:.1f} MB')" "${2#sqlite:}" "$sql" "$old"
+  fi
+}
+
+# The binary of BASELINE_REV (an earlier revision), built once into target/baseline.
+baseline_bin() {
+  local rev dir
+  rev=$(git rev-parse --short "$BASELINE_REV")
+  dir=target/baseline/$rev
+  if [ ! -x "$dir/essayflow" ]; then
+    rm -rf "$dir/src"; mkdir -p "$dir"
+    git worktree add -f --detach "$dir/src" "$rev" >/dev/null 2>&1
+    (cd "$dir/src" && CARGO_TARGET_DIR="$PWD/../../../baseline-target" cargo build --release -q -p api) >&2
+    cp "target/baseline-target/release/essayflow" "$dir/essayflow"
+    git worktree remove --force "$dir/src" >/dev/null 2>&1 || true
+  fi
+  echo "$dir/essayflow"
+}
+
+run_class() {
+  local db=${DB}_class
+  for engine in sqlite postgres; do
+    local bins=("$BIN") labels=(this)
+    if [ -n "${BASELINE_REV:-}" ]; then bins+=("$(baseline_bin)"); labels+=("$BASELINE_REV (baseline)"); fi
+    for i in "${!bins[@]}"; do
+      for essays in 100 1000; do
+        local url
+        if [ "$engine" = postgres ]; then
+          psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+          url="$PG/$db?$PG_OPTS"
+        else
+          url="sqlite:$WORK/class-$RANDOM.db"
+        fi
+        class_run "$engine" "$url" "${bins[$i]}" "$essays" "${labels[$i]}"
+      done
+    done
+  done
+}
+
+# ---- Cost as the log grows (ONLY=growth, PostgreSQL) ----
+run_growth() {
+  local db=${DB}_growth
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+  export ESSAYFLOW_DATABASE_URL="$PG/$db?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+  export ESSAYFLOW_BIND=127.0.0.1:$PORT
+  echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
+  local token
+  token=$("$BIN" token --username bench)
+  for size in ${GROWTH_SIZES:-200000 1000000}; do
+    "$BIN" serve & local server=$!
+    wait_healthy
+    "$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 64 --duration 3600 \
+      --until-events "$size" >/dev/null
+    local events r
+    events=$(psql "$PG/$db" -Atqc "SELECT count(*) FROM events")
+    r=$("$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 64 --duration "$DURATION")
+    kill "$server"; wait "$server" 2>/dev/null || true
+    local replays=()
+    for projection in batch_state dashboard; do
+      local line
+      line=$("$BIN" replay --projection "$projection" 2>/dev/null | tail -n 1)
+      replays+=("$(python3 -c "import re,sys; m = re.search(r'\(([0-9]+) events/s\)', sys.argv[1]); print(m.group(1) if m else 'n/a')" "$line")")
+    done
+    echo "growth $events: $r replay ${replays[*]}" >&2
+    printf '| %s | %s | %s | %s | %s |\n' "$events" "$(field "$r" commands_per_second)" "$(field "$r" p99_ms)" \
+      "${replays[0]}" "${replays[1]}" >> "$OUT.growth"
   done
 }
 
@@ -181,7 +330,8 @@ run_ws() {
   echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
   ESSAYFLOW_BENCH_TOKEN=$("$BIN" token --username bench)
   export ESSAYFLOW_BENCH_TOKEN
-  "$BIN" serve & local server=$!
+  # The development processor runs for the class beside the latency load.
+  ESSAYFLOW_SIMULATE_PROCESSORS=true ESSAYFLOW_SIMULATOR_LATENCY_MS=0 "$BIN" serve & local server=$!
   "$WS" baseline-server --port "$WS_PORT" & local baseline=$!
   wait_healthy
   local ef=(--url "http://127.0.0.1:$PORT") bl=(--url "http://127.0.0.1:$WS_PORT" --target baseline)
@@ -192,6 +342,9 @@ run_ws() {
   c_bl=$(ws_bench connections "${bl[@]}" --connections "$WS_CONNECTIONS" --server-pid "$baseline" --source-address 127.0.1.1)
   lat=$(ws_bench latency "${ef[@]}" --connections "$WS_LATENCY_CONNECTIONS" --rate "$WS_RATE" --duration "$WS_DURATION" \
     --source-address 127.0.2.1)
+  local lat_class
+  lat_class=$(ws_bench latency "${ef[@]}" --connections "$WS_LATENCY_CONNECTIONS" --rate "$WS_RATE" --duration "$WS_DURATION" \
+    --source-address 127.0.5.1 --beside-class 1000)
   f_ef=$(ws_bench fanout "${ef[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.3.1)
   f_bl=$(ws_bench fanout "${bl[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.4.1)
   kill "$baseline" "$server"; wait "$baseline" "$server" 2>/dev/null || true
@@ -220,6 +373,11 @@ run_ws() {
       "$(wsfield "$lat" commands_per_second)" "$(wsfield "$lat" change_p50_ms)" "$(wsfield "$lat" change_p99_ms)" \
       "$(wsfield "$lat" change_max_ms)" "$(wsfield "$lat" change_before_202)" "$(wsfield "$lat" http_p50_ms)" \
       "$(wsfield "$lat" http_p99_ms)" "$(wsfield "$lat" missing)"
+    printf '| the same, beside a class of 1 000 essays running ai_feedback (%s s) | %s | %s / %s / %s | %s | %s / %s | %s |\n' \
+      "$(wsfield "$lat_class" beside_class_seconds)" \
+      "$(wsfield "$lat_class" commands_per_second)" "$(wsfield "$lat_class" change_p50_ms)" "$(wsfield "$lat_class" change_p99_ms)" \
+      "$(wsfield "$lat_class" change_max_ms)" "$(wsfield "$lat_class" change_before_202)" "$(wsfield "$lat_class" http_p50_ms)" \
+      "$(wsfield "$lat_class" http_p99_ms)" "$(wsfield "$lat_class" missing)"
   } > "$OUT.ws"
 }
 
@@ -227,7 +385,13 @@ if [ "$ONLY" = all ]; then
   run_engine postgres "$PG/$DB?$PG_OPTS"
   run_engine sqlite "sqlite:$WORK/bench.db"
 fi
-if [ "$ONLY" != ws ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = class ]; then
+  run_class
+fi
+if [ "$ONLY" = growth ]; then
+  run_growth
+fi
+if [ "$ONLY" = all ] || [ "$ONLY" = pipeline ]; then
   run_pipeline
 
   # Baseline: pgbench single-row inserts at 64 clients on the same database, same run.
@@ -247,12 +411,24 @@ fi
     echo "|---|---|---|---|---|---|"
     cat "$OUT.load"
     echo
-    echo "| engine | projection | replay |"
-    echo "|---|---|---|"
+    echo "| engine | projection | while | replay |"
+    echo "|---|---|---|---|"
     cat "$OUT.replay"
     echo
   fi
-  if [ "$ONLY" != ws ]; then
+  if [ -f "$OUT.class" ]; then
+    echo "| engine | revision | essays | request -> completed, s | database growth, MB | live feed stored |"
+    echo "|---|---|---|---|---|---|"
+    cat "$OUT.class"
+    echo
+  fi
+  if [ -f "$OUT.growth" ]; then
+    echo "| events in the store (PostgreSQL) | commands/s at 64 clients | p99 ms | replay batch_state events/s | replay dashboard events/s |"
+    echo "|---|---|---|---|---|"
+    cat "$OUT.growth"
+    echo
+  fi
+  if [ "$ONLY" = all ] || [ "$ONLY" = pipeline ]; then
     echo "| pipeline run (PostgreSQL, Kafka, development processor at 0 ms) | essay-phases | seconds | essay-phases/s | PipelineRequested -> PipelineCompleted p50 ms | p99 ms |"
     echo "|---|---|---|---|---|---|"
     echo "$PIPELINE_ROW"

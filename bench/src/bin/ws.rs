@@ -151,6 +151,11 @@ struct LatencyArgs {
     /// After the last command, wait at most this long for the remaining changes.
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
+    /// Beside the load, one class of this many essays (about 500 words each) runs `ai_feedback`
+    /// from the first command on (the server runs the development processor): one tenant's big
+    /// batch, to show whether it slows the others. 0: none.
+    #[arg(long, default_value_t = 0)]
+    beside_class: usize,
 }
 
 #[derive(Args)]
@@ -190,19 +195,23 @@ struct Frame<D = IgnoredAny> {
     // A missing `Option` field is `None`.
     version: Option<i64>,
     code: Option<String>,
-    data: Option<D>,
+    /// A change's JSON Patch (RFC 6902).
+    patch: Option<Vec<D>>,
 }
 
-/// The part of a batch view the latency scenario reads.
+/// The part of a batch change's patch the latency scenario reads: an essay added
+/// (`{"op": "add", "path": "/essays/<n>", "value": {"essay_id": ...}}`).
 #[derive(Deserialize)]
-struct BatchData {
+struct PatchOp {
+    path: String,
     #[serde(default)]
-    essays: Vec<EssayRef>,
+    value: Option<EssayRef>,
 }
 
 #[derive(Deserialize)]
 struct EssayRef {
-    essay_id: String,
+    #[serde(default)]
+    essay_id: Option<String>,
 }
 
 // ---- connections ----------------------------------------------------------------------------
@@ -609,6 +618,77 @@ async fn post(
     Ok(response.json().await?)
 }
 
+/// Registers a batch of `essays` essays of about 500 words, all added: its id.
+async fn register_class(
+    http: &reqwest::Client,
+    endpoint: &Endpoint,
+    essays: usize,
+) -> anyhow::Result<String> {
+    const WORDS: [&str; 8] = [
+        "homework", "improves", "discipline", "although", "students", "argue", "that", "rest",
+    ];
+    let token = endpoint.token()?;
+    let batch = post(
+        http,
+        &format!("{}/v1/batches", endpoint.base),
+        token,
+        &json!({"title": "A class beside the load", "course_code": "WSBENCH", "expected_essay_count": essays}),
+    )
+    .await?;
+    let id = batch["batch_id"].as_str().context("no batch_id")?.to_owned();
+    for start in (0..essays).step_by(250) {
+        let list: Vec<Value> = (start..essays.min(start + 250))
+            .map(|i| {
+                let text: Vec<&str> = (0..500).map(|w| WORDS[(i * 7 + w * 3) % WORDS.len()]).collect();
+                json!({"essay_id": format!("c{i:04}"), "title": "Essay", "text": text.join(" ")})
+            })
+            .collect();
+        post(
+            http,
+            &format!("{}/v1/batches/{id}/essays", endpoint.base),
+            token,
+            &json!({"essays": list}),
+        )
+        .await?;
+    }
+    Ok(id)
+}
+
+/// Requests `ai_feedback` for `batch` at `at` and waits for it to complete: the seconds it took.
+async fn run_class(
+    http: reqwest::Client,
+    endpoint: Arc<Endpoint>,
+    batch: String,
+    at: Instant,
+) -> anyhow::Result<f64> {
+    tokio::time::sleep_until(at.into()).await;
+    let started = Instant::now();
+    let token = endpoint.token()?.to_owned();
+    post(
+        &http,
+        &format!("{}/v1/batches/{batch}/pipelines", endpoint.base),
+        &token,
+        &json!({"pipeline": "ai_feedback"}),
+    )
+    .await?;
+    loop {
+        let status: Value = http
+            .get(format!("{}/v1/batches/{batch}/status", endpoint.base))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if status["status"] == "completed" || status["status"] == "completed_with_failures" {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the class beside the load did not complete in 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Registers `count` batches of `BATCH_SIZE` expected essays: (batch id, position).
 async fn register_batches(
     http: &reqwest::Client,
@@ -920,7 +1000,7 @@ async fn read_batch(
             }
         };
         let at = Instant::now();
-        let frame: Frame<BatchData> = match serde_json::from_str(text.as_str()) {
+        let frame: Frame<PatchOp> = match serde_json::from_str(text.as_str()) {
             Ok(frame) => frame,
             Err(error) => {
                 report.errors.push(format!("unreadable message: {error}"));
@@ -938,9 +1018,12 @@ async fn read_batch(
                 last = last.max(version);
                 report.changes.push(Received {
                     essay_id: frame
-                        .data
-                        .and_then(|mut d| d.essays.pop())
-                        .map(|e| e.essay_id),
+                        .patch
+                        .unwrap_or_default()
+                        .into_iter()
+                        .rev()
+                        .find(|op| op.path.starts_with("/essays/"))
+                        .and_then(|op| op.value?.essay_id),
                     at,
                 });
                 received[b].fetch_add(1, Ordering::Relaxed);
@@ -996,11 +1079,25 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
         );
     }
 
+    let class = if args.beside_class > 0 {
+        eprintln!("latency: a class of {} essays beside the load", args.beside_class);
+        Some(register_class(&http, &endpoint, args.beside_class).await?)
+    } else {
+        None
+    };
     eprintln!(
         "latency: {total} commands at {} commands/s over {k} batches",
         args.rate
     );
     let start = Instant::now() + Duration::from_millis(200);
+    let class_run = class.map(|id| {
+        tokio::spawn(run_class(
+            http.clone(),
+            endpoint.clone(),
+            id,
+            start,
+        ))
+    });
     let schedule = Schedule {
         start,
         rate: args.rate,
@@ -1055,6 +1152,10 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
     if reports.len() < k {
         bail!("{} of {k} readers did not finish", k - reports.len());
     }
+    let class_seconds = match class_run {
+        Some(run) => Some(run.await.context("the class beside the load")??),
+        None => None,
+    };
 
     let by_essay: HashMap<&str, &Sent> =
         commands.iter().map(|s| (s.essay_id.as_str(), s)).collect();
@@ -1162,6 +1263,13 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
              {snapshots} later snapshots, {lagged} lagged, {unmatched} unmatched"
         ),
     ];
+    let mut lines = lines;
+    if let Some(seconds) = class_seconds {
+        lines.push(format!(
+            "beside the load: a class of {} essays ran ai_feedback in {seconds:.2} s",
+            args.beside_class
+        ));
+    }
     let json = json!({
         "scenario": "latency",
         "connections": k,
@@ -1188,6 +1296,8 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
         "later_snapshots": snapshots,
         "lagged": lagged,
         "unmatched": unmatched,
+        "beside_class": args.beside_class,
+        "beside_class_seconds": class_seconds.map(round2),
     });
     Ok(Outcome {
         lines,
