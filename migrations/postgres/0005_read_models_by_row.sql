@@ -17,6 +17,15 @@ DELETE FROM dashboard_owners;
 UPDATE projection_checkpoints SET tx = 0, position = 0, events_applied = 0
  WHERE name IN ('batch_state', 'dashboard');
 
+-- Lists read one index range each, whatever the history: a teacher's batches of one status
+-- newest first (the batch list, the dashboard's active batches), a teacher's finished batches
+-- of one status by last change (the dashboard's recently finished), and every batch newest
+-- first (an admin's list).
+CREATE INDEX batch_state_owner_status ON batch_state (owner_id, status, created_position);
+CREATE INDEX batch_state_created ON batch_state (created_position);
+DROP INDEX dashboard_batches_owner_position;
+CREATE INDEX dashboard_batches_owner_status_position ON dashboard_batches (owner_id, status, position);
+
 -- One row per essay of a batch, in the order they were added.
 CREATE TABLE batch_state_essays
 (

@@ -41,9 +41,9 @@ pub const RECENT: usize = 20;
 /// How many active batches a dashboard shows (the newest).
 pub const ACTIVE_LIMIT: usize = 50;
 
-/// The statuses of active and of finished batches, as SQL lists.
-const ACTIVE: &str = "('registered', 'ready', 'processing')";
-const FINISHED: &str = "('completed', 'completed_with_failures', 'cancelled')";
+/// The statuses of active and of finished batches.
+const ACTIVE: [&str; 3] = ["registered", "ready", "processing"];
+const FINISHED: [&str; 3] = ["completed", "completed_with_failures", "cancelled"];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
@@ -332,16 +332,30 @@ struct Lists {
 }
 
 /// The query of one of an owner's lists: `columns` of its batches, in the dashboard's order.
+/// One index range per status (`(owner_id, status, created_position)` and `(owner_id, status,
+/// position)`), each at most the list's length, merged: the cost is the list's, however many
+/// batches the teacher has.
 pub(crate) fn list_sql(space: crate::Space, columns: &str, finished: bool) -> String {
     let (statuses, order, limit) = if finished {
         (FINISHED, "position", RECENT)
     } else {
         (ACTIVE, "created_position", ACTIVE_LIMIT)
     };
+    let table = space.table(BATCHES);
+    let parts: Vec<String> = statuses
+        .iter()
+        .enumerate()
+        .map(|(i, status)| {
+            format!(
+                "SELECT * FROM (SELECT {columns}, {order} AS list_order FROM {table}
+                  WHERE owner_id = $1 AND status = '{status}'
+                  ORDER BY {order} DESC LIMIT {limit}) AS s{i}"
+            )
+        })
+        .collect();
     format!(
-        "SELECT {columns} FROM {} WHERE owner_id = $1 AND status IN {statuses}
-          ORDER BY {order} DESC LIMIT {limit}",
-        space.table(BATCHES)
+        "{} ORDER BY list_order DESC LIMIT {limit}",
+        parts.join(" UNION ALL ")
     )
 }
 
