@@ -16,6 +16,7 @@
 #   ONLY=pipeline scripts/bench.sh   # only the pipeline and relay figures
 #   ONLY=ws scripts/bench.sh         # only the WebSocket figures
 #   ONLY=ws WS_CONNECTIONS=5000 WS_SUBSCRIBERS=1000 scripts/bench.sh   # a smaller WebSocket run
+#   ONLY=latency scripts/bench.sh    # only the change latency, alone and beside a 1 000-essay class
 #   ONLY=class scripts/bench.sh      # one class of 1 000 essays through ai_feedback, both engines
 #   ONLY=class BASELINE_REV=e9627d3 scripts/bench.sh   # ... beside an earlier revision, same run
 #   ONLY=growth scripts/bench.sh     # commands/s and replay at ~200 000 and ~1 000 000 events
@@ -337,18 +338,23 @@ run_ws() {
   local ef=(--url "http://127.0.0.1:$PORT") bl=(--url "http://127.0.0.1:$WS_PORT" --target baseline)
   # Each scenario binds its client sockets to its own source addresses (a new one every 20 000
   # connections), so that none waits for ports another one left in TIME_WAIT.
-  local c_ef c_bl lat f_ef f_bl
-  c_ef=$(ws_bench connections "${ef[@]}" --connections "$WS_CONNECTIONS" --server-pid "$server" --source-address 127.0.0.1)
-  c_bl=$(ws_bench connections "${bl[@]}" --connections "$WS_CONNECTIONS" --server-pid "$baseline" --source-address 127.0.1.1)
+  local c_ef='' c_bl='' lat f_ef='' f_bl=''
+  if [ "$ONLY" != latency ]; then
+    c_ef=$(ws_bench connections "${ef[@]}" --connections "$WS_CONNECTIONS" --server-pid "$server" --source-address 127.0.0.1)
+    c_bl=$(ws_bench connections "${bl[@]}" --connections "$WS_CONNECTIONS" --server-pid "$baseline" --source-address 127.0.1.1)
+  fi
   lat=$(ws_bench latency "${ef[@]}" --connections "$WS_LATENCY_CONNECTIONS" --rate "$WS_RATE" --duration "$WS_DURATION" \
     --source-address 127.0.2.1)
   local lat_class
   lat_class=$(ws_bench latency "${ef[@]}" --connections "$WS_LATENCY_CONNECTIONS" --rate "$WS_RATE" --duration "$WS_DURATION" \
     --source-address 127.0.5.1 --beside-class 1000)
-  f_ef=$(ws_bench fanout "${ef[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.3.1)
-  f_bl=$(ws_bench fanout "${bl[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.4.1)
+  if [ "$ONLY" != latency ]; then
+    f_ef=$(ws_bench fanout "${ef[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.3.1)
+    f_bl=$(ws_bench fanout "${bl[@]}" --subscribers "$WS_SUBSCRIBERS" --rounds "$WS_ROUNDS" --source-address 127.0.4.1)
+  fi
   kill "$baseline" "$server"; wait "$baseline" "$server" 2>/dev/null || true
   {
+    if [ "$ONLY" != latency ]; then
     echo "| WebSocket, one node, loopback | essayflow | bare tokio-tungstenite (baseline) |"
     echo "|---|---|---|"
     printf '| idle connections held (of %s) | %s | %s |\n' "$WS_CONNECTIONS" "$(wsfield "$c_ef" held)" "$(wsfield "$c_bl" held)"
@@ -367,6 +373,7 @@ run_ws() {
     echo
     echo "Fan-out is timed from the command's 202 (essayflow) or from sending the trigger (baseline)."
     echo
+    fi
     echo "| change latency, $WS_LATENCY_CONNECTIONS connections each on its own batch | commands/s (target $WS_RATE) | change after its 202 p50 / p99 / max ms | changes before the 202 | baseline: HTTP request to 202 p50 / p99 ms | missing changes |"
     echo "|---|---|---|---|---|---|"
     printf '| %s s of one-essay commands | %s | %s / %s / %s | %s | %s / %s | %s |\n' "$WS_DURATION" \
@@ -399,7 +406,7 @@ if [ "$ONLY" = all ] || [ "$ONLY" = pipeline ]; then
   echo "INSERT INTO pgbench_single_insert (payload) VALUES ('x');" > "$WORK/insert.sql"
   PGB=$(pgbench -n -c 64 -j 2 -T "$DURATION" -f "$WORK/insert.sql" "$PG/$DB?$PG_OPTS" 2>/dev/null | grep -E '^tps' | head -n 1)
 fi
-if [ "$ONLY" = all ] || [ "$ONLY" = ws ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = ws ] || [ "$ONLY" = latency ]; then
   run_ws
 fi
 

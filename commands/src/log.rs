@@ -193,6 +193,38 @@ impl EventLog {
         rows.iter().map(|row| self.decode(row)).collect()
     }
 
+    /// The events of one batch of the given types, in sequence order, up to `max_sequence`
+    /// when given: what a reader needs of a long history (the essays, the phases started)
+    /// without decoding or transferring the rest.
+    pub async fn read_batch_of_types(
+        &self,
+        batch_id: BatchId,
+        max_sequence: Option<i64>,
+        types: &[&str],
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        let types = types
+            .iter()
+            .filter(|t| BatchEvent::TYPES.contains(t))
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&format!(
+            "{select}
+              WHERE aggregate_type = 'Batch' AND aggregate_id = $1 AND sequence <= $2
+                AND event_type IN ({types})
+              ORDER BY sequence",
+            select = self.select_events(),
+        ))
+        .bind(batch_id.to_string())
+        .bind(max_sequence.unwrap_or(i64::MAX))
+        .fetch_all(self.storage.pool())
+        .await?;
+        rows.iter().map(|row| self.decode(row)).collect()
+    }
+
     /// A page of one batch's history: up to `limit` events with a sequence above `after`, in
     /// sequence order, ending early once the payloads read reach `max_bytes` (stored text,
     /// in bytes; always at least one event, however large). The work is bounded by the page,

@@ -128,7 +128,10 @@ impl Relay {
             let Ok(batch_id) = id.parse::<BatchId>() else {
                 continue;
             };
-            let events = self.log.read_batch(batch_id, None).await?;
+            let events = self
+                .log
+                .read_batch_of_types(batch_id, None, &["PhaseStarted", "PipelineCompleted"])
+                .await?;
             let Some(started) = events
                 .iter()
                 .rev()
@@ -162,7 +165,10 @@ impl Relay {
         batch_id: BatchId,
         sequence: i64,
     ) -> Result<HashMap<EssayId, String>, FollowerError> {
-        let events = self.log.read_batch(batch_id, Some(sequence)).await?;
+        let events = self
+            .log
+            .read_batch_of_types(batch_id, Some(sequence), &["EssaysAdded"])
+            .await?;
         Ok(events
             .into_iter()
             .filter_map(|e| match e.event {

@@ -64,7 +64,11 @@ async fn a_group_is_one_append_and_each_command_is_answered_on_its_own(engine: E
     assert_eq!(answers.len(), 4);
     let first = answers[0].as_ref().unwrap();
     assert_eq!(first.events, 1);
-    assert!(matches!(answers[1], Err(BatchError::UnknownEssay(_))), "{:?}", answers[1]);
+    assert!(
+        matches!(answers[1], Err(BatchError::UnknownEssay(_))),
+        "{:?}",
+        answers[1]
+    );
     let repeat = answers[2].as_ref().unwrap();
     assert_eq!(repeat.events, 0, "a repeat appends nothing");
     assert_eq!(
@@ -75,7 +79,11 @@ async fn a_group_is_one_append_and_each_command_is_answered_on_its_own(engine: E
     let last = answers[3].as_ref().unwrap();
     assert_eq!((last.events, last.version), (1, first.version + 1));
     assert!(last.position > first.position);
-    assert_eq!(app.event_count().await, before + 2, "the rejected one appended nothing");
+    assert_eq!(
+        app.event_count().await,
+        before + 2,
+        "the rejected one appended nothing"
+    );
 
     // The two events: each with its own command's causation, in one transaction.
     let log = EventLog::new(app.storage.clone());
@@ -90,7 +98,10 @@ async fn a_group_is_one_append_and_each_command_is_answered_on_its_own(engine: E
         ]
     );
     if engine == Engine::Postgres {
-        assert_eq!(appended[0].at.tx, appended[1].at.tx, "one append, one transaction");
+        assert_eq!(
+            appended[0].at.tx, appended[1].at.tx,
+            "one append, one transaction"
+        );
     }
     assert_eq!(appended[1].at.position, appended[0].at.position + 1);
 
@@ -100,7 +111,9 @@ async fn a_group_is_one_append_and_each_command_is_answered_on_its_own(engine: E
         .await
         .unwrap();
     assert_eq!(answers[0].as_ref().unwrap().events, 3);
-    let status = app.wait_for_status(&teacher, &id, "completed_with_failures").await;
+    let status = app
+        .wait_for_status(&teacher, &id, "completed_with_failures")
+        .await;
     assert_eq!(status["phases"]["spellcheck"]["succeeded"], 2);
     assert_eq!(status["phases"]["spellcheck"]["failed"], 1);
 }

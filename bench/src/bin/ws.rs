@@ -625,7 +625,14 @@ async fn register_class(
     essays: usize,
 ) -> anyhow::Result<String> {
     const WORDS: [&str; 8] = [
-        "homework", "improves", "discipline", "although", "students", "argue", "that", "rest",
+        "homework",
+        "improves",
+        "discipline",
+        "although",
+        "students",
+        "argue",
+        "that",
+        "rest",
     ];
     let token = endpoint.token()?;
     let batch = post(
@@ -635,11 +642,16 @@ async fn register_class(
         &json!({"title": "A class beside the load", "course_code": "WSBENCH", "expected_essay_count": essays}),
     )
     .await?;
-    let id = batch["batch_id"].as_str().context("no batch_id")?.to_owned();
+    let id = batch["batch_id"]
+        .as_str()
+        .context("no batch_id")?
+        .to_owned();
     for start in (0..essays).step_by(250) {
         let list: Vec<Value> = (start..essays.min(start + 250))
             .map(|i| {
-                let text: Vec<&str> = (0..500).map(|w| WORDS[(i * 7 + w * 3) % WORDS.len()]).collect();
+                let text: Vec<&str> = (0..500)
+                    .map(|w| WORDS[(i * 7 + w * 3) % WORDS.len()])
+                    .collect();
                 json!({"essay_id": format!("c{i:04}"), "title": "Essay", "text": text.join(" ")})
             })
             .collect();
@@ -1080,7 +1092,10 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
     }
 
     let class = if args.beside_class > 0 {
-        eprintln!("latency: a class of {} essays beside the load", args.beside_class);
+        eprintln!(
+            "latency: a class of {} essays beside the load",
+            args.beside_class
+        );
         Some(register_class(&http, &endpoint, args.beside_class).await?)
     } else {
         None
@@ -1090,14 +1105,8 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
         args.rate
     );
     let start = Instant::now() + Duration::from_millis(200);
-    let class_run = class.map(|id| {
-        tokio::spawn(run_class(
-            http.clone(),
-            endpoint.clone(),
-            id,
-            start,
-        ))
-    });
+    let class_run =
+        class.map(|id| tokio::spawn(run_class(http.clone(), endpoint.clone(), id, start)));
     let schedule = Schedule {
         start,
         rate: args.rate,
