@@ -47,6 +47,9 @@ pub struct Settings {
     /// PEM certificate chain and private key: serve HTTPS and WSS (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Events per page of the live projection workers: a page and its changes commit together,
+    /// so a smaller page bounds how long one tenant's burst delays everyone's changes.
+    pub projection_page_size: i64,
     /// Events per page of a rebuild beside the live model, and of a verification's fold.
     pub rebuild_page_size: i64,
     /// Seconds a rebuild's claim lasts unless renewed: after a crash, another process resumes
@@ -127,6 +130,7 @@ impl Default for Settings {
             max_result_bytes: commands::messages::DEFAULT_MAX_RESULT_BYTES,
             tls_cert: None,
             tls_key: None,
+            projection_page_size: 500,
             rebuild_page_size: 5000,
             rebuild_lease_secs: 30,
             verify_interval_secs: 0,
@@ -264,6 +268,9 @@ impl Settings {
         if let Some(v) = var("ESSAYFLOW_MAX_RESULT_BYTES") {
             self.max_result_bytes = parse_u("ESSAYFLOW_MAX_RESULT_BYTES", v)? as usize;
         }
+        if let Some(v) = var("ESSAYFLOW_PROJECTION_PAGE_SIZE") {
+            self.projection_page_size = parse_u("ESSAYFLOW_PROJECTION_PAGE_SIZE", v)? as i64;
+        }
         if let Some(v) = var("ESSAYFLOW_REBUILD_PAGE_SIZE") {
             self.rebuild_page_size = parse_u("ESSAYFLOW_REBUILD_PAGE_SIZE", v)? as i64;
         }
@@ -344,6 +351,9 @@ impl Settings {
                 "max_result_bytes must be at least {}",
                 commands::messages::MIN_MAX_RESULT_BYTES
             );
+        }
+        if !(1..=10_000).contains(&self.projection_page_size) {
+            bail!("projection_page_size must be from 1 to 10000");
         }
         if !(1..=100_000).contains(&self.rebuild_page_size) {
             bail!("rebuild_page_size must be from 1 to 100000");

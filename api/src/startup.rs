@@ -55,15 +55,18 @@ pub fn pipelines(settings: &Settings) -> anyhow::Result<PipelineCatalog> {
 
 /// Spawns one worker per projection; their committed changes go to `feed`.
 pub fn spawn_workers(
+    settings: &Settings,
     storage: &Storage,
     feed: &Feed,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Vec<(&'static str, Arc<std::sync::atomic::AtomicU64>)> {
-    let batch_state = Worker::new(BatchStateProjection, storage, WorkerOptions::default())
-        .with_feed(feed.clone());
-    let dashboard =
-        Worker::new(DashboardProjection, storage, WorkerOptions::default()).with_feed(feed.clone());
+    let options = WorkerOptions {
+        page_size: settings.projection_page_size,
+        ..WorkerOptions::default()
+    };
+    let batch_state = Worker::new(BatchStateProjection, storage, options).with_feed(feed.clone());
+    let dashboard = Worker::new(DashboardProjection, storage, options).with_feed(feed.clone());
     let errors = vec![
         (batch_state.name(), batch_state.errors()),
         (dashboard.name(), dashboard.errors()),
@@ -121,7 +124,7 @@ impl Application {
         });
         tracker.spawn(live.hub.clone().run(feed.clone(), cancel.child_token()));
         let projection_errors = if settings.run_workers {
-            spawn_workers(&storage, &feed, &cancel, &tracker)
+            spawn_workers(&settings, &storage, &feed, &cancel, &tracker)
         } else {
             Vec::new()
         };

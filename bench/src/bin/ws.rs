@@ -205,13 +205,7 @@ struct Frame<D = IgnoredAny> {
 struct PatchOp {
     path: String,
     #[serde(default)]
-    value: Option<EssayRef>,
-}
-
-#[derive(Deserialize)]
-struct EssayRef {
-    #[serde(default)]
-    essay_id: Option<String>,
+    value: Option<Value>,
 }
 
 // ---- connections ----------------------------------------------------------------------------
@@ -1035,7 +1029,7 @@ async fn read_batch(
                         .into_iter()
                         .rev()
                         .find(|op| op.path.starts_with("/essays/"))
-                        .and_then(|op| op.value?.essay_id),
+                        .and_then(|op| Some(op.value?.get("essay_id")?.as_str()?.to_owned())),
                     at,
                 });
                 received[b].fetch_add(1, Ordering::Relaxed);
