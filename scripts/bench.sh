@@ -141,7 +141,7 @@ print((pages - free) * size)" "${2#sqlite:}"
 
 # feed_bytes ENGINE URL: "<changes> changes, <MB> MB" stored by the live feed (any revision's column).
 feed_bytes() {
-  local sql="SELECT count(*), coalesce(sum(length(patch)), 0) FROM live_changes"
+  local sql="SELECT coalesce(sum(last_version - version + 1), 0), coalesce(sum(length(patches)), 0) FROM live_changes"
   local old="SELECT count(*), coalesce(sum(length(data)), 0) FROM live_changes"
   if [ "$1" = postgres ]; then
     local out

@@ -58,15 +58,18 @@ CREATE TABLE dashboard_outcomes
 );
 
 DROP TABLE live_changes;
+-- One row per run of a topic's consecutive changes in one committed page (a burst of one
+-- batch's events is one row, not hundreds): versions `version` to `last_version`, and their
+-- patches, each a JSON Patch (RFC 6902) from the version before it, as a JSON array.
 CREATE TABLE live_changes
 (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    page       text   NOT NULL,
-    topic      text   NOT NULL,
-    version    bigint NOT NULL,
-    -- A JSON Patch (RFC 6902) from the topic's previous version to this one.
-    patch      text   NOT NULL,
-    created_at bigint NOT NULL
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    page         text   NOT NULL,
+    topic        text   NOT NULL,
+    version      bigint NOT NULL,
+    last_version bigint NOT NULL,
+    patches      text   NOT NULL,
+    created_at   bigint NOT NULL
 );
 CREATE UNIQUE INDEX live_changes_topic_version ON live_changes (topic, version);
 CREATE INDEX live_changes_page ON live_changes (page);

@@ -135,23 +135,25 @@ impl Feed {
         }
         let page = uuid::Uuid::new_v4().to_string();
         let now = chrono::Utc::now().timestamp_millis();
-        const COLUMNS: usize = 5;
-        for chunk in changes.chunks(200) {
+        let runs = runs(changes);
+        const COLUMNS: usize = 6;
+        for chunk in runs.chunks(200) {
             let values = (0..chunk.len())
                 .map(|i| format!("({})", placeholders(1 + i * COLUMNS, COLUMNS)))
                 .collect::<Vec<_>>()
                 .join(", ");
             let sql = format!(
-                "INSERT INTO live_changes (page, topic, version, patch, created_at) VALUES {values}
-                 ON CONFLICT (topic, version) DO NOTHING"
+                "INSERT INTO live_changes (page, topic, version, last_version, patches, created_at)
+                 VALUES {values} ON CONFLICT (topic, version) DO NOTHING"
             );
             let mut query = sqlx::query(&sql);
-            for change in chunk {
+            for run in chunk {
                 query = query
                     .bind(page.as_str())
-                    .bind(change.topic.as_str())
-                    .bind(change.version)
-                    .bind(change.patch.as_str())
+                    .bind(run.topic)
+                    .bind(run.first)
+                    .bind(run.last)
+                    .bind(run.patches.as_str())
                     .bind(now);
             }
             query.execute(&mut *conn).await?;
@@ -188,16 +190,23 @@ impl Feed {
         after: i64,
         limit: i64,
     ) -> Result<Vec<Change>, ProjectionError> {
+        // Each row holds a run of one or more changes: at most `limit` rows hold `limit`
+        // changes or more.
         let rows = sqlx::query(
-            "SELECT topic, version, patch FROM live_changes
-              WHERE topic = $1 AND version > $2 ORDER BY version LIMIT $3",
+            "SELECT topic, version, last_version, patches FROM live_changes
+              WHERE topic = $1 AND last_version > $2 ORDER BY version LIMIT $3",
         )
         .bind(topic)
         .bind(after)
         .bind(limit)
         .fetch_all(self.storage.pool())
         .await?;
-        rows.iter().map(change_from).collect()
+        let mut changes = Vec::new();
+        for row in &rows {
+            changes.extend(changes_from(row)?.into_iter().filter(|c| c.version > after));
+        }
+        changes.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(changes)
     }
 
     /// A topic's current document and its exact version; `None` if there is no such topic
@@ -310,12 +319,17 @@ impl Feed {
 
     async fn page(&self, page: &str) -> Result<Vec<Change>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT topic, version, patch FROM live_changes WHERE page = $1 ORDER BY id",
+            "SELECT topic, version, last_version, patches FROM live_changes
+              WHERE page = $1 ORDER BY id",
         )
         .bind(page)
         .fetch_all(self.storage.pool())
         .await?;
-        rows.iter().map(change_from).collect()
+        let mut changes = Vec::new();
+        for row in &rows {
+            changes.extend(changes_from(row)?);
+        }
+        Ok(changes)
     }
 
     async fn prune(self, retention: Retention, cancel: CancellationToken) {
@@ -366,12 +380,70 @@ async fn notify(storage: &Storage, node: &str, message: &str) {
     }
 }
 
-fn change_from(row: &sqlx::any::AnyRow) -> Result<Change, ProjectionError> {
-    Ok(Change {
-        topic: row.try_get("topic")?,
-        version: row.try_get("version")?,
-        patch: row.try_get("patch")?,
-    })
+/// A run of one topic's consecutive changes, as one `live_changes` row stores it.
+struct Run<'a> {
+    topic: &'a str,
+    first: i64,
+    last: i64,
+    /// `[patch, patch, ...]`: the runs' patches, in version order.
+    patches: String,
+}
+
+/// A page's changes as runs: per topic, each stretch of consecutive versions (in the page's
+/// order, which is each topic's version order).
+fn runs(changes: &[Change]) -> Vec<Run<'_>> {
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    let mut open: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for change in changes {
+        if let Some(&i) = open.get(change.topic.as_str())
+            && runs[i].last + 1 == change.version
+        {
+            let run = &mut runs[i];
+            run.last = change.version;
+            run.patches.pop();
+            run.patches.push(',');
+            run.patches.push_str(&change.patch);
+            run.patches.push(']');
+            continue;
+        }
+        open.insert(change.topic.as_str(), runs.len());
+        runs.push(Run {
+            topic: &change.topic,
+            first: change.version,
+            last: change.version,
+            patches: format!("[{}]", change.patch),
+        });
+    }
+    runs
+}
+
+/// The changes of one `live_changes` row.
+fn changes_from(row: &sqlx::any::AnyRow) -> Result<Vec<Change>, ProjectionError> {
+    let topic: String = row.try_get("topic")?;
+    let first: i64 = row.try_get("version")?;
+    let last: i64 = row.try_get("last_version")?;
+    let patches: String = row.try_get("patches")?;
+    let corrupt = |reason: String| ProjectionError::Corrupt {
+        key: format!("{topic}@{first}"),
+        reason,
+    };
+    let patches: Vec<&serde_json::value::RawValue> =
+        serde_json::from_str(&patches).map_err(|e| corrupt(e.to_string()))?;
+    if patches.len() as i64 != last - first + 1 {
+        return Err(corrupt(format!(
+            "{} patches for versions {first} to {last}",
+            patches.len()
+        )));
+    }
+    Ok(patches
+        .into_iter()
+        .zip(first..)
+        .map(|(patch, version)| Change {
+            topic: topic.clone(),
+            version,
+            patch: patch.get().to_owned(),
+        })
+        .collect())
 }
 
 /// Moves a dashboard topic to its next version with `patch`, returning the change.
@@ -393,4 +465,38 @@ pub(crate) async fn next_version(
         version,
         patch,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(topic: &str, version: i64) -> Change {
+        Change {
+            topic: topic.to_owned(),
+            version,
+            patch: format!(r#"[{{"op":"replace","path":"/version","value":{version}}}]"#),
+        }
+    }
+
+    #[test]
+    fn a_page_is_stored_as_one_run_per_topic_stretch() {
+        let page = [
+            change("batch:a", 4),
+            change("batch:b", 1),
+            change("batch:a", 5),
+            change("dashboard:u", 9),
+            change("batch:a", 6),
+        ];
+        let runs = runs(&page);
+        let shape: Vec<(&str, i64, i64)> = runs.iter().map(|r| (r.topic, r.first, r.last)).collect();
+        assert_eq!(
+            shape,
+            [("batch:a", 4, 6), ("batch:b", 1, 1), ("dashboard:u", 9, 9)]
+        );
+        let patches: Vec<serde_json::Value> =
+            serde_json::from_str(&runs[0].patches).unwrap_or_default();
+        assert_eq!(patches.len(), 3);
+        assert_eq!(patches[2][0]["value"], 6);
+    }
 }

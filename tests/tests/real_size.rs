@@ -63,10 +63,12 @@ async fn class_of(app: &TestApp, teacher: &User, n: usize) -> (String, i64) {
     (id, position)
 }
 
-/// Bytes and rows of a topic's stored changes after `after`.
+/// Bytes and number of a topic's stored changes after `after` (a page's changes of one topic are
+/// one row).
 async fn feed_bytes(app: &TestApp, topic: &str, after: i64) -> (i64, i64) {
     let row = sqlx::query(
-        "SELECT COALESCE(SUM(LENGTH(patch)), 0) AS bytes, COUNT(*) AS n
+        "SELECT CAST(COALESCE(SUM(LENGTH(patches)), 0) AS BIGINT) AS bytes,
+                CAST(COALESCE(SUM(last_version - version + 1), 0) AS BIGINT) AS n
            FROM live_changes WHERE topic = $1 AND version > $2",
     )
     .bind(topic)
