@@ -10,7 +10,7 @@ use anyhow::Context;
 use commands::bus::{Bus, KafkaBus, KafkaOptions, LagGauge, MemoryBus, Topics};
 use commands::conductor::Conductor;
 use commands::follower::{Follow, FollowOptions, FollowerStatus};
-use commands::ingress::{Ingress, IngressStats};
+use commands::ingress::{Backpressure, Ingress, IngressStats};
 use commands::relay::Relay;
 use commands::simulator::{self, SimulatorOptions};
 use commands::{CommandService, EventLog, Storage};
@@ -82,7 +82,14 @@ pub async fn start(
 ) -> anyhow::Result<(Ingress, PipelineStatus)> {
     let bus = bus(settings)?;
     let topics = Topics::new(&settings.topic_prefix);
-    let ingress = Ingress::new(commands.clone(), storage.clone(), settings.max_result_bytes);
+    let mut ingress = Ingress::new(commands.clone(), storage.clone(), settings.max_result_bytes)
+        .with_max_group(settings.ingress_group_size);
+    if settings.ingress_backpressure_ms > 0 {
+        ingress = ingress.with_backpressure(Backpressure::new(
+            projections::PROJECTIONS.to_vec(),
+            std::time::Duration::from_millis(settings.ingress_backpressure_ms),
+        ));
+    }
     let mut status = PipelineStatus {
         bus: bus.kind(),
         topics: topics.clone(),

@@ -47,6 +47,12 @@ pub struct Settings {
     /// PEM certificate chain and private key: serve HTTPS and WSS (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The results ingress waits (at most this long, in milliseconds) for the read models to
+    /// apply what it recorded before recording more: one batch's burst of results cannot queue
+    /// far ahead of other teachers' changes. 0 turns it off.
+    pub ingress_backpressure_ms: u64,
+    /// Results of one batch the ingress records in one append, at most.
+    pub ingress_group_size: usize,
     /// Events per page of the live projection workers: a page and its changes commit together,
     /// so a smaller page bounds how long one tenant's burst delays everyone's changes.
     pub projection_page_size: i64,
@@ -130,6 +136,8 @@ impl Default for Settings {
             max_result_bytes: commands::messages::DEFAULT_MAX_RESULT_BYTES,
             tls_cert: None,
             tls_key: None,
+            ingress_backpressure_ms: 2000,
+            ingress_group_size: commands::ingress::DEFAULT_GROUP,
             projection_page_size: 500,
             rebuild_page_size: 5000,
             rebuild_lease_secs: 30,
@@ -268,6 +276,12 @@ impl Settings {
         if let Some(v) = var("ESSAYFLOW_MAX_RESULT_BYTES") {
             self.max_result_bytes = parse_u("ESSAYFLOW_MAX_RESULT_BYTES", v)? as usize;
         }
+        if let Some(v) = var("ESSAYFLOW_INGRESS_BACKPRESSURE_MS") {
+            self.ingress_backpressure_ms = parse_u("ESSAYFLOW_INGRESS_BACKPRESSURE_MS", v)?;
+        }
+        if let Some(v) = var("ESSAYFLOW_INGRESS_GROUP_SIZE") {
+            self.ingress_group_size = parse_u("ESSAYFLOW_INGRESS_GROUP_SIZE", v)? as usize;
+        }
         if let Some(v) = var("ESSAYFLOW_PROJECTION_PAGE_SIZE") {
             self.projection_page_size = parse_u("ESSAYFLOW_PROJECTION_PAGE_SIZE", v)? as i64;
         }
@@ -351,6 +365,9 @@ impl Settings {
                 "max_result_bytes must be at least {}",
                 commands::messages::MIN_MAX_RESULT_BYTES
             );
+        }
+        if !(1..=256).contains(&self.ingress_group_size) {
+            bail!("ingress_group_size must be from 1 to 256");
         }
         if !(1..=10_000).contains(&self.projection_page_size) {
             bail!("projection_page_size must be from 1 to 10000");

@@ -39,6 +39,11 @@ pub const INGRESS_USER: &str = "system:ingress";
 const CHUNK: usize = 256;
 const CONCURRENCY: usize = 16;
 
+/// Results of one batch recorded in one append, by default: large enough that a burst costs
+/// few flushes, small enough that, with [`Backpressure`], other batches' events never wait
+/// behind more than a short page of it.
+pub const DEFAULT_GROUP: usize = 64;
+
 /// Storage failures on one message, with the database answering, before it is dead-lettered.
 const STORAGE_ATTEMPTS: u32 = 5;
 
@@ -92,6 +97,68 @@ pub struct Ingress {
     storage: Storage,
     stats: Arc<IngressStats>,
     max_result_bytes: usize,
+    backpressure: Option<Arc<Backpressure>>,
+    /// Results of one batch recorded in one append, at most.
+    max_group: usize,
+}
+
+/// Keeps the ingress from running ahead of the read models: before it records a group of
+/// results, it waits until the named projections have applied everything it recorded before
+/// (for at most `max_wait`; past that it goes on, so a stopped projection never stops intake).
+/// One batch's burst of results then never queues more than a group or so of events ahead of
+/// everyone else's changes, whatever its size: the read side's backlog, and so the latency
+/// of other teachers' live changes, stays bounded.
+pub struct Backpressure {
+    pub projections: Vec<&'static str>,
+    pub max_wait: Duration,
+    /// The log position of the last event this ingress appended.
+    last: std::sync::Mutex<crate::log::LogPosition>,
+}
+
+impl Backpressure {
+    pub fn new(projections: Vec<&'static str>, max_wait: Duration) -> Self {
+        Self {
+            projections,
+            max_wait,
+            last: std::sync::Mutex::default(),
+        }
+    }
+
+    fn appended(&self, at: crate::log::LogPosition) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        *last = (*last).max(at);
+    }
+
+    /// Waits until every projection has applied the last append, or `max_wait` has passed.
+    /// This process's workers announce their checkpoints; another node's are polled.
+    async fn wait(&self, storage: &Storage) {
+        let target = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if target == crate::log::LogPosition::default() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        for name in &self.projections {
+            let mut local = storage.checkpoints().subscribe(name);
+            loop {
+                if *local.borrow_and_update() >= target {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+                let poll = tokio::time::Instant::now() + Duration::from_millis(50);
+                if tokio::time::timeout_at(poll.min(deadline), local.changed())
+                    .await
+                    .is_err()
+                    && crate::checkpoint::load_checkpoint(storage.pool(), name)
+                        .await
+                        .is_ok_and(|at| at >= target)
+                {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 impl Ingress {
@@ -103,7 +170,22 @@ impl Ingress {
             storage,
             stats: Arc::default(),
             max_result_bytes,
+            backpressure: None,
+            max_group: DEFAULT_GROUP,
         }
+    }
+
+    /// Records at most `max_group` results of one batch in one append (at least 1).
+    pub fn with_max_group(mut self, max_group: usize) -> Self {
+        self.max_group = max_group.max(1);
+        self
+    }
+
+    /// Records a group of results only once the read models have caught up with the previous
+    /// one (see [`Backpressure`]).
+    pub fn with_backpressure(mut self, backpressure: Backpressure) -> Self {
+        self.backpressure = Some(Arc::new(backpressure));
+        self
     }
 
     pub fn stats(&self) -> Arc<IngressStats> {
@@ -230,7 +312,7 @@ impl Ingress {
                     let (batch_id, command, context) =
                         command_of(result, Uuid::new_v4(), INGRESS_USER);
                     match &mut run {
-                        Some((id, group)) if *id == batch_id => {
+                        Some((id, group)) if *id == batch_id && group.len() < self.max_group => {
                             group.push((message, command, context))
                         }
                         _ => {
@@ -279,9 +361,22 @@ impl Ingress {
             .collect();
         let mut backoff = Duration::from_millis(100);
         let mut storage_failures = 0;
+        if let Some(backpressure) = &self.backpressure {
+            backpressure.wait(&self.storage).await;
+        }
         loop {
             let error = match self.commands.execute_many(batch_id, &commands).await {
                 Ok(answers) => {
+                    if let Some(backpressure) = &self.backpressure
+                        && let Some(last) = answers
+                            .iter()
+                            .filter_map(|a| a.as_ref().ok())
+                            .filter(|a| a.events > 0)
+                            .map(|a| a.position)
+                            .max()
+                    {
+                        backpressure.appended(last);
+                    }
                     for ((message, ..), answer) in group.iter().zip(answers) {
                         match answer {
                             Ok(accepted) => self.count(&accepted),

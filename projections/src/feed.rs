@@ -489,7 +489,8 @@ mod tests {
             change("batch:a", 6),
         ];
         let runs = runs(&page);
-        let shape: Vec<(&str, i64, i64)> = runs.iter().map(|r| (r.topic, r.first, r.last)).collect();
+        let shape: Vec<(&str, i64, i64)> =
+            runs.iter().map(|r| (r.topic, r.first, r.last)).collect();
         assert_eq!(
             shape,
             [("batch:a", 4, 6), ("batch:b", 1, 1), ("dashboard:u", 9, 9)]

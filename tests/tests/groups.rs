@@ -149,7 +149,105 @@ async fn concurrent_groups_on_one_batch_record_every_result_once(engine: Engine)
     assert_eq!(status["phases"]["spellcheck"]["succeeded"], 40);
 }
 
+/// The results ingress, with backpressure on `projections` (waiting at most `max_wait`), fed
+/// `n` results of one batch through an in-process bus; returns how long recording them took.
+async fn ingest(
+    app: &TestApp,
+    id: &str,
+    n: usize,
+    projections: Vec<&'static str>,
+    max_wait: std::time::Duration,
+) -> std::time::Duration {
+    use commands::bus::{Bus, MemoryBus, OutMessage, Topics};
+    use commands::ingress::{Backpressure, Ingress};
+    let bus = Bus::Memory(MemoryBus::new());
+    let topics = Topics::new(format!("bp{}", Uuid::new_v4().simple()));
+    let subscription = bus.subscribe("ingress", &[topics.results()]).unwrap();
+    let ingress = Ingress::new(service(app), app.storage.clone(), 65_536)
+        .with_max_group(25)
+        .with_backpressure(Backpressure::new(projections, max_wait));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = {
+        let (bus, topics, cancel) = (bus.clone(), topics.clone(), cancel.clone());
+        tokio::spawn(async move { ingress.run_on(subscription, &bus, &topics, &cancel).await })
+    };
+    let started = std::time::Instant::now();
+    let messages: Vec<OutMessage> = (0..n)
+        .map(|i| OutMessage {
+            topic: topics.results(),
+            key: id.to_owned(),
+            payload: serde_json::to_vec(&integration_tests::pipeline::result(
+                id,
+                &format!("e{i}"),
+                "spellcheck",
+                "succeeded",
+            ))
+            .unwrap(),
+            headers: Vec::new(),
+        })
+        .collect();
+    bus.publish(&messages).await.unwrap();
+    let teacher_view = EventLog::new(app.storage.clone());
+    let batch: BatchId = id.parse().unwrap();
+    integration_tests::wait_until(std::time::Duration::from_secs(60), || async {
+        let events = teacher_view.read_batch(batch, None).await.unwrap();
+        events
+            .iter()
+            .filter(|e| e.event_type == "EssayPhaseCompleted")
+            .count()
+            == n
+    })
+    .await;
+    let took = started.elapsed();
+    cancel.cancel();
+    run.await.unwrap();
+    took
+}
+
+async fn the_ingress_waits_for_the_read_models_but_never_stops_for_them(engine: Engine) {
+    let app = TestApp::spawn(engine).await;
+    let teacher = app.user(Role::Teacher).await;
+    async fn ready(app: &TestApp, teacher: &integration_tests::User) -> String {
+        let essays: Vec<String> = (0..100).map(|i| format!("e{i}")).collect();
+        let essays: Vec<&str> = essays.iter().map(String::as_str).collect();
+        let id = app.ready_batch(teacher, &essays).await;
+        app.request_pipeline(teacher, &id, "spellcheck").await;
+        app.wait_for_phase(teacher, &id, "spellcheck").await;
+        id
+    }
+    // A read model that never moves (its name is nobody's): each group after the first waits
+    // out the bound, and intake goes on.
+    let id = ready(&app, &teacher).await;
+    let took = ingest(
+        &app,
+        &id,
+        100,
+        vec!["stalled"],
+        std::time::Duration::from_millis(300),
+    )
+    .await;
+    assert!(
+        took >= std::time::Duration::from_millis(3 * 300),
+        "4 groups of 25: 3 waits of 300 ms, but it took {took:?}"
+    );
+    // The real read models keep up: groups go on as fast as they apply them, far from the bound.
+    let id = ready(&app, &teacher).await;
+    let took = ingest(
+        &app,
+        &id,
+        100,
+        projections::PROJECTIONS.to_vec(),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    app.wait_for_projections().await;
+    let status = app.status(&teacher, &id).await;
+    assert_eq!(status["phases"]["spellcheck"]["succeeded"], 100);
+}
+
 both_engines!(
     a_group_is_one_append_and_each_command_is_answered_on_its_own,
     concurrent_groups_on_one_batch_record_every_result_once,
+    the_ingress_waits_for_the_read_models_but_never_stops_for_them,
 );
