@@ -183,18 +183,24 @@ pub(crate) async fn table_exists(
     Ok(n > 0)
 }
 
-/// Creates `copy` with the columns, keys and indexes of `live` (empty).
+/// Creates `copy`, empty, with the columns and primary key of `live` (`table`), but not its
+/// other indexes: a table filled from scratch is filled faster without them, and
+/// [`create_indexes_like`] adds them in one pass once it is full.
 pub(crate) async fn create_like(
     conn: &mut AnyConnection,
     engine: Engine,
-    live: &str,
+    table: &crate::Table,
     copy: &str,
 ) -> Result<(), ProjectionError> {
+    let live = table.name;
     match engine {
         Engine::Postgres => {
-            sqlx::query(&format!("CREATE TABLE {copy} (LIKE {live} INCLUDING ALL)"))
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(&format!(
+                "CREATE TABLE {copy} (LIKE {live} INCLUDING DEFAULTS, PRIMARY KEY ({}))",
+                table.key.join(", ")
+            ))
+            .execute(&mut *conn)
+            .await?;
         }
         Engine::Sqlite => {
             let corrupt = |reason: &str| ProjectionError::Corrupt {
@@ -208,46 +214,91 @@ pub(crate) async fn create_like(
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| corrupt("no such table"))?;
+            // The primary key is part of the table's definition.
             let body = &sql[sql.find('(').ok_or_else(|| corrupt("unexpected schema"))?..];
             sqlx::query(&format!("CREATE TABLE \"{copy}\" {body}"))
                 .execute(&mut *conn)
                 .await?;
-            let indexes = sqlx::query(
-                "SELECT name, sql FROM sqlite_master
-                  WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
-            )
-            .bind(live)
-            .fetch_all(&mut *conn)
-            .await?;
-            // Index names are global: each copy's get a suffix of their own.
-            let stamp = now_ms();
-            for index in indexes {
-                let name: String = index.try_get("name")?;
-                let sql: String = index.try_get("sql")?;
-                let upper = sql.to_ascii_uppercase();
-                let on = upper
-                    .find(" ON ")
-                    .ok_or_else(|| corrupt("unexpected index"))?;
-                let columns = on
-                    + sql[on..]
-                        .find('(')
-                        .ok_or_else(|| corrupt("unexpected index"))?;
-                let unique = if upper.trim_start().starts_with("CREATE UNIQUE") {
-                    "UNIQUE "
-                } else {
-                    ""
-                };
-                let base = name.split("__r").next().unwrap_or(&name);
-                sqlx::query(&format!(
-                    "CREATE {unique}INDEX \"{base}__r{stamp}\" ON \"{copy}\" {}",
-                    &sql[columns..]
-                ))
-                .execute(&mut *conn)
-                .await?;
-            }
         }
     }
     Ok(())
+}
+
+/// The definitions of `table`'s indexes other than its primary key, each as the text after
+/// `ON <table>` (`USING btree (owner_id, created_position)` on PostgreSQL,
+/// `(owner_id, created_position)` on SQLite), and whether it is unique.
+async fn secondary_indexes(
+    conn: &mut AnyConnection,
+    engine: Engine,
+    table: &str,
+) -> Result<Vec<(String, bool)>, ProjectionError> {
+    let corrupt = |reason: String| ProjectionError::Corrupt {
+        key: table.to_owned(),
+        reason,
+    };
+    let definitions: Vec<String> = match engine {
+        Engine::Postgres => {
+            sqlx::query_scalar(
+                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relname = $1 AND n.nspname = current_schema() AND NOT i.indisprimary
+                  ORDER BY i.indexrelid",
+            )
+            .bind(table)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        Engine::Sqlite => {
+            sqlx::query_scalar(
+                "SELECT sql FROM sqlite_master
+                  WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL ORDER BY name",
+            )
+            .bind(table)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
+    let mut indexes = Vec::with_capacity(definitions.len());
+    for definition in definitions {
+        let upper = definition.to_ascii_uppercase();
+        let unique = upper.trim_start().starts_with("CREATE UNIQUE");
+        let rest = match engine {
+            Engine::Postgres => upper.find(" USING ").map(|at| &definition[at + 1..]),
+            Engine::Sqlite => upper
+                .find(" ON ")
+                .and_then(|on| definition[on..].find('(').map(|p| &definition[on + p..])),
+        };
+        let rest = rest.ok_or_else(|| corrupt(format!("unexpected index {definition:?}")))?;
+        indexes.push((rest.to_owned(), unique));
+    }
+    Ok(indexes)
+}
+
+/// Gives `copy` the indexes of `live` other than the primary key, unless it has them all
+/// already (a resumed rebuild may have made them before).
+pub(crate) async fn create_indexes_like(
+    conn: &mut AnyConnection,
+    engine: Engine,
+    live: &str,
+    copy: &str,
+) -> Result<bool, ProjectionError> {
+    let wanted = secondary_indexes(conn, engine, live).await?;
+    let have = secondary_indexes(conn, engine, copy).await?;
+    if have.len() >= wanted.len() {
+        return Ok(false);
+    }
+    // Index names are global per schema: each copy's get a suffix of their own.
+    let stamp = now_ms();
+    for (i, (definition, unique)) in wanted.iter().enumerate() {
+        let unique = if *unique { "UNIQUE " } else { "" };
+        sqlx::query(&format!(
+            "CREATE {unique}INDEX IF NOT EXISTS {copy}_i{i}_{stamp} ON {copy} {definition}"
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(true)
 }
 
 impl<P: Projection + Clone> Rebuild<P> {
@@ -321,7 +372,7 @@ impl<P: Projection + Clone> Rebuild<P> {
                     sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
                         .execute(&mut *conn)
                         .await?;
-                    create_like(&mut conn, storage.engine(), table.name, &shadow).await?;
+                    create_like(&mut conn, storage.engine(), table, &shadow).await?;
                 }
                 ensure_checkpoint(storage.pool(), &shadow_checkpoint).await?;
                 sqlx::query(
@@ -469,6 +520,9 @@ impl<P: Projection + Clone> Rebuild<P> {
                 .max(report.done as i64) as u64;
             match step {
                 Step::Applied(n) => report.done += n as u64,
+                // Caught up: the shadow gets its secondary indexes in one pass each (then
+                // catches up again with what arrived meanwhile), and is swapped in.
+                Step::Idle if self.index_shadow().await? => continue,
                 Step::Idle => break,
                 Step::Superseded => return Err(RebuildError::LostLease),
             }
@@ -490,6 +544,18 @@ impl<P: Projection + Clone> Rebuild<P> {
             None => crate::feed::notify_reset(&self.storage, name).await,
         }
         Ok(report)
+    }
+
+    /// Creates the shadow tables' secondary indexes if they are missing; whether it did.
+    async fn index_shadow(&self) -> Result<bool, RebuildError> {
+        let mut conn = self.storage.pool().acquire().await?;
+        let mut created = false;
+        for table in self.projection.tables() {
+            let shadow = Space::Shadow.table(table.name);
+            created |=
+                create_indexes_like(&mut conn, self.storage.engine(), table.name, &shadow).await?;
+        }
+        Ok(created)
     }
 
     /// Holds the live worker off, brings the shadow to the live checkpoint, and renames the

@@ -122,7 +122,7 @@ async fn prepare_scratch<P: Projection>(
         sqlx::query(&format!("DROP TABLE IF EXISTS {scratch}"))
             .execute(&mut *conn)
             .await?;
-        create_like(&mut conn, storage.engine(), table.name, &scratch).await?;
+        create_like(&mut conn, storage.engine(), table, &scratch).await?;
     }
     ensure_checkpoint(storage.pool(), checkpoint).await?;
     sqlx::query(

@@ -49,6 +49,21 @@ async fn assert_verified(app: &TestApp, name: &str) {
     assert!(report.rows_compared > 0);
 }
 
+/// How many indexes `table` has (its primary key's included).
+async fn index_count(app: &TestApp, table: &str) -> i64 {
+    let sql = match app.engine {
+        Engine::Postgres => "SELECT COUNT(*) FROM pg_indexes WHERE tablename = $1",
+        Engine::Sqlite => {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = $1"
+        }
+    };
+    sqlx::query_scalar(sql)
+        .bind(table)
+        .fetch_one(app.storage.pool())
+        .await
+        .unwrap()
+}
+
 /// Registers a ready batch of `essays` essays and requests `ai_feedback` for it.
 async fn busy_batch(app: &TestApp, teacher: &User, n: usize) -> String {
     let essays: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
@@ -158,6 +173,12 @@ async fn a_rebuild_under_live_write_load_swaps_in_without_a_gap(engine: Engine) 
         })
     };
 
+    let mut indexes = Vec::new();
+    for name in ["batch_state", "dashboard"] {
+        for table in projections::tables_of(name).unwrap() {
+            indexes.push((table.name, index_count(&app, table.name).await));
+        }
+    }
     for name in ["batch_state", "dashboard"] {
         let events_before = app.event_count().await;
         let response = app
@@ -225,6 +246,10 @@ async fn a_rebuild_under_live_write_load_swaps_in_without_a_gap(engine: Engine) 
     assert!(written > 0 && reads.load(Ordering::Relaxed) > 0);
     app.wait_for_pipeline_workers().await;
     app.wait_for_projections().await;
+    // The swapped-in tables have every index the old ones had.
+    for (table, count) in &indexes {
+        assert_eq!(index_count(&app, table).await, *count, "{table}'s indexes");
+    }
     // No shadow or retired table is left behind.
     for name in ["batch_state", "dashboard"] {
         for table in projections::tables_of(name).unwrap() {
