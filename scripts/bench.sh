@@ -118,8 +118,10 @@ class_run() {
   local feed
   feed=$(feed_bytes "$engine" "$url")
   echo "class $engine $label $essays: $r growth $((after - before)) feed $feed" >&2
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$engine" "$label" "$essays" "$(field "$r" seconds)" \
-    "$(python3 -c "print(round(($after - $before) / 1048576, 1))")" "$feed" >> "$OUT.class"
+  printf '| %s | %s | %s | %s | %s | %s | %s ms (%s KB) / %s ms |\n' "$engine" "$label" "$essays" "$(field "$r" seconds)" \
+    "$(python3 -c "print(round(($after - $before) / 1048576, 1))")" "$feed" \
+    "$(field "$r" get_ms)" "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['get_bytes'] // 1024)" "$r")" \
+    "$(field "$r" get_304_ms)" >> "$OUT.class"
   unset ESSAYFLOW_SIMULATE_PROCESSORS ESSAYFLOW_SIMULATOR_LATENCY_MS
 }
 
@@ -424,8 +426,8 @@ fi
     echo
   fi
   if [ -f "$OUT.class" ]; then
-    echo "| engine | revision | essays | request -> completed, s | database growth, MB | live feed stored |"
-    echo "|---|---|---|---|---|---|"
+    echo "| engine | revision | essays | request -> completed, s | database growth, MB | live feed stored | GET the batch (size) / with its ETag (304), median |"
+    echo "|---|---|---|---|---|---|---|"
     cat "$OUT.class"
     echo
   fi

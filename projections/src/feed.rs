@@ -218,11 +218,11 @@ impl Feed {
     pub async fn snapshot(&self, topic: &str) -> Result<Option<Snapshot>, ProjectionError> {
         let mut tx = crate::docs::snapshot(&self.storage).await?;
         let snapshot = if let Some(id) = topic.strip_prefix("batch:") {
-            match crate::queries::batch_on(&mut tx, id).await? {
-                Some(view) => Some(Snapshot {
-                    owner_id: view.summary.owner_id.clone(),
-                    version: view.summary.version,
-                    data: crate::docs::to_doc(id, &view)?,
+            match crate::queries::batch_json_on(&mut tx, id).await? {
+                Some((summary, data)) => Some(Snapshot {
+                    owner_id: summary.owner_id,
+                    version: summary.version,
+                    data,
                 }),
                 None => None,
             }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
 use crate::ProjectionError;
-use crate::batch_state::{self, BatchSummary, BatchView, EssayOutcomeView, EssayView, StoredBatch};
+use crate::batch_state::{self, BatchSummary, BatchView, StoredBatch};
 use crate::dashboard::{self, Activity, DashboardBatch, DashboardBatchSummary, OwnerDashboard};
 use crate::docs::{self, ROW_COLUMNS, row_from};
 use crate::worker::load_checkpoint;
@@ -80,10 +80,27 @@ impl ReadModels {
 
     /// A whole batch: its summary, essays and outcomes, all of one version.
     pub async fn batch(&self, id: &str) -> Result<Option<BatchView>, ProjectionError> {
+        self.batch_json(id)
+            .await?
+            .map(|(_, json)| {
+                serde_json::from_str(&json).map_err(|e| ProjectionError::Corrupt {
+                    key: id.to_owned(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// A whole batch as the JSON text of its [`BatchView`] (see `batch_json_on`), with its
+    /// summary (for the owner check and the ETag), all of one version.
+    pub async fn batch_json(
+        &self,
+        id: &str,
+    ) -> Result<Option<(BatchSummary, String)>, ProjectionError> {
         let mut tx = docs::snapshot(&self.storage).await?;
-        let view = batch_on(&mut tx, id).await?;
+        let found = batch_json_on(&mut tx, id).await?;
         tx.commit().await?;
-        Ok(view)
+        Ok(found)
     }
 
     /// A batch's summary (one row, whatever the batch's size).
@@ -252,18 +269,26 @@ async fn stored_batch(
     row.map(|row| row_from(&row)?.parse()).transpose()
 }
 
-/// A whole batch read on `conn` (one snapshot: see [`docs::snapshot`]).
-pub(crate) async fn batch_on(
+/// A whole batch read on `conn` (one snapshot), as the JSON text of its [`BatchView`], with
+/// its summary: the stored documents of its essays and outcomes are spliced in as they are,
+/// not parsed and written again, so a 1 000-essay batch costs one pass over its bytes.
+pub(crate) async fn batch_json_on(
     conn: &mut AnyConnection,
     id: &str,
-) -> Result<Option<BatchView>, ProjectionError> {
+) -> Result<Option<(BatchSummary, String)>, ProjectionError> {
     let Some(stored) = stored_batch(conn, id).await? else {
         return Ok(None);
     };
-    let corrupt = |e: serde_json::Error| ProjectionError::Corrupt {
+    let corrupt = |reason: String| ProjectionError::Corrupt {
         key: id.to_owned(),
-        reason: e.to_string(),
+        reason,
     };
+    let mut json = docs::to_doc(id, &stored.summary)?;
+    if !json.ends_with('}') {
+        return Err(corrupt("a summary that is not a JSON object".to_owned()));
+    }
+    json.pop();
+    json.push_str(",\"essays\":[");
     let rows = sqlx::query(&format!(
         "SELECT doc FROM {} WHERE batch_id = $1 ORDER BY ordinal",
         batch_state::ESSAYS
@@ -271,33 +296,46 @@ pub(crate) async fn batch_on(
     .bind(id)
     .fetch_all(&mut *conn)
     .await?;
-    let mut essays = Vec::with_capacity(rows.len());
-    for row in rows {
-        let doc: String = row.try_get("doc")?;
-        essays.push(serde_json::from_str::<EssayView>(&doc).map_err(corrupt)?);
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&row.try_get::<String, _>("doc")?);
     }
+    json.push_str("],\"phases\":{");
     let rows = sqlx::query(&format!(
-        "SELECT phase, essay_id, doc FROM {} WHERE batch_id = $1",
+        "SELECT phase, essay_id, doc FROM {} WHERE batch_id = $1 ORDER BY phase",
         batch_state::OUTCOMES
     ))
     .bind(id)
     .fetch_all(&mut *conn)
     .await?;
-    let mut phases: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
-        Default::default();
-    for row in rows {
-        let doc: String = row.try_get("doc")?;
-        let outcome: EssayOutcomeView = serde_json::from_str(&doc).map_err(corrupt)?;
-        phases
-            .entry(row.try_get::<String, _>("phase")?)
-            .or_default()
-            .insert(row.try_get::<String, _>("essay_id")?, outcome);
+    let mut phase: Option<String> = None;
+    for row in &rows {
+        let this: String = row.try_get("phase")?;
+        match &phase {
+            Some(open) if *open == this => json.push(','),
+            Some(_) => {
+                json.push_str("},");
+                json.push_str(&serde_json::Value::from(this.as_str()).to_string());
+                json.push_str(":{");
+            }
+            None => {
+                json.push_str(&serde_json::Value::from(this.as_str()).to_string());
+                json.push_str(":{");
+            }
+        }
+        phase = Some(this);
+        let essay: String = row.try_get("essay_id")?;
+        json.push_str(&serde_json::Value::from(essay).to_string());
+        json.push(':');
+        json.push_str(&row.try_get::<String, _>("doc")?);
     }
-    Ok(Some(BatchView {
-        summary: stored.summary,
-        essays,
-        phases,
-    }))
+    if phase.is_some() {
+        json.push('}');
+    }
+    json.push_str("}}");
+    Ok(Some((stored.summary, json)))
 }
 
 /// An owner's dashboard, read on `conn` (one snapshot: see [`docs::snapshot`]).

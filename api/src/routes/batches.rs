@@ -362,14 +362,6 @@ pub(super) struct BatchQuery {
     min_position: Option<i64>,
 }
 
-async fn visible_batch(state: &AppState, user: &AuthUser, id: &str) -> ApiResult<BatchView> {
-    let id = batch_id(id)?;
-    match state.reads.batch(&id.to_string()).await? {
-        Some(view) if user.may_read(&view.summary.owner_id) => Ok(view),
-        _ => Err(ApiError::NotFound),
-    }
-}
-
 async fn visible_summary(state: &AppState, user: &AuthUser, id: &str) -> ApiResult<BatchSummary> {
     let id = batch_id(id)?;
     match state.reads.batch_summary(&id.to_string()).await? {
@@ -425,9 +417,21 @@ pub(super) async fn get_batch(
             return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));
         }
     }
-    let view = visible_batch(&state, &user, &id).await?;
-    let etag = etag_of(view.summary.version);
-    Ok(with_etag(axum::Json(view).into_response(), &etag))
+    let batch_id = batch_id(&id)?;
+    let (summary, json) = match state.reads.batch_json(&batch_id.to_string()).await? {
+        Some((summary, json)) if user.may_read(&summary.owner_id) => (summary, json),
+        _ => return Err(ApiError::NotFound),
+    };
+    let etag = etag_of(summary.version);
+    let response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response();
+    Ok(with_etag(response, &etag))
 }
 
 /// A batch's events up to `max_sequence`, if the caller may see the batch: the owner comes from

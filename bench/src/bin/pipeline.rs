@@ -362,9 +362,42 @@ async fn class_run(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let seconds = started.elapsed().as_secs_f64();
+    // Reading it back: the whole batch, and the same with the ETag it answered (304).
+    let url_of = format!("{url}/v1/batches/{batch}");
+    let (mut full, mut conditional) = (Vec::new(), Vec::new());
+    let mut bytes = 0;
+    for _ in 0..21 {
+        let started = Instant::now();
+        let response = http.get(&url_of).bearer_auth(token).send().await?;
+        let etag = response
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        bytes = response.bytes().await?.len();
+        full.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        let response = http
+            .get(&url_of)
+            .bearer_auth(token)
+            .header("if-none-match", &etag)
+            .send()
+            .await?;
+        if response.status().as_u16() != 304 {
+            bail!("a conditional GET answered {}", response.status());
+        }
+        conditional.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    full.sort_by(f64::total_cmp);
+    conditional.sort_by(f64::total_cmp);
     Ok(json!({
-        "seconds": started.elapsed().as_secs_f64(),
+        "seconds": seconds,
         "accepted_ms": accepted * 1e3,
+        "get_ms": percentile(&full, 0.5),
+        "get_bytes": bytes,
+        "get_304_ms": percentile(&conditional, 0.5),
     }))
 }
 
