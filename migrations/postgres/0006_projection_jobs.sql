@@ -33,3 +33,12 @@ CREATE TABLE projection_verifications
     rows_skipped   bigint NOT NULL,
     differences    text   NOT NULL
 );
+
+-- A projection's generation: raised by every rebuild's swap. Live changes record the
+-- generation of the model that made them, so a client's document from one model is never
+-- patched with changes from another (a resume across a swap gets a snapshot).
+ALTER TABLE projection_checkpoints ADD COLUMN generation bigint NOT NULL DEFAULT 0;
+ALTER TABLE live_changes ADD COLUMN generation bigint NOT NULL DEFAULT 0;
+-- The read models refolded by 0005 are a new model: changes of the old one (had any survived
+-- in the history) could not be applied to its documents.
+UPDATE projection_checkpoints SET generation = 1 WHERE name IN ('batch_state', 'dashboard');

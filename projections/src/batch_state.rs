@@ -500,6 +500,8 @@ impl Projection for BatchStateProjection {
                     topic: Change::batch_topic(&id),
                     version: summary.version,
                     patch: docs::to_doc(&id, &ops)?,
+                    // Set by the worker, which knows the model's generation.
+                    generation: 0,
                 });
                 batch.json = Some(after);
             }

@@ -192,15 +192,28 @@ pub(crate) async fn upsert_rows(
 /// `REPEATABLE READ`; SQLite: a read transaction, whose snapshot is taken at its first read).
 /// Views put together from several tables are read in one, so that they are whole and of one
 /// version.
+///
+/// On PostgreSQL the transaction first takes `ACCESS SHARE` on `first_table` (the first table,
+/// in the order of [`crate::Projection::tables`], of the projection it reads), before any
+/// statement takes the snapshot: a rebuild's swap holds `ACCESS EXCLUSIVE` on those tables
+/// while it renames them, so a reader either reads before the swap, or waits and then takes
+/// its snapshot after the swap committed. Without it, PostgreSQL may take the snapshot first
+/// and wait for the lock after, and then read the new tables as they were before the swap's
+/// last writes.
 pub(crate) async fn snapshot(
     storage: &commands::Storage,
+    first_table: &str,
 ) -> Result<sqlx::Transaction<'static, sqlx::Any>, ProjectionError> {
     Ok(match storage.engine() {
         commands::Engine::Postgres => {
-            storage
+            let mut tx = storage
                 .pool()
                 .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await?
+                .await?;
+            sqlx::query(&format!("LOCK TABLE {first_table} IN ACCESS SHARE MODE"))
+                .execute(&mut *tx)
+                .await?;
+            tx
         }
         commands::Engine::Sqlite => storage.pool().begin().await?,
     })

@@ -47,6 +47,9 @@ pub struct Change {
     /// A JSON Patch (RFC 6902) from the topic's document at `version - 1` to its document at
     /// `version`, as JSON text (an array of operations).
     pub patch: String,
+    /// The generation of the read model that made it (raised by each rebuild's swap): a patch
+    /// applies only to a document of the same generation.
+    pub generation: i64,
 }
 
 impl Change {
@@ -67,6 +70,8 @@ pub struct Snapshot {
     /// Whose it is (a batch's owner; a dashboard's teacher).
     pub owner_id: String,
     pub version: i64,
+    /// The generation of the read model it was read from.
+    pub generation: i64,
     /// The document at exactly `version`, as JSON text: applying the changes after `version`
     /// to it, in order, gives each later version's document.
     pub data: String,
@@ -136,14 +141,15 @@ impl Feed {
         let page = uuid::Uuid::new_v4().to_string();
         let now = chrono::Utc::now().timestamp_millis();
         let runs = runs(changes);
-        const COLUMNS: usize = 6;
+        const COLUMNS: usize = 7;
         for chunk in runs.chunks(200) {
             let values = (0..chunk.len())
                 .map(|i| format!("({})", placeholders(1 + i * COLUMNS, COLUMNS)))
                 .collect::<Vec<_>>()
                 .join(", ");
             let sql = format!(
-                "INSERT INTO live_changes (page, topic, version, last_version, patches, created_at)
+                "INSERT INTO live_changes
+                     (page, topic, version, last_version, patches, created_at, generation)
                  VALUES {values} ON CONFLICT (topic, version) DO NOTHING"
             );
             let mut query = sqlx::query(&sql);
@@ -154,7 +160,8 @@ impl Feed {
                     .bind(run.first)
                     .bind(run.last)
                     .bind(run.patches.as_str())
-                    .bind(now);
+                    .bind(now)
+                    .bind(run.generation);
             }
             query.execute(&mut *conn).await?;
         }
@@ -168,11 +175,11 @@ impl Feed {
         Ok(())
     }
 
-    /// Tells this process's subscribers, and (on PostgreSQL) every other node, that
-    /// `projection`'s tables were replaced by a rebuild.
-    pub async fn reset(&self, projection: &str) {
+    /// Tells this process's subscribers that `projection`'s tables were replaced by a rebuild
+    /// (other nodes hear of it from the swap's own notification; see
+    /// [`queue_reset_notification`]).
+    pub fn announce_reset(&self, projection: &str) {
         let _ = self.sender.send(FeedEvent::Reset(projection.into()));
-        notify(&self.storage, &self.node, &format!("{RESET}{projection}")).await;
     }
 
     /// Hands committed changes to this process's subscribers.
@@ -183,30 +190,62 @@ impl Feed {
         }
     }
 
-    /// The stored changes of `topic` after version `after`, oldest first, at most `limit`.
+    /// The stored changes of `topic` with versions from `from` to `to` (both included), oldest
+    /// first: what is still in the history of that range (it may have gaps where the
+    /// retention pruned). Reads only the rows that hold that range.
     pub async fn history(
         &self,
         topic: &str,
-        after: i64,
-        limit: i64,
+        from: i64,
+        to: i64,
     ) -> Result<Vec<Change>, ProjectionError> {
-        // Each row holds a run of one or more changes: at most `limit` rows hold `limit`
-        // changes or more.
         let rows = sqlx::query(
-            "SELECT topic, version, last_version, patches FROM live_changes
-              WHERE topic = $1 AND last_version > $2 ORDER BY version LIMIT $3",
+            "SELECT topic, version, last_version, patches, generation FROM live_changes
+              WHERE topic = $1 AND last_version >= $2 AND version <= $3 ORDER BY version",
         )
         .bind(topic)
-        .bind(after)
-        .bind(limit)
+        .bind(from)
+        .bind(to)
         .fetch_all(self.storage.pool())
         .await?;
         let mut changes = Vec::new();
         for row in &rows {
-            changes.extend(changes_from(row)?.into_iter().filter(|c| c.version > after));
+            changes.extend(
+                changes_from(row)?
+                    .into_iter()
+                    .filter(|c| (from..=to).contains(&c.version)),
+            );
         }
-        changes.truncate(usize::try_from(limit).unwrap_or(0));
         Ok(changes)
+    }
+
+    /// A topic's current version and its model's generation, without its document (one small
+    /// row); `None` if there is no such topic.
+    pub async fn current(&self, topic: &str) -> Result<Option<(i64, i64)>, ProjectionError> {
+        let (projection, version) = if let Some(id) = topic.strip_prefix("batch:") {
+            let version: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT version FROM {} WHERE id = $1",
+                crate::batch_state::TABLE
+            ))
+            .bind(id)
+            .fetch_optional(self.storage.pool())
+            .await?;
+            match version {
+                Some(version) => ("batch_state", version),
+                None => return Ok(None),
+            }
+        } else if topic.starts_with("dashboard:") {
+            let version: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
+                    .bind(topic)
+                    .fetch_optional(self.storage.pool())
+                    .await?;
+            ("dashboard", version.unwrap_or(0))
+        } else {
+            return Ok(None);
+        };
+        let generation = generation(self.storage.pool(), projection).await?;
+        Ok(Some((version, generation)))
     }
 
     /// A topic's current document and its exact version; `None` if there is no such topic
@@ -216,19 +255,23 @@ impl Feed {
     /// and its version in one transaction, so the document is exactly that version's, and the
     /// next change's patch applies to it.
     pub async fn snapshot(&self, topic: &str) -> Result<Option<Snapshot>, ProjectionError> {
-        let mut tx = crate::docs::snapshot(&self.storage).await?;
+        let first_table = if topic.starts_with("batch:") {
+            crate::batch_state::TABLE
+        } else {
+            crate::dashboard::OWNERS
+        };
+        let mut tx = crate::docs::snapshot(&self.storage, first_table).await?;
         let snapshot = if let Some(id) = topic.strip_prefix("batch:") {
             match crate::queries::batch_json_on(&mut tx, id).await? {
                 Some((summary, data)) => Some(Snapshot {
                     owner_id: summary.owner_id,
                     version: summary.version,
+                    generation: generation(&mut *tx, "batch_state").await?,
                     data,
                 }),
                 None => None,
             }
         } else if let Some(owner) = topic.strip_prefix("dashboard:") {
-            // The dashboard first: the snapshot is taken by the first statement, and it must
-            // touch the read model (see `crate::rebuild`'s swap).
             let dashboard = crate::queries::dashboard_on(&mut tx, owner).await?;
             let version: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM live_topics WHERE topic = $1")
@@ -238,6 +281,7 @@ impl Feed {
             Some(Snapshot {
                 owner_id: owner.to_owned(),
                 version: version.unwrap_or(0),
+                generation: generation(&mut *tx, "dashboard").await?,
                 data: crate::docs::to_doc(owner, &dashboard)?,
             })
         } else {
@@ -319,7 +363,7 @@ impl Feed {
 
     async fn page(&self, page: &str) -> Result<Vec<Change>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT topic, version, last_version, patches FROM live_changes
+            "SELECT topic, version, last_version, patches, generation FROM live_changes
               WHERE page = $1 ORDER BY id",
         )
         .bind(page)
@@ -355,29 +399,40 @@ impl Feed {
     }
 }
 
+/// The generation of a projection's live model (0 until its first rebuild).
+pub(crate) async fn generation<'c, E>(executor: E, projection: &str) -> Result<i64, ProjectionError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    let generation: Option<i64> =
+        sqlx::query_scalar("SELECT generation FROM projection_checkpoints WHERE name = $1")
+            .bind(projection)
+            .fetch_optional(executor)
+            .await?;
+    Ok(generation.unwrap_or(0))
+}
+
 /// The notification payload's prefix for a projection whose tables a rebuild replaced.
 const RESET: &str = "reset:";
 
-/// Tells every node (on PostgreSQL) that `projection`'s tables were replaced, from a process
-/// without a feed of its own (`essayflow replay`). On SQLite there is nobody to tell across
-/// processes: the swapped model equals the old one unless the fold changed, and a changed
-/// fold comes with a new binary, whose restart sends every client a snapshot.
-pub async fn notify_reset(storage: &Storage, projection: &str) {
-    notify(storage, "-", &format!("{RESET}{projection}")).await;
-}
-
-async fn notify(storage: &Storage, node: &str, message: &str) {
-    if storage.engine() != commands::Engine::Postgres {
-        return;
+/// Queues, in the swap's transaction, the notification that tells every node (on PostgreSQL)
+/// that `projection`'s tables were replaced; PostgreSQL delivers it only if the swap commits,
+/// in commit order with the pages' notifications. (On SQLite there is one node per database
+/// file in practice; a process that is not the one swapping learns of it from the new
+/// generation of the changes it reads.)
+pub(crate) async fn queue_reset_notification(
+    conn: &mut AnyConnection,
+    engine: commands::Engine,
+    projection: &str,
+) -> Result<(), ProjectionError> {
+    if engine == commands::Engine::Postgres {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(format!("- {RESET}{projection}"))
+            .execute(&mut *conn)
+            .await?;
     }
-    let sent = sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(NOTIFY_CHANNEL)
-        .bind(format!("{node} {message}"))
-        .execute(storage.pool())
-        .await;
-    if let Err(error) = sent {
-        tracing::warn!(%error, "could not notify the other nodes");
-    }
+    Ok(())
 }
 
 /// A run of one topic's consecutive changes, as one `live_changes` row stores it.
@@ -385,6 +440,7 @@ struct Run<'a> {
     topic: &'a str,
     first: i64,
     last: i64,
+    generation: i64,
     /// `[patch, patch, ...]`: the runs' patches, in version order.
     patches: String,
 }
@@ -397,6 +453,7 @@ fn runs(changes: &[Change]) -> Vec<Run<'_>> {
     for change in changes {
         if let Some(&i) = open.get(change.topic.as_str())
             && runs[i].last + 1 == change.version
+            && runs[i].generation == change.generation
         {
             let run = &mut runs[i];
             run.last = change.version;
@@ -411,6 +468,7 @@ fn runs(changes: &[Change]) -> Vec<Run<'_>> {
             topic: &change.topic,
             first: change.version,
             last: change.version,
+            generation: change.generation,
             patches: format!("[{}]", change.patch),
         });
     }
@@ -423,6 +481,7 @@ fn changes_from(row: &sqlx::any::AnyRow) -> Result<Vec<Change>, ProjectionError>
     let first: i64 = row.try_get("version")?;
     let last: i64 = row.try_get("last_version")?;
     let patches: String = row.try_get("patches")?;
+    let generation: i64 = row.try_get("generation")?;
     let corrupt = |reason: String| ProjectionError::Corrupt {
         key: format!("{topic}@{first}"),
         reason,
@@ -442,6 +501,7 @@ fn changes_from(row: &sqlx::any::AnyRow) -> Result<Vec<Change>, ProjectionError>
             topic: topic.clone(),
             version,
             patch: patch.get().to_owned(),
+            generation,
         })
         .collect())
 }
@@ -464,6 +524,7 @@ pub(crate) async fn next_version(
         topic,
         version,
         patch,
+        generation: 0,
     })
 }
 
@@ -476,6 +537,7 @@ mod tests {
             topic: topic.to_owned(),
             version,
             patch: format!(r#"[{{"op":"replace","path":"/version","value":{version}}}]"#),
+            generation: 0,
         }
     }
 

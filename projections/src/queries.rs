@@ -97,7 +97,7 @@ impl ReadModels {
         &self,
         id: &str,
     ) -> Result<Option<(BatchSummary, String)>, ProjectionError> {
-        let mut tx = docs::snapshot(&self.storage).await?;
+        let mut tx = docs::snapshot(&self.storage, batch_state::TABLE).await?;
         let found = batch_json_on(&mut tx, id).await?;
         tx.commit().await?;
         Ok(found)
@@ -105,8 +105,10 @@ impl ReadModels {
 
     /// A batch's summary (one row, whatever the batch's size).
     pub async fn batch_summary(&self, id: &str) -> Result<Option<BatchSummary>, ProjectionError> {
-        let mut conn = self.storage.pool().acquire().await?;
-        Ok(stored_batch(&mut conn, id).await?.map(|s| s.summary))
+        let mut tx = docs::snapshot(&self.storage, batch_state::TABLE).await?;
+        let summary = stored_batch(&mut tx, id).await?.map(|s| s.summary);
+        tx.commit().await?;
+        Ok(summary)
     }
 
     /// Per phase, how many of a batch's essays succeeded and failed (their latest outcomes).
@@ -114,14 +116,16 @@ impl ReadModels {
         &self,
         id: &str,
     ) -> Result<std::collections::BTreeMap<String, PhaseCounts>, ProjectionError> {
+        let mut tx = docs::snapshot(&self.storage, batch_state::TABLE).await?;
         let rows = sqlx::query(&format!(
             "SELECT phase, outcome, COUNT(*) AS n FROM {} WHERE batch_id = $1
               GROUP BY phase, outcome",
             batch_state::OUTCOMES
         ))
         .bind(id)
-        .fetch_all(self.storage.pool())
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut counts: std::collections::BTreeMap<String, PhaseCounts> = Default::default();
         for row in rows {
             let entry = counts.entry(row.try_get("phase")?).or_default();
@@ -161,7 +165,9 @@ impl ReadModels {
             query = query.bind(value);
         }
         let query = query.bind(i64::from(limit) + 1);
-        let rows = query.fetch_all(self.storage.pool()).await?;
+        let mut tx = docs::snapshot(&self.storage, batch_state::TABLE).await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
         let mut items = Vec::with_capacity(rows.len());
         let mut last = None;
         for row in rows.iter().take(limit as usize) {
@@ -178,7 +184,7 @@ impl ReadModels {
 
     /// A teacher's dashboard, all of one version.
     pub async fn dashboard(&self, owner: &str) -> Result<Dashboard, ProjectionError> {
-        let mut tx = docs::snapshot(&self.storage).await?;
+        let mut tx = docs::snapshot(&self.storage, dashboard::OWNERS).await?;
         let dashboard = dashboard_on(&mut tx, owner).await?;
         tx.commit().await?;
         Ok(dashboard)

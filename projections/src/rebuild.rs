@@ -105,6 +105,8 @@ pub enum RebuildError {
     Cancelled,
     #[error("another process took the rebuild over")]
     LostLease,
+    #[error("readers kept the live tables busy; the swap gave up after {0:?} of tries")]
+    Busy(Duration),
     #[error(transparent)]
     Projection(#[from] ProjectionError),
 }
@@ -119,6 +121,18 @@ impl From<commands::LogError> for RebuildError {
     fn from(error: commands::LogError) -> Self {
         Self::Projection(error.into())
     }
+}
+
+/// Whether a swap gave up waiting for a lock (PostgreSQL `lock_not_available`, SQLite busy).
+fn is_lock_timeout(error: &RebuildError) -> bool {
+    let database = match error {
+        RebuildError::Projection(ProjectionError::Database(sqlx::Error::Database(e))) => e,
+        _ => return false,
+    };
+    matches!(
+        database.code().as_deref(),
+        Some("55P03") | Some("5") | Some("6")
+    )
 }
 
 fn now_ms() -> i64 {
@@ -226,41 +240,36 @@ pub(crate) async fn create_like(
 
 /// The definitions of `table`'s indexes other than its primary key, each as the text after
 /// `ON <table>` (`USING btree (owner_id, created_position)` on PostgreSQL,
-/// `(owner_id, created_position)` on SQLite), and whether it is unique.
+/// `(owner_id, created_position)` on SQLite), whether it is unique, and its name.
 async fn secondary_indexes(
     conn: &mut AnyConnection,
     engine: Engine,
     table: &str,
-) -> Result<Vec<(String, bool)>, ProjectionError> {
+) -> Result<Vec<(String, bool, String)>, ProjectionError> {
     let corrupt = |reason: String| ProjectionError::Corrupt {
         key: table.to_owned(),
         reason,
     };
-    let definitions: Vec<String> = match engine {
+    let sql = match engine {
         Engine::Postgres => {
-            sqlx::query_scalar(
-                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
-                   JOIN pg_class c ON c.oid = i.indrelid
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.relname = $1 AND n.nspname = current_schema() AND NOT i.indisprimary
-                  ORDER BY i.indexrelid",
-            )
-            .bind(table)
-            .fetch_all(&mut *conn)
-            .await?
+            "SELECT ci.relname::text AS name, pg_get_indexdef(i.indexrelid) AS definition
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_class ci ON ci.oid = i.indexrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relname = $1 AND n.nspname = current_schema() AND NOT i.indisprimary
+              ORDER BY ci.relname"
         }
         Engine::Sqlite => {
-            sqlx::query_scalar(
-                "SELECT sql FROM sqlite_master
-                  WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL ORDER BY name",
-            )
-            .bind(table)
-            .fetch_all(&mut *conn)
-            .await?
+            "SELECT name, sql AS definition FROM sqlite_master
+              WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL ORDER BY name"
         }
     };
-    let mut indexes = Vec::with_capacity(definitions.len());
-    for definition in definitions {
+    let rows = sqlx::query(sql).bind(table).fetch_all(&mut *conn).await?;
+    let mut indexes = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.try_get("name")?;
+        let definition: String = row.try_get("definition")?;
         let upper = definition.to_ascii_uppercase();
         let unique = upper.trim_start().starts_with("CREATE UNIQUE");
         let rest = match engine {
@@ -270,13 +279,48 @@ async fn secondary_indexes(
                 .and_then(|on| definition[on..].find('(').map(|p| &definition[on + p..])),
         };
         let rest = rest.ok_or_else(|| corrupt(format!("unexpected index {definition:?}")))?;
-        indexes.push((rest.to_owned(), unique));
+        indexes.push((rest.to_owned(), unique, name));
     }
     Ok(indexes)
 }
 
-/// Gives `copy` the indexes of `live` other than the primary key, unless it has them all
-/// already (a resumed rebuild may have made them before).
+/// A PostgreSQL table's indexes (its primary key's included) by name, each with its definition
+/// after `ON <table>` and whether it is the primary key.
+async fn named_indexes(
+    conn: &mut AnyConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, ProjectionError> {
+    let rows = sqlx::query(
+        "SELECT ci.relname::text AS name, pg_get_indexdef(i.indexrelid) AS definition,
+                i.indisprimary AS primary_key
+           FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indrelid
+           JOIN pg_class ci ON ci.oid = i.indexrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relname = $1 AND n.nspname = current_schema()",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut indexes = Vec::with_capacity(rows.len());
+    for row in rows {
+        let definition: String = row.try_get("definition")?;
+        let primary: bool = row.try_get("primary_key")?;
+        let rest = definition
+            .find(" USING ")
+            .map(|at| definition[at..].to_owned())
+            .unwrap_or_default();
+        indexes.push((
+            row.try_get("name")?,
+            format!("{}{rest}", if primary { "primary" } else { "" }),
+        ));
+    }
+    Ok(indexes)
+}
+
+/// Gives `copy` the indexes of `live` other than the primary key, unless it has exactly those
+/// already (a resumed rebuild may have made them before); a copy with others (a crash half-way
+/// through making them) has them dropped and made again, so no index is ever doubled.
 pub(crate) async fn create_indexes_like(
     conn: &mut AnyConnection,
     engine: Engine,
@@ -285,12 +329,23 @@ pub(crate) async fn create_indexes_like(
 ) -> Result<bool, ProjectionError> {
     let wanted = secondary_indexes(conn, engine, live).await?;
     let have = secondary_indexes(conn, engine, copy).await?;
-    if have.len() >= wanted.len() {
+    let definitions = |indexes: &[(String, bool, String)]| {
+        let mut definitions: Vec<(String, bool)> =
+            indexes.iter().map(|(d, u, _)| (d.clone(), *u)).collect();
+        definitions.sort();
+        definitions
+    };
+    if definitions(&wanted) == definitions(&have) {
         return Ok(false);
+    }
+    for (_, _, name) in &have {
+        sqlx::query(&format!("DROP INDEX IF EXISTS {name}"))
+            .execute(&mut *conn)
+            .await?;
     }
     // Index names are global per schema: each copy's get a suffix of their own.
     let stamp = now_ms();
-    for (i, (definition, unique)) in wanted.iter().enumerate() {
+    for (i, (definition, unique, _)) in wanted.iter().enumerate() {
         let unique = if *unique { "UNIQUE " } else { "" };
         sqlx::query(&format!(
             "CREATE {unique}INDEX IF NOT EXISTS {copy}_i{i}_{stamp} ON {copy} {definition}"
@@ -367,13 +422,8 @@ impl<P: Projection + Clone> Rebuild<P> {
             Some(done) if shadow_complete => done.max(0) as u64,
             _ => {
                 let _turn = storage.write_turn().await;
-                for table in projection.tables() {
-                    let shadow = Space::Shadow.table(table.name);
-                    sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
-                        .execute(&mut *conn)
-                        .await?;
-                    create_like(&mut conn, storage.engine(), table, &shadow).await?;
-                }
+                // The checkpoint first: a crash before the tables are made leaves it at zero,
+                // and a resume then finds them missing and starts afresh.
                 ensure_checkpoint(storage.pool(), &shadow_checkpoint).await?;
                 sqlx::query(
                     "UPDATE projection_checkpoints SET tx = 0, position = 0, events_applied = 0
@@ -382,6 +432,13 @@ impl<P: Projection + Clone> Rebuild<P> {
                 .bind(&shadow_checkpoint)
                 .execute(&mut *conn)
                 .await?;
+                for table in projection.tables() {
+                    let shadow = Space::Shadow.table(table.name);
+                    sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
+                        .execute(&mut *conn)
+                        .await?;
+                    create_like(&mut conn, storage.engine(), table, &shadow).await?;
+                }
                 0
             }
         };
@@ -434,6 +491,47 @@ impl<P: Projection + Clone> Rebuild<P> {
             Ok(())
         } else {
             Err(RebuildError::LostLease)
+        }
+    }
+
+    /// Renews the lease every third of its length until `stop`; sets `lost` (and stops) if
+    /// another process holds it.
+    fn heartbeat(
+        &self,
+        lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (storage, name, owner, lease) = (
+            self.storage.clone(),
+            self.projection.name(),
+            self.owner.clone(),
+            self.options.lease,
+        );
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(lease / 3) => {}
+                }
+                let renewed = sqlx::query(
+                    "UPDATE projection_rebuilds SET lease_until = $3
+                      WHERE name = $1 AND owner = $2 AND state = 'building'",
+                )
+                .bind(name)
+                .bind(&owner)
+                .bind(now_ms() + lease.as_millis() as i64)
+                .execute(storage.pool())
+                .await;
+                match renewed {
+                    Ok(done) if done.rows_affected() == 1 => {}
+                    Ok(_) => {
+                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    // A passing database error: the next beat tries again.
+                    Err(error) => tracing::warn!(%error, "could not renew a rebuild's lease"),
+                }
+            }
         }
     }
 
@@ -506,9 +604,20 @@ impl<P: Projection + Clone> Rebuild<P> {
             elapsed: Duration::ZERO,
         };
         let mut reported = Instant::now();
+        // Renews the lease on its own, so that a long step (making the indexes, a swap that
+        // waits) cannot let it run out; it stops with this run.
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let heartbeat = CancellationToken::new();
+        let _stop_heartbeat = heartbeat.clone().drop_guard();
+        tokio::spawn(self.heartbeat(lost.clone(), heartbeat));
+        let mut busy_since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
         loop {
             if cancel.is_cancelled() {
                 return Err(RebuildError::Cancelled);
+            }
+            if lost.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(RebuildError::LostLease);
             }
             let (live, live_applied) = live_checkpoint(&self.storage, name).await?;
             let step = tokio::select! {
@@ -523,7 +632,28 @@ impl<P: Projection + Clone> Rebuild<P> {
                 // Caught up: the shadow gets its secondary indexes in one pass each (then
                 // catches up again with what arrived meanwhile), and is swapped in.
                 Step::Idle if self.index_shadow().await? => continue,
-                Step::Idle => break,
+                Step::Idle => match self.swap(report.done).await {
+                    Ok(done) => {
+                        report.done = done;
+                        break;
+                    }
+                    // Readers (a long verification, say) held the tables: fill what arrived
+                    // meanwhile and try again, for a while.
+                    Err(error) if is_lock_timeout(&error) => {
+                        let since = *busy_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(300) {
+                            return Err(RebuildError::Busy(since.elapsed()));
+                        }
+                        tracing::info!(projection = name, retry_in = ?backoff, "the live tables are busy; the swap tries again");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                },
                 Step::Superseded => return Err(RebuildError::LostLease),
             }
             report.total = report.total.max(report.done);
@@ -534,15 +664,13 @@ impl<P: Projection + Clone> Rebuild<P> {
                 reported = Instant::now();
             }
         }
-        report.done = self.swap(report.done).await?;
+        if let Some(feed) = feed {
+            feed.announce_reset(name);
+        }
         report.total = report.done;
         report.elapsed = started.elapsed();
         progress(&report);
         self.drop_retired().await;
-        match feed {
-            Some(feed) => feed.reset(name).await,
-            None => crate::feed::notify_reset(&self.storage, name).await,
-        }
         Ok(report)
     }
 
@@ -571,7 +699,9 @@ impl<P: Projection + Clone> Rebuild<P> {
         };
         let lock = match self.storage.engine() {
             Engine::Postgres => {
-                sqlx::query("SET LOCAL lock_timeout = '10s'")
+                // Short: while the swap waits for a lock, readers queue behind it. It gives up
+                // quickly and tries again a little later instead (see `fill_and_swap`).
+                sqlx::query("SET LOCAL lock_timeout = '500ms'")
                     .execute(&mut *tx)
                     .await?;
                 " FOR UPDATE"
@@ -635,15 +765,26 @@ impl<P: Projection + Clone> Rebuild<P> {
             .execute(&mut *tx)
             .await?;
         }
+        if self.storage.engine() == Engine::Postgres {
+            self.rename_indexes(&mut tx).await?;
+        }
         sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
             .bind(&shadow_checkpoint)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE projection_checkpoints SET events_applied = $2 WHERE name = $1")
-            .bind(name)
-            .bind(done as i64)
-            .execute(&mut *tx)
-            .await?;
+        // A new model: its changes are of a new generation, and patches of the old one never
+        // apply to its documents (nor the other way round).
+        sqlx::query(
+            "UPDATE projection_checkpoints SET events_applied = $2, generation = generation + 1
+              WHERE name = $1",
+        )
+        .bind(name)
+        .bind(done as i64)
+        .execute(&mut *tx)
+        .await?;
+        // Other nodes hear of it when (and only if) the swap commits, in commit order with the
+        // live changes: a node sends its clients fresh snapshots.
+        crate::feed::queue_reset_notification(&mut tx, self.storage.engine(), name).await?;
         let finished = sqlx::query(
             "UPDATE projection_rebuilds
                 SET state = 'done', finished_at = $2, events_done = $3, events_total = $3,
@@ -661,6 +802,28 @@ impl<P: Projection + Clone> Rebuild<P> {
         }
         tx.commit().await?;
         Ok(done)
+    }
+
+    /// Gives the swapped-in tables' indexes the names the old tables' had (PostgreSQL; in the
+    /// swap's transaction), so that index names stay those of the migrations. (SQLite cannot
+    /// rename an index: there, a rebuilt table's indexes keep their generated names.)
+    async fn rename_indexes(&self, tx: &mut AnyConnection) -> Result<(), RebuildError> {
+        for table in self.projection.tables() {
+            let retired = format!("{}__retired", table.name);
+            let old = named_indexes(tx, &retired).await?;
+            let new = named_indexes(tx, table.name).await?;
+            for (name, definition) in &old {
+                sqlx::query(&format!("ALTER INDEX {name} RENAME TO {name}__retired"))
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some((generated, _)) = new.iter().find(|(_, d)| d == definition) {
+                    sqlx::query(&format!("ALTER INDEX {generated} RENAME TO {name}"))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Drops the tables the swap retired (best effort: a leftover is dropped by the next swap).

@@ -199,12 +199,7 @@ async fn fold_and_compare<P: Projection + Clone>(
         "folded for verification"
     );
 
-    let mut tx = crate::docs::snapshot(storage).await?;
-    // The first statement takes the snapshot: it touches the read model, so that a rebuild's
-    // swap is either wholly before it or after it (see `crate::rebuild`).
-    sqlx::query(&format!("SELECT COUNT(*) FROM {}", tables[0].name))
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = crate::docs::snapshot(storage, tables[0].name).await?;
     let live_now: LogPosition = {
         let row = sqlx::query("SELECT tx, position FROM projection_checkpoints WHERE name = $1")
             .bind(name)

@@ -266,6 +266,11 @@ impl<P: Projection> Worker<P> {
                 self.projection
                     .apply(&mut tx, self.space, &events, Some(&mut changes))
                     .await?;
+                // Read after the compare-and-set: a swap that raised it has committed by now.
+                let generation = crate::feed::generation(&mut *tx, name).await?;
+                for change in &mut changes {
+                    change.generation = generation;
+                }
                 feed.record(&mut tx, &changes).await?;
             }
             _ => {

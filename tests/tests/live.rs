@@ -166,8 +166,96 @@ async fn a_client_that_reconnects_with_since_misses_nothing_and_gets_nothing_twi
     assert_eq!(third.next_json().await["code"], "not_subscribed");
 }
 
+/// A dashboard's lists at their limits: more than 50 active and 20 finished batches, batches
+/// leaving and entering both lists (pipelines on old batches, a cancel, a re-requested
+/// pipeline), essay ids at the edges of what is allowed, one client applying every dashboard
+/// and batch patch: it ends with what GET shows.
+async fn dashboard_lists_at_their_limits_patch_to_what_get_shows(engine: Engine) {
+    let app = TestApp::spawn_with(engine, |s| {
+        s.simulate_processors = true;
+        s.simulator_latency_ms = 0;
+    })
+    .await;
+    let teacher = app.user(Role::Teacher).await;
+    let odd = ["-", "0", "a.b:c", "e_1", "10"];
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let essays: &[&str] = if i == 0 { &odd } else { &["e1"] };
+        ids.push(app.ready_batch(&teacher, essays).await);
+    }
+    app.wait_for_projections().await;
+    let mut client = app.ws(&teacher).await;
+    let mut logs = std::collections::HashMap::new();
+    let watched = format!("batch:{}", ids[0]);
+    for topic in ["dashboard", watched.as_str()] {
+        client.subscribe(topic, None).await;
+        assert_eq!(client.next_json().await["type"], "subscribed");
+        let mut log = TopicLog::default();
+        log.take(&client.next_json().await);
+        logs.insert(topic.to_owned(), log);
+    }
+    // The oldest batches run pipelines while 50 newer ones push them out of the active list.
+    for _ in 0..50 {
+        app.register_batch(&teacher, 1).await;
+    }
+    for id in &ids[..4] {
+        app.request_pipeline(&teacher, id, "spellcheck").await;
+    }
+    // Twenty more finish: the recently finished list overflows.
+    let mut more = Vec::new();
+    for _ in 0..22 {
+        more.push(app.ready_batch(&teacher, &["x"]).await);
+    }
+    for id in &more {
+        app.request_pipeline(&teacher, id, "spellcheck").await;
+    }
+    for id in &ids[..4] {
+        app.wait_for_status(&teacher, id, "completed").await;
+    }
+    // A finished batch goes back to work, another is cancelled, a third re-runs.
+    app.request_pipeline(&teacher, &ids[0], "nlp").await;
+    let r = app
+        .post(
+            &teacher,
+            &format!("/v1/batches/{}/cancel", ids[5]),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    for id in &more {
+        app.wait_for_status(&teacher, id, "completed").await;
+    }
+    app.request_pipeline(&teacher, &more[21], "cj_assessment")
+        .await;
+    app.wait_for_projections().await;
+    app.wait_for_status(&teacher, &more[21], "completed").await;
+    app.wait_for_status(&teacher, &ids[0], "completed").await;
+    app.wait_for_projections().await;
+    // Every change, applied, until the client holds what GET shows.
+    let dashboard = app.get_json(&teacher, "/v1/dashboard").await;
+    let batch = app
+        .get_json(&teacher, &format!("/v1/batches/{}", ids[0]))
+        .await;
+    while logs["dashboard"].data != dashboard || logs[watched.as_str()].data != batch {
+        let message = client.next_json().await;
+        let topic = message["topic"].as_str().unwrap_or_default().to_owned();
+        logs.get_mut(&topic).unwrap().take(&message);
+    }
+    assert_eq!(
+        logs["dashboard"].snapshots.len(),
+        1,
+        "only changes after the snapshot"
+    );
+    assert!(
+        logs["dashboard"].changes.len() > 20,
+        "{}",
+        logs["dashboard"].changes.len()
+    );
+}
+
 both_engines!(
     a_subscriber_sees_the_snapshot_and_every_change_of_a_pipeline,
+    dashboard_lists_at_their_limits_patch_to_what_get_shows,
     a_client_that_reconnects_with_since_misses_nothing_and_gets_nothing_twice,
 );
 

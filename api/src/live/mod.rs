@@ -71,6 +71,8 @@ impl LiveMetrics {
 pub struct Item {
     pub topic: Arc<str>,
     pub version: i64,
+    /// The generation of the read model that made the change.
+    pub generation: i64,
     pub frame: Utf8Bytes,
 }
 
@@ -302,6 +304,7 @@ impl Hub {
             let item = Item {
                 topic: topic.clone(),
                 version: change.version,
+                generation: change.generation,
                 frame: change_frame(visible_topic(&change.topic), change.version, &change.patch),
             };
             for outbox in subscribers.values() {
@@ -398,6 +401,7 @@ mod tests {
             topic: topic.to_owned(),
             version,
             patch: format!(r#"[{{"op":"replace","path":"/v","value":{version}}}]"#),
+            generation: 0,
         }
     }
 

@@ -63,6 +63,9 @@ struct Subscription {
     visible: Arc<str>,
     /// The version the client has.
     last: i64,
+    /// The generation of the read model the client's document comes from: changes of another
+    /// generation (a rebuild swapped the model) do not apply to it.
+    generation: i64,
 }
 
 /// Why a session ends.
@@ -358,7 +361,11 @@ impl Session {
             }
         };
         let visible: Arc<str> = visible_topic(&internal).into();
-        let mut sub = Subscription { visible, last: 0 };
+        let mut sub = Subscription {
+            visible,
+            last: 0,
+            generation: snapshot.generation,
+        };
         let sent = match send_json(
             socket,
             &json!({"type": "subscribed", "topic": &*sub.visible}),
@@ -366,8 +373,11 @@ impl Session {
         .await
         {
             Ok(()) => {
-                self.deliver(socket, &internal, &mut sub, since, snapshot)
+                let current = (snapshot.version, snapshot.generation);
+                // With the snapshot in hand, nothing more is read that could fail.
+                self.bring_up(socket, &internal, &mut sub, since, current, Some(snapshot))
                     .await
+                    .map(|_| ())
             }
             Err(end) => Err(end),
         };
@@ -404,67 +414,112 @@ impl Session {
         send_json(socket, &json!({"type": "unsubscribed", "topic": topic})).await
     }
 
-    /// The topic's current version and document, if the user may see it.
+    /// The topic's current document, if the user may see it.
     async fn snapshot(
         &self,
         topic: &str,
-    ) -> Result<Option<(i64, String)>, projections::ProjectionError> {
+    ) -> Result<Option<projections::Snapshot>, projections::ProjectionError> {
         let snapshot = self.connect.live.feed.snapshot(topic).await?;
-        Ok(snapshot
-            .filter(|s| self.connect.user.may_read(&s.owner_id))
-            .map(|s| (s.version, s.data)))
+        Ok(snapshot.filter(|s| self.connect.user.may_read(&s.owner_id)))
     }
 
-    /// Brings the client from `since` (or nothing) to `snapshot`: the changes in between if
-    /// the history still has all of them, else the snapshot itself.
-    async fn deliver(
+    /// Brings the client from `since` (or nothing) to the topic's `current` version and
+    /// generation: the changes in between from the history if it still has every one of them,
+    /// all of that generation, else a snapshot (`known`, or read now).
+    async fn bring_up(
         &self,
         socket: &mut WebSocket,
         topic: &str,
         sub: &mut Subscription,
         since: Option<i64>,
-        (version, data): (i64, String),
-    ) -> Result<(), End> {
-        let metrics = &self.connect.hub().metrics;
+        (version, generation): (i64, i64),
+        known: Option<projections::Snapshot>,
+    ) -> Result<Result<(), projections::ProjectionError>, End> {
         let max_replay = self.connect.live.settings.ws.max_replay;
-        if let Some(since) = since.filter(|s| (version - max_replay..=version).contains(s)) {
-            // The missed changes, page by page, as long as the history has every one of them;
-            // at the first gap (pruned, or unreadable) a snapshot replaces what was sent.
-            let live = &self.connect.live;
-            let mut at = since;
-            while at < version {
-                let page = match live
-                    .feed
-                    .history(topic, at, REPLAY_PAGE.min(version - at))
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(error) => {
-                        tracing::warn!(%error, "reading live history failed; sending a snapshot");
-                        break;
-                    }
-                };
-                if page.is_empty() || page.iter().zip(at + 1..).any(|(c, v)| c.version != v) {
-                    break;
-                }
-                for change in &page {
-                    let text = change_frame(&sub.visible, change.version, &change.patch);
-                    feed(socket, Message::Text(text)).await?;
-                    at = change.version;
-                }
-                flush(socket).await?;
-                LiveMetrics::add(&metrics.changes_sent, page.len() as u64);
-            }
-            if at == version {
-                sub.last = version;
-                return Ok(());
-            }
+        if let Some(since) = since.filter(|s| (version - max_replay..=version).contains(s))
+            && self
+                .replay(socket, topic, sub, since, version, generation)
+                .await?
+        {
+            return Ok(Ok(()));
         }
-        let text = snapshot_frame(&sub.visible, version, &data);
+        let snapshot = match known {
+            Some(snapshot) => Some(snapshot),
+            None => match self.snapshot(topic).await {
+                Ok(snapshot) => snapshot,
+                Err(error) => return Ok(Err(error)),
+            },
+        };
+        let Some(snapshot) = snapshot else {
+            return Ok(Ok(()));
+        };
+        let text = snapshot_frame(&sub.visible, snapshot.version, &snapshot.data);
         send(socket, Message::Text(text)).await?;
-        LiveMetrics::add(&metrics.snapshots_sent, 1);
-        sub.last = version;
-        Ok(())
+        LiveMetrics::add(&self.connect.hub().metrics.snapshots_sent, 1);
+        sub.last = snapshot.version;
+        sub.generation = snapshot.generation;
+        Ok(Ok(()))
+    }
+
+    /// Sends the changes after `since` up to `version` from the history, page by page, if the
+    /// history still has the change that made `since` (so the client's document is known to
+    /// be of `generation`) and every change after it, all of `generation`. Returns whether it
+    /// brought the client to `version`; if not, what it sent is superseded by a snapshot.
+    async fn replay(
+        &self,
+        socket: &mut WebSocket,
+        topic: &str,
+        sub: &mut Subscription,
+        since: i64,
+        version: i64,
+        generation: i64,
+    ) -> Result<bool, End> {
+        let feed = &self.connect.live.feed;
+        let metrics = &self.connect.hub().metrics;
+        // Version 0 is the empty document, the same in every generation.
+        let mut at = since;
+        let mut from = if since > 0 { since } else { 1 };
+        while at < version || from == since {
+            let to = version.min(at + REPLAY_PAGE);
+            let page = match feed.history(topic, from, to).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "reading live history failed; sending a snapshot");
+                    return Ok(false);
+                }
+            };
+            let mut changes = page.as_slice();
+            if from == since {
+                // The change that made `since`: the client's document is of its generation.
+                match changes.split_first() {
+                    Some((made, rest))
+                        if made.version == since && made.generation == generation =>
+                    {
+                        changes = rest;
+                    }
+                    _ => return Ok(false),
+                }
+            }
+            let complete = changes.len() as i64 == to - at
+                && changes
+                    .iter()
+                    .zip(at + 1..)
+                    .all(|(c, v)| c.version == v && c.generation == generation);
+            if !complete {
+                return Ok(false);
+            }
+            for change in changes {
+                let text = change_frame(&sub.visible, change.version, &change.patch);
+                feed_frame(socket, Message::Text(text)).await?;
+                at = change.version;
+            }
+            flush(socket).await?;
+            LiveMetrics::add(&metrics.changes_sent, changes.len() as u64);
+            sub.last = at;
+            sub.generation = generation;
+            from = at + 1;
+        }
+        Ok(at == version)
     }
 
     /// Sends what the hub queued for this connection.
@@ -502,21 +557,23 @@ impl Session {
         for Item {
             topic,
             version,
+            generation,
             frame,
         } in drained.items
         {
-            let Some(last) = self.subs.get(&topic).map(|s| s.last) else {
+            let Some((last, of)) = self.subs.get(&topic).map(|s| (s.last, s.generation)) else {
                 continue;
             };
             if version <= last {
                 continue;
             }
-            if version > last + 1 {
+            // A gap, or a change of another model (a rebuild swapped it): from the store.
+            if version > last + 1 || generation != of {
                 flush(socket).await?;
                 self.catch_up(socket, &topic).await?;
                 continue;
             }
-            feed(socket, Message::Text(frame)).await?;
+            feed_frame(socket, Message::Text(frame)).await?;
             if let Some(sub) = self.subs.get_mut(&topic) {
                 sub.last = version;
             }
@@ -550,62 +607,69 @@ impl Session {
             return Ok(());
         };
         let live = self.connect.live.clone();
-        let snapshot = match live.catching_up.acquire().await {
-            Ok(_permit) => self.snapshot(topic).await,
+        let brought = match live.catching_up.acquire().await {
+            Ok(_permit) => {
+                self.bring_up(socket, topic, &mut sub, None, (0, 0), None)
+                    .await
+            }
             Err(_) => return Err(End::Gone),
         };
-        let result = match snapshot {
-            Ok(Some(snapshot)) => self.deliver(socket, topic, &mut sub, None, snapshot).await,
-            Ok(None) => Ok(()),
+        self.subs.insert(topic.clone(), sub);
+        match brought? {
+            Ok(()) => Ok(()),
             Err(error) => {
                 tracing::warn!(%error, "refreshing a live topic failed");
-                self.subs.insert(topic.clone(), sub);
-                return self
-                    .lagged(
-                        socket,
-                        topic,
-                        "the read model was rebuilt; subscribe again with since = version",
-                    )
-                    .await;
+                self.lagged(
+                    socket,
+                    topic,
+                    "the read model was rebuilt and could not be read; subscribe again",
+                )
+                .await
             }
-        };
-        self.subs.insert(topic.clone(), sub);
-        result
+        }
     }
 
-    /// Brings one subscribed topic up to date from the store. At most a few sessions of this
+    /// Brings one subscribed topic up to date from the store: nothing if it is, the missed
+    /// changes from the history if it can, else a snapshot. At most a few sessions of this
     /// node do it at once, so that a resync of every connection cannot swamp the database.
     async fn catch_up(&mut self, socket: &mut WebSocket, topic: &Arc<str>) -> Result<(), End> {
         let Some(mut sub) = self.subs.remove(topic) else {
             return Ok(());
         };
         let live = self.connect.live.clone();
-        let snapshot = match live.catching_up.acquire().await {
-            Ok(_permit) => self.snapshot(topic).await,
+        let brought = match live.catching_up.acquire().await {
+            Ok(_permit) => match live.feed.current(topic).await {
+                Ok(Some((version, generation)))
+                    if version == sub.last && generation == sub.generation =>
+                {
+                    Ok(Ok(()))
+                }
+                Ok(Some(current)) => {
+                    // Only a document of the current generation can be patched forward.
+                    let since = (current.1 == sub.generation).then_some(sub.last);
+                    self.bring_up(socket, topic, &mut sub, since, current, None)
+                        .await
+                }
+                Ok(None) => Ok(Ok(())),
+                Err(error) => Ok(Err(error)),
+            },
             Err(_) => return Err(End::Gone),
         };
-        let result = match snapshot {
-            Ok(Some(snapshot)) if snapshot.0 > sub.last => {
-                let since = Some(sub.last);
-                self.deliver(socket, topic, &mut sub, since, snapshot).await
-            }
-            Ok(_) => Ok(()),
+        self.subs.insert(topic.clone(), sub);
+        match brought? {
+            Ok(()) => Ok(()),
             Err(error) => {
                 tracing::warn!(%error, "catching a live topic up failed");
-                self.subs.insert(topic.clone(), sub);
                 // Changes may be missing and the store does not answer: hand the client the
                 // means to resume rather than leave it silently stale.
-                return self
-                    .lagged(
-                        socket,
-                        topic,
-                        "changes may be missing; subscribe again with since = version",
-                    )
-                    .await;
+                self.lagged(
+                    socket,
+                    topic,
+                    "changes may be missing; subscribe again with since = version",
+                )
+                .await
             }
-        };
-        self.subs.insert(topic.clone(), sub);
-        result
+        }
     }
 }
 
@@ -636,7 +700,7 @@ async fn send(socket: &mut WebSocket, message: Message) -> Result<(), End> {
     write(socket.send(message)).await
 }
 
-async fn feed(socket: &mut WebSocket, message: Message) -> Result<(), End> {
+async fn feed_frame(socket: &mut WebSocket, message: Message) -> Result<(), End> {
     write(socket.feed(message)).await
 }
 

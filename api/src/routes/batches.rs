@@ -12,7 +12,7 @@ use domain::values::{
     BatchId, ClassDesignation, CourseCode, EssayId, EssayText, EssayTitle, ExpectedEssayCount,
     Phase, RequestId, Title, ValidationError,
 };
-use domain::{BatchCommand, BatchEvent, BatchStatus, Essay};
+use domain::{BatchCommand, BatchStatus, Essay};
 use projections::{BatchSummary, BatchView, Page, Reached};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -436,21 +436,14 @@ pub(super) async fn get_batch(
 
 /// A batch's events up to `max_sequence`, if the caller may see the batch: the owner comes from
 /// its first event, so history reads need no read model. Anyone else gets a 404.
-async fn visible_history(
-    state: &AppState,
-    user: &AuthUser,
-    batch_id: BatchId,
-    max_sequence: Option<i64>,
-) -> ApiResult<Vec<commands::StoredEvent>> {
-    let events = state.log.read_batch(batch_id, max_sequence).await?;
-    let owner = events.first().and_then(|e| match &e.event {
-        BatchEvent::BatchRegistered { owner_id, .. } => Some(owner_id.to_string()),
-        _ => None,
-    });
-    if !owner.is_some_and(|o| user.may_read(&o)) {
-        return Err(ApiError::NotFound);
+/// Whether the caller may read the batch, from its first event (no read model needed, so a
+/// batch registered a moment ago is found); anyone else gets a 404, before any history is
+/// read.
+async fn check_owner(state: &AppState, user: &AuthUser, batch_id: BatchId) -> ApiResult<()> {
+    match state.log.batch_owner(batch_id).await? {
+        Some(owner) if user.may_read(&owner.to_string()) => Ok(()),
+        _ => Err(ApiError::NotFound),
     }
-    Ok(events)
 }
 
 /// The batch as it was after event `version`, folded from the event log.
@@ -467,15 +460,31 @@ async fn batch_at_version(
             reason: "must be 1 or more".into(),
         }));
     }
-    let events = visible_history(state, user, batch_id, Some(version)).await?;
-    let latest = events.last().map_or(0, |e| e.sequence);
+    check_owner(state, user, batch_id).await?;
+    // Folded page by page: one batch's history is read at most once, and held a page at a
+    // time (a page is bounded in events and bytes), not whole.
+    let (mut view, mut latest) = (None, 0);
+    while latest < version {
+        let page = state
+            .log
+            .read_batch_page(batch_id, latest, 500, commands::HISTORY_PAGE_BYTES)
+            .await?;
+        let Some(last) = page.events.last().map(|e| e.sequence) else {
+            break;
+        };
+        view = page
+            .events
+            .iter()
+            .take_while(|e| e.sequence <= version)
+            .fold(view, BatchView::fold);
+        latest = last;
+    }
     if latest < version {
         return Err(ApiError::BadQuery(FieldError {
             field: "at_version".into(),
             reason: format!("the batch's latest version is {latest}"),
         }));
     }
-    let view = events.iter().fold(None, BatchView::fold);
     Ok(axum::Json(view).into_response())
 }
 
@@ -651,11 +660,7 @@ pub(super) async fn batch_events(
 ) -> ApiResult<axum::Json<EventPage>> {
     let batch_id = batch_id(&id)?;
     let (after, limit) = query.parse()?;
-    // The owner is in the batch's first event: one row, however long the history.
-    let owner = state.log.batch_owner(batch_id).await?;
-    if !owner.is_some_and(|o| user.may_read(&o.to_string())) {
-        return Err(ApiError::NotFound);
-    }
+    check_owner(&state, &user, batch_id).await?;
     let page = state
         .log
         .read_batch_page(batch_id, after, limit, commands::HISTORY_PAGE_BYTES)
