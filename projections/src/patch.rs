@@ -8,7 +8,7 @@
 //! the moves that [`reorder`] derives from the lists' keys before and after.
 //!
 //! Paths are JSON Pointers (RFC 6901) built with [`pointer`], which escapes `~` and `/` in keys
-//! (essay ids are free text).
+//! (today's ids cannot contain them, but the escaping does not depend on that).
 
 use json_patch::jsonptr::{PointerBuf, Token};
 use json_patch::{AddOperation, MoveOperation, PatchOperation, RemoveOperation, ReplaceOperation};
