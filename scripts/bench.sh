@@ -20,6 +20,7 @@
 #   ONLY=class scripts/bench.sh      # one class of 1 000 essays through ai_feedback, both engines
 #   ONLY=class BASELINE_REV=e9627d3 scripts/bench.sh   # ... beside an earlier revision, same run
 #   ONLY=growth scripts/bench.sh     # commands/s and replay at ~200 000 and ~1 000 000 events
+#   ONLY=engines scripts/bench.sh    # only commands/s per engine and replay/rebuild beside load
 #
 # The class run (ONLY=class): a batch of 1 000 essays of about 500 words, ai_feedback with the
 # development processor at 0 ms: seconds from the request to `completed`, the database's growth
@@ -44,7 +45,8 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 ONLY=${ONLY:-all}
-cargo build --release -q -p api -p bench
+# SKIP_BUILD=1 uses the binaries already in target/release (built by an earlier run).
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p api -p bench
 BIN=target/release/essayflow
 LOAD=target/release/essayflow-bench
 PIPE=target/release/essayflow-pipeline-bench
@@ -390,7 +392,7 @@ run_ws() {
   } > "$OUT.ws"
 }
 
-if [ "$ONLY" = all ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = engines ]; then
   run_engine postgres "$PG/$DB?$PG_OPTS"
   run_engine sqlite "sqlite:$WORK/bench.db"
 fi
@@ -415,7 +417,7 @@ fi
 {
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per level."
   echo
-  if [ "$ONLY" = all ]; then
+  if [ "$ONLY" = all ] || [ "$ONLY" = engines ]; then
     echo "| engine | clients | accepted commands/s | p50 ms | p99 ms | errors |"
     echo "|---|---|---|---|---|---|"
     cat "$OUT.load"
