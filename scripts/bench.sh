@@ -21,6 +21,7 @@
 #   ONLY=class BASELINE_REV=e9627d3 scripts/bench.sh   # ... beside an earlier revision, same run
 #   ONLY=growth scripts/bench.sh     # commands/s and replay at ~200 000 and ~1 000 000 events
 #   ONLY=engines scripts/bench.sh    # only commands/s per engine and replay/rebuild beside load
+#   ONLY=login scripts/bench.sh      # logins/s at the configured hashing cost; GET p99 beside a login flood
 #
 # The class run (ONLY=class): a batch of 1 000 essays of about 500 words, ai_feedback with the
 # development processor at 0 ms: seconds from the request to `completed`, the database's growth
@@ -49,6 +50,7 @@ ONLY=${ONLY:-all}
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p api -p bench
 BIN=target/release/essayflow
 LOAD=target/release/essayflow-bench
+LOGIN=target/release/essayflow-login-bench
 PIPE=target/release/essayflow-pipeline-bench
 WS=target/release/essayflow-ws-bench
 OUT="$WORK/results.md"
@@ -63,7 +65,7 @@ run_engine() {
   export ESSAYFLOW_BIND=127.0.0.1:$PORT ESSAYFLOW_DATA_DIR=$WORK/data-$engine
   echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
   local token
-  token=$("$BIN" token --username bench)
+  token=$("$BIN" token --username bench --ttl-secs 86400)
   "$BIN" serve & local server=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
   # Warm-up.
@@ -107,7 +109,13 @@ class_run() {
   export ESSAYFLOW_SIMULATE_PROCESSORS=true ESSAYFLOW_SIMULATOR_LATENCY_MS=0
   echo "benchpassword" | "$bin" users add --username bench --role teacher --password-stdin >/dev/null
   local token
-  token=$("$bin" token --username bench)
+  # Access tokens last 15 minutes by default now: a long one for the run (earlier revisions
+  # have no --ttl-secs, and an hour by default).
+  if [ "$bin" = "$BIN" ]; then
+    token=$("$bin" token --username bench --ttl-secs 86400)
+  else
+    token=$("$bin" token --username bench)
+  fi
   "$bin" serve & local server=$!
   wait_healthy
   local setup batch before r after
@@ -196,6 +204,38 @@ run_class() {
   done
 }
 
+# ---- Logins (ONLY=login): logins/s at the configured argon2id cost, and GET p99 beside them ----
+run_login() {
+  for engine in postgres sqlite; do
+    local url
+    if [ "$engine" = postgres ]; then
+      psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_login" -c "CREATE DATABASE ${DB}_login" >/dev/null
+      url="$PG/${DB}_login?$PG_OPTS"
+    else
+      url="sqlite:$WORK/login.db"
+    fi
+    export ESSAYFLOW_DATABASE_URL=$url ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+    export ESSAYFLOW_BIND=127.0.0.1:$PORT ESSAYFLOW_DATA_DIR=$WORK/data-login-$engine
+    echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
+    for i in $(seq 0 15); do
+      echo "benchpassword" | "$BIN" users add --username "login$i" --role teacher --password-stdin >/dev/null
+    done
+    local token
+    token=$("$BIN" token --username bench --ttl-secs 86400)
+    "$BIN" serve & local server=$!
+    wait_healthy
+    local r
+    r=$("$LOGIN" --url "http://127.0.0.1:$PORT" --token "$token" --username-prefix login \
+      --password benchpassword --readers 4 --loginers 16 --duration "$DURATION")
+    kill "$server"; wait "$server" 2>/dev/null || true
+    echo "login $engine: $r" >&2
+    printf '| %s | %s | %s / %s | %s | %s / %s | %s / %s |\n' "$engine" "$(field "$r" logins_per_second)" \
+      "$(field "$r" login_p50_ms)" "$(field "$r" login_p99_ms)" "$(field "$r" logins_refused)" \
+      "$(field "$r" get_alone_p50_ms)" "$(field "$r" get_alone_p99_ms)" \
+      "$(field "$r" get_beside_p50_ms)" "$(field "$r" get_beside_p99_ms)" >> "$OUT.login"
+  done
+}
+
 # ---- Cost as the log grows (ONLY=growth, PostgreSQL) ----
 run_growth() {
   local db=${DB}_growth
@@ -204,7 +244,7 @@ run_growth() {
   export ESSAYFLOW_BIND=127.0.0.1:$PORT
   echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
   local token
-  token=$("$BIN" token --username bench)
+  token=$("$BIN" token --username bench --ttl-secs 86400)
   for size in ${GROWTH_SIZES:-200000 1000000}; do
     "$BIN" serve & local server=$!
     wait_healthy
@@ -243,7 +283,7 @@ run_pipeline() {
   export ESSAYFLOW_BIND=127.0.0.1:$PORT ESSAYFLOW_KAFKA_BROKERS=$ESSAYFLOW_TEST_KAFKA ESSAYFLOW_TOPIC_PREFIX=bench
   echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
   local token
-  token=$("$BIN" token --username bench)
+  token=$("$BIN" token --username bench --ttl-secs 86400)
   "$BIN" serve & local server=$!
   "$BIN" simulate-processors --latency-ms 0 >/dev/null 2>&1 & local processors=$!
   wait_healthy
@@ -333,7 +373,7 @@ run_ws() {
   export ESSAYFLOW_DATABASE_URL="$PG/${DB}_ws?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
   export ESSAYFLOW_BIND=127.0.0.1:$PORT
   echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
-  ESSAYFLOW_BENCH_TOKEN=$("$BIN" token --username bench)
+  ESSAYFLOW_BENCH_TOKEN=$("$BIN" token --username bench --ttl-secs 86400)
   export ESSAYFLOW_BENCH_TOKEN
   # The development processor runs for the class beside the latency load.
   ESSAYFLOW_SIMULATE_PROCESSORS=true ESSAYFLOW_SIMULATOR_LATENCY_MS=0 "$BIN" serve & local server=$!
@@ -402,6 +442,9 @@ fi
 if [ "$ONLY" = growth ]; then
   run_growth
 fi
+if [ "$ONLY" = all ] || [ "$ONLY" = login ]; then
+  run_login
+fi
 if [ "$ONLY" = all ] || [ "$ONLY" = pipeline ]; then
   run_pipeline
 
@@ -431,6 +474,12 @@ fi
     echo "| engine | revision | essays | request -> completed, s | database growth, MB | live feed stored | GET the batch (size) / with its ETag (304), median |"
     echo "|---|---|---|---|---|---|---|"
     cat "$OUT.class"
+    echo
+  fi
+  if [ -f "$OUT.login" ]; then
+    echo "| engine | logins/s (16 clients, argon2id at the configured cost) | login p50 / p99 ms | logins refused | baseline: GET the batch alone, p50 / p99 ms | GET beside the logins, p50 / p99 ms |"
+    echo "|---|---|---|---|---|---|"
+    cat "$OUT.login"
     echo
   fi
   if [ -f "$OUT.growth" ]; then

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Role, TokenKeys, add_user, find_user};
+use crate::auth::{Role, find_user};
+use crate::identity::{Actor, audit, keys, users};
 use crate::settings::Settings;
 use crate::startup::{Application, connect, pipelines, retention, shutdown_signal, spawn_workers};
 
@@ -68,15 +69,34 @@ enum Command {
         #[arg(long)]
         projection: Option<String>,
     },
-    /// Manage users.
+    /// Manage users (every change is audited and takes effect on the user's next request).
     Users {
         #[command(subcommand)]
         command: UsersCommand,
     },
-    /// Print a signed access token for a user (for local use).
+    /// Manage API keys of service users (`X-API-Key`).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Print the audit log, newest first.
+    Audit {
+        /// Only this action (for example login.failed, user.update, key.revoke).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this actor (a username, cli:<user>).
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Print a signed access token for a user, in a new session (for local use and scripts).
     Token {
         #[arg(long)]
         username: String,
+        /// Lifetime in seconds (default: ESSAYFLOW_TOKEN_TTL_SECS, 900).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
     },
 }
 
@@ -91,6 +111,203 @@ enum UsersCommand {
         #[arg(long, required = true)]
         password_stdin: bool,
     },
+    /// List users (tab-separated: id, username, role, status, created).
+    List,
+    /// Disable a user: no login, no token or key works, open WebSocket connections close.
+    Disable {
+        #[arg(long)]
+        username: String,
+    },
+    /// Enable a disabled user.
+    Enable {
+        #[arg(long)]
+        username: String,
+    },
+    /// Change a user's role (their tokens stop working: they log in again).
+    SetRole {
+        #[arg(long)]
+        username: String,
+        #[arg(long, value_parser = ["teacher", "admin", "service"])]
+        role: String,
+    },
+    /// Delete a user (the row stays, so their batches keep an owner and admins can read them).
+    Delete {
+        #[arg(long)]
+        username: String,
+    },
+    /// Set a new password (read from standard input); every session of the user ends.
+    ResetPassword {
+        #[arg(long)]
+        username: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a service user; prints the key once.
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Replace a key; the old one works for ESSAYFLOW_KEY_ROTATION_GRACE_SECS more.
+    Rotate {
+        #[arg(long)]
+        id: String,
+    },
+    /// Revoke a key at once.
+    Revoke {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut password = String::new();
+    std::io::stdin()
+        .read_to_string(&mut password)
+        .context("reading the password from standard input")?;
+    Ok(password.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+async fn user_id(pool: &sqlx::AnyPool, username: &str) -> anyhow::Result<String> {
+    Ok(find_user(pool, username)
+        .await?
+        .with_context(|| format!("no user {username:?}"))?
+        .id
+        .to_string())
+}
+
+async fn run_users(settings: &Settings, command: UsersCommand) -> anyhow::Result<()> {
+    let storage = connect(settings).await?;
+    let pool = storage.pool();
+    let actor = Actor::cli();
+    // The configured cost, as the server's (so that every stored hash costs the same to check).
+    let hasher = crate::identity::Hasher::new(settings.auth.options().hashing)?;
+    let patch =
+        |role: Option<Role>, status: Option<users::UserStatus>| users::UserPatch { role, status };
+    match command {
+        UsersCommand::Add { username, role, .. } => {
+            let role = Role::parse(&role).context("role")?;
+            let password = read_password()?;
+            let user = users::create(pool, &hasher, &actor, &username, role, &password).await?;
+            println!("added {} {} ({})", role.as_str(), user.username, user.id);
+        }
+        UsersCommand::List => {
+            let mut after: Option<String> = None;
+            loop {
+                let page = users::list(pool, after.as_deref(), 500).await?;
+                for u in &page {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        u.id,
+                        u.username,
+                        u.role.as_str(),
+                        u.status.as_str(),
+                        u.created_at
+                    );
+                }
+                match page.last() {
+                    Some(last) if page.len() == 500 => after = Some(last.username.clone()),
+                    _ => break,
+                }
+            }
+        }
+        UsersCommand::Disable { username } => {
+            let id = user_id(pool, &username).await?;
+            users::update(
+                pool,
+                &actor,
+                &id,
+                &patch(None, Some(users::UserStatus::Disabled)),
+            )
+            .await?;
+            println!("disabled {username}");
+        }
+        UsersCommand::Enable { username } => {
+            let id = user_id(pool, &username).await?;
+            users::update(
+                pool,
+                &actor,
+                &id,
+                &patch(None, Some(users::UserStatus::Active)),
+            )
+            .await?;
+            println!("enabled {username}");
+        }
+        UsersCommand::SetRole { username, role } => {
+            let role = Role::parse(&role).context("role")?;
+            let id = user_id(pool, &username).await?;
+            users::update(pool, &actor, &id, &patch(Some(role), None)).await?;
+            println!("{username} is now {}", role.as_str());
+        }
+        UsersCommand::Delete { username } => {
+            let id = user_id(pool, &username).await?;
+            users::delete(pool, &actor, &id).await?;
+            println!("deleted {username}");
+        }
+        UsersCommand::ResetPassword { username, .. } => {
+            let password = read_password()?;
+            let id = user_id(pool, &username).await?;
+            users::reset_password(pool, &hasher, &actor, &id, &password).await?;
+            println!("set a new password for {username}; their sessions ended");
+        }
+    }
+    Ok(())
+}
+
+async fn run_keys(settings: &Settings, command: KeysCommand) -> anyhow::Result<()> {
+    let storage = connect(settings).await?;
+    let pool = storage.pool();
+    let actor = Actor::cli();
+    let show = |k: &keys::ApiKey| {
+        println!(
+            "{}\t{}\t{}\tcreated {}\texpires {}\trevoked {}\tlast used {}",
+            k.id,
+            k.username,
+            k.name,
+            k.created_at,
+            k.expires_at.as_deref().unwrap_or("-"),
+            k.revoked_at.as_deref().unwrap_or("-"),
+            k.last_used_at.as_deref().unwrap_or("-"),
+        )
+    };
+    match command {
+        KeysCommand::Create { username, name } => {
+            let id = user_id(pool, &username).await?;
+            let key = keys::create(pool, &actor, &id, &name).await?;
+            eprintln!(
+                "key {} for {username}; shown once, store it now:",
+                key.info.id
+            );
+            println!("{}", key.key);
+        }
+        KeysCommand::List => {
+            for key in keys::list(pool, 10_000).await? {
+                show(&key);
+            }
+        }
+        KeysCommand::Rotate { id } => {
+            let grace = settings.auth.options().key_rotation_grace;
+            let key = keys::rotate(pool, &actor, &id, grace).await?;
+            eprintln!(
+                "key {} replaces {id}, which works for {} s more; shown once, store it now:",
+                key.info.id,
+                grace.as_secs()
+            );
+            println!("{}", key.key);
+        }
+        KeysCommand::Revoke { id } => {
+            let key = keys::revoke(pool, &actor, &id).await?;
+            println!("revoked {}", key.id);
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -260,37 +477,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Users {
-            command:
-                UsersCommand::Add {
-                    username,
-                    role,
-                    password_stdin: _,
-                },
+        Command::Users { command } => run_users(&settings, command).await,
+        Command::Keys { command } => run_keys(&settings, command).await,
+        Command::Audit {
+            action,
+            actor,
+            limit,
         } => {
-            let role = Role::parse(&role).context("role")?;
-            let mut password = String::new();
-            std::io::stdin()
-                .read_to_string(&mut password)
-                .context("reading the password from standard input")?;
-            let password = password.trim_end_matches(['\n', '\r']);
             let storage = connect(&settings).await?;
-            let user = add_user(storage.pool(), &username, role, password).await?;
-            println!("added {} {} ({})", role.as_str(), user.username, user.id);
+            let entries = audit::list(
+                storage.pool(),
+                &audit::Filter {
+                    action,
+                    actor,
+                    before: None,
+                    limit: limit.clamp(1, 10_000),
+                },
+            )
+            .await?;
+            for e in entries {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    e.id,
+                    e.at,
+                    e.actor,
+                    e.action,
+                    e.target.as_deref().unwrap_or("-"),
+                    e.outcome,
+                    e.client.as_deref().unwrap_or("-"),
+                    e.detail
+                );
+            }
             Ok(())
         }
-        Command::Token { username } => {
+        Command::Token { username, ttl_secs } => {
+            let mut settings = settings;
+            if let Some(ttl) = ttl_secs {
+                settings.token_ttl_secs = ttl;
+                settings.check()?;
+            }
             let storage = connect(&settings).await?;
-            let user = find_user(storage.pool(), &username)
-                .await?
-                .with_context(|| format!("no user {username:?}"))?;
-            let keys = TokenKeys::new(
-                &settings.jwt_secret()?,
-                &settings.jwt_issuer,
-                &settings.jwt_audience,
-                settings.token_ttl_secs,
-            );
-            println!("{}", keys.issue(&user)?);
+            let identity = crate::startup::identity(&settings, &storage, &settings.jwt_secret()?)?;
+            println!("{}", identity.token_for(&username).await?);
             Ok(())
         }
     }

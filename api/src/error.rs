@@ -56,6 +56,20 @@ pub enum ApiError {
     /// 409: a rebuild or verification of this projection is already running.
     #[error("{0}")]
     JobRunning(String),
+    /// 409: a user (or another named thing) of that name already exists.
+    #[error("{0}")]
+    Exists(String),
+    /// 409: the resource's state does not allow this (for example a deleted user).
+    #[error("{0}")]
+    StateConflict(String),
+    /// 429: too many failed logins for this account or from this address; retry after the
+    /// given seconds (also in `Retry-After`).
+    #[error("too many failed logins; retry in {0} s")]
+    Throttled(u64),
+    /// 503: the service is saturated (for example the password-hashing queue is full); retry
+    /// after the given seconds (also in `Retry-After`).
+    #[error("{0}")]
+    Busy(String, u64),
     /// 413: the body is over the size limit.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -97,6 +111,10 @@ impl ApiError {
             Self::Rejected(e) => (StatusCode::CONFLICT, e.code()),
             Self::Conflict(_) => (StatusCode::CONFLICT, "concurrent-modification"),
             Self::JobRunning(_) => (StatusCode::CONFLICT, "job-running"),
+            Self::Exists(_) => (StatusCode::CONFLICT, "already-exists"),
+            Self::StateConflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Throttled(_) => (StatusCode::TOO_MANY_REQUESTS, "login-throttled"),
+            Self::Busy(..) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
             Self::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
@@ -181,10 +199,15 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = match &self {
+            Self::Throttled(secs) | Self::Busy(_, secs) => Some(*secs),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
     }

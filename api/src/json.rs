@@ -25,15 +25,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     }
 }
 
+/// Whether a media type (a `Content-Type` value, parameters allowed) is JSON:
+/// `application/json` or any `application/*+json`, compared without regard to case as
+/// RFC 9110 section 8.3.1 requires.
+pub fn is_json_media_type(value: &str) -> bool {
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
 /// Refuses a body not declared as JSON (`application/json` or any `+json` type).
 pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let mime = v.split(';').next().unwrap_or("").trim();
-            mime == "application/json" || mime.ends_with("+json")
-        });
+        .is_some_and(is_json_media_type);
     if is_json {
         Ok(())
     } else {
@@ -105,5 +115,35 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
                     .to_owned();
                 ApiError::BadQuery(crate::error::FieldError { field, reason })
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json_media_type;
+
+    #[test]
+    fn json_media_types_match_without_regard_to_case() {
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=UTF-8",
+            "APPLICATION/JSON;charset=utf-8",
+            "application/merge-patch+json",
+            "Application/Merge-Patch+JSON",
+            " application/problem+json ",
+        ] {
+            assert!(is_json_media_type(yes), "{yes}");
+        }
+        for no in [
+            "text/plain",
+            "application/xml",
+            "text/json+xml",
+            "",
+            "json",
+            "text/x+json",
+        ] {
+            assert!(!is_json_media_type(no), "{no}");
+        }
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! - [`startup::Application`] builds everything from [`settings::Settings`] and serves.
 //! - [`routes`] has one module per feature; [`error::ApiError`] is the one error type
-//!   (problem+json); [`auth`] holds users, password hashing and access tokens.
+//!   (problem+json); [`auth`] is the request extractor; [`identity`] holds users, sessions
+//!   with rotating refresh tokens, access tokens, API keys, password hashing, login
+//!   throttling and the audit log.
 //! - [`pipeline`] starts the conductor, the relay, the results ingress and the development
 //!   processor simulator.
 //! - [`live`] streams projection changes to WebSocket clients (`GET /v1/ws`); [`tls`] serves
@@ -13,6 +15,7 @@
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod identity;
 pub mod jobs;
 pub mod json;
 pub mod live;

@@ -17,6 +17,7 @@ pub struct Settings {
     pub jwt_secret: Option<String>,
     pub jwt_issuer: String,
     pub jwt_audience: String,
+    /// Lifetime of an access token, in seconds (15 minutes by default: clients refresh).
     pub token_ttl_secs: u64,
     /// A pipeline file; the built-in definitions when absent.
     pub pipelines: Option<PathBuf>,
@@ -66,6 +67,102 @@ pub struct Settings {
     pub verify_interval_secs: u64,
     /// WebSocket sessions (`GET /v1/ws`), see `api::live`.
     pub ws: WsSettings,
+    /// Sessions, refresh tokens, API keys, password hashing and login throttling.
+    pub auth: AuthSettings,
+}
+
+/// The identity lifecycle's settings (see `api::identity`). Durations in seconds unless the
+/// name says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// A refresh token unused for this long lapses (and with it, its session).
+    pub refresh_idle_secs: u64,
+    /// No session lasts longer than this, however often it is refreshed.
+    pub refresh_absolute_secs: u64,
+    /// A rotated API key keeps working this long beside its replacement.
+    pub key_rotation_grace_secs: u64,
+    /// How often each node reads the identity changes made elsewhere (other nodes, the CLI),
+    /// in milliseconds: the longest a disabled user, a revoked session or key can still be
+    /// let in by another node.
+    pub identity_poll_interval_ms: u64,
+    /// How long a credential's checked state is cached (a safety net; changes invalidate it).
+    pub identity_cache_ttl_secs: u64,
+    /// Password hashes computed at once (each takes a core and `hash_memory_kib`); 0: half the
+    /// cores, at least 1.
+    pub hash_workers: usize,
+    /// Logins waiting for a hashing worker; past it, 503 with `Retry-After` at once.
+    pub hash_queue: usize,
+    /// The longest a login waits for a hashing worker, in milliseconds (then 503).
+    pub hash_deadline_ms: u64,
+    /// argon2id cost of new password hashes (OWASP's minimum: 19 MiB, 2 iterations, 1 lane).
+    pub hash_memory_kib: u32,
+    pub hash_iterations: u32,
+    pub hash_lanes: u32,
+    /// Failed logins allowed per account and per client address before growing delays.
+    pub login_free_failures_per_account: u32,
+    pub login_free_failures_per_address: u32,
+    /// The first delay after the free failures, doubled by each further failure, at most
+    /// `login_max_delay_secs`; forgotten after `login_forget_secs` without attempts.
+    pub login_base_delay_ms: u64,
+    pub login_max_delay_secs: u64,
+    pub login_forget_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            refresh_idle_secs: 7 * 24 * 3600,
+            refresh_absolute_secs: 30 * 24 * 3600,
+            key_rotation_grace_secs: 24 * 3600,
+            identity_poll_interval_ms: 1000,
+            identity_cache_ttl_secs: 30,
+            hash_workers: 0,
+            hash_queue: 64,
+            hash_deadline_ms: 2000,
+            hash_memory_kib: argon2::Params::DEFAULT_M_COST,
+            hash_iterations: argon2::Params::DEFAULT_T_COST,
+            hash_lanes: argon2::Params::DEFAULT_P_COST,
+            login_free_failures_per_account: 5,
+            login_free_failures_per_address: 20,
+            login_base_delay_ms: 1000,
+            login_max_delay_secs: 900,
+            login_forget_secs: 900,
+        }
+    }
+}
+
+impl AuthSettings {
+    /// The identity service's options.
+    pub fn options(&self) -> crate::identity::IdentityOptions {
+        let workers = if self.hash_workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        } else {
+            self.hash_workers
+        };
+        crate::identity::IdentityOptions {
+            refresh_idle: Duration::from_secs(self.refresh_idle_secs),
+            refresh_absolute: Duration::from_secs(self.refresh_absolute_secs),
+            key_rotation_grace: Duration::from_secs(self.key_rotation_grace_secs),
+            poll_interval: Duration::from_millis(self.identity_poll_interval_ms),
+            cache_ttl: Duration::from_secs(self.identity_cache_ttl_secs),
+            hashing: crate::identity::HashingLimits {
+                workers,
+                queue: self.hash_queue,
+                deadline: Duration::from_millis(self.hash_deadline_ms),
+                memory_kib: self.hash_memory_kib,
+                iterations: self.hash_iterations,
+                lanes: self.hash_lanes,
+            },
+            throttle: crate::identity::ThrottleLimits {
+                free_per_account: self.login_free_failures_per_account,
+                free_per_address: self.login_free_failures_per_address,
+                base_delay: Duration::from_millis(self.login_base_delay_ms),
+                max_delay: Duration::from_secs(self.login_max_delay_secs),
+                forget_after: Duration::from_secs(self.login_forget_secs),
+            },
+        }
+    }
 }
 
 /// Limits and timers of WebSocket sessions.
@@ -119,7 +216,7 @@ impl Default for Settings {
             jwt_secret: None,
             jwt_issuer: "essayflow".to_owned(),
             jwt_audience: "essayflow-api".to_owned(),
-            token_ttl_secs: 3600,
+            token_ttl_secs: 900,
             pipelines: None,
             sqlite_synchronous: "full".to_owned(),
             db_max_connections: 32,
@@ -143,6 +240,7 @@ impl Default for Settings {
             rebuild_lease_secs: 30,
             verify_interval_secs: 0,
             ws: WsSettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -165,6 +263,7 @@ impl std::fmt::Debug for Settings {
             .field("max_result_bytes", &self.max_result_bytes)
             .field("tls_cert", &self.tls_cert)
             .field("ws", &self.ws)
+            .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
 }
@@ -300,6 +399,65 @@ impl Settings {
         if let Some(v) = var("ESSAYFLOW_TLS_KEY") {
             self.tls_key = (!v.is_empty()).then(|| PathBuf::from(v));
         }
+        let auth = &mut self.auth;
+        for (name, slot) in [
+            ("ESSAYFLOW_REFRESH_IDLE_SECS", &mut auth.refresh_idle_secs),
+            (
+                "ESSAYFLOW_REFRESH_ABSOLUTE_SECS",
+                &mut auth.refresh_absolute_secs,
+            ),
+            (
+                "ESSAYFLOW_KEY_ROTATION_GRACE_SECS",
+                &mut auth.key_rotation_grace_secs,
+            ),
+            (
+                "ESSAYFLOW_IDENTITY_POLL_INTERVAL_MS",
+                &mut auth.identity_poll_interval_ms,
+            ),
+            (
+                "ESSAYFLOW_IDENTITY_CACHE_TTL_SECS",
+                &mut auth.identity_cache_ttl_secs,
+            ),
+            ("ESSAYFLOW_HASH_DEADLINE_MS", &mut auth.hash_deadline_ms),
+            (
+                "ESSAYFLOW_LOGIN_BASE_DELAY_MS",
+                &mut auth.login_base_delay_ms,
+            ),
+            (
+                "ESSAYFLOW_LOGIN_MAX_DELAY_SECS",
+                &mut auth.login_max_delay_secs,
+            ),
+            ("ESSAYFLOW_LOGIN_FORGET_SECS", &mut auth.login_forget_secs),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)?;
+            }
+        }
+        for (name, slot) in [
+            ("ESSAYFLOW_HASH_WORKERS", &mut auth.hash_workers),
+            ("ESSAYFLOW_HASH_QUEUE", &mut auth.hash_queue),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)? as usize;
+            }
+        }
+        for (name, slot) in [
+            ("ESSAYFLOW_HASH_MEMORY_KIB", &mut auth.hash_memory_kib),
+            ("ESSAYFLOW_HASH_ITERATIONS", &mut auth.hash_iterations),
+            ("ESSAYFLOW_HASH_LANES", &mut auth.hash_lanes),
+            (
+                "ESSAYFLOW_LOGIN_FREE_FAILURES_PER_ACCOUNT",
+                &mut auth.login_free_failures_per_account,
+            ),
+            (
+                "ESSAYFLOW_LOGIN_FREE_FAILURES_PER_ADDRESS",
+                &mut auth.login_free_failures_per_address,
+            ),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)? as u32;
+            }
+        }
         let ws = &mut self.ws;
         for (name, slot) in [
             (
@@ -381,6 +539,31 @@ impl Settings {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("ESSAYFLOW_TLS_CERT and ESSAYFLOW_TLS_KEY must be set together");
         }
+        let auth = &self.auth;
+        if self.token_ttl_secs == 0 || self.token_ttl_secs > 86_400 {
+            bail!("token_ttl_secs must be from 1 to 86400");
+        }
+        if auth.refresh_idle_secs == 0 || auth.refresh_absolute_secs < auth.refresh_idle_secs {
+            bail!("auth: refresh_idle_secs must be positive and at most refresh_absolute_secs");
+        }
+        if auth.identity_poll_interval_ms == 0
+            || auth.identity_cache_ttl_secs == 0
+            || auth.hash_deadline_ms == 0
+        {
+            bail!(
+                "auth: identity_poll_interval_ms, identity_cache_ttl_secs and hash_deadline_ms must be positive"
+            );
+        }
+        if auth.login_free_failures_per_account == 0 || auth.login_free_failures_per_address == 0 {
+            bail!("auth: the free login failures must be at least 1");
+        }
+        argon2::Params::new(
+            auth.hash_memory_kib,
+            auth.hash_iterations,
+            auth.hash_lanes,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("auth: argon2 parameters: {e}"))?;
         let ws = &self.ws;
         if ws.ping_interval_secs == 0
             || ws.idle_timeout_secs == 0
@@ -416,7 +599,7 @@ impl Settings {
     }
 
     pub fn is_embedded(&self) -> bool {
-        self.database_url().starts_with("sqlite:")
+        commands::normalize_scheme(&self.database_url()).starts_with("sqlite:")
     }
 
     pub fn consistency_wait(&self) -> Duration {
@@ -499,6 +682,21 @@ mod tests {
             .apply_env(|name| (name == "ESSAYFLOW_TOKEN_TTL_SECS").then(|| "soon".to_owned()))
             .expect_err("refused");
         assert!(err.to_string().contains("ESSAYFLOW_TOKEN_TTL_SECS"));
+    }
+
+    #[test]
+    fn the_engine_is_told_by_the_url_scheme_in_any_case() {
+        for (url, embedded) in [
+            ("SQLite:/tmp/x.db", true),
+            ("sqlite:/tmp/x.db", true),
+            ("POSTGRES://localhost/db", false),
+        ] {
+            let settings = Settings {
+                database_url: url.to_owned(),
+                ..Settings::default()
+            };
+            assert_eq!(settings.is_embedded(), embedded, "{url}");
+        }
     }
 
     #[test]

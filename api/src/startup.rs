@@ -19,7 +19,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::TokenKeys;
 use crate::json::BODY_LIMIT;
 use crate::live::{Hub, Live};
 use crate::settings::Settings;
@@ -109,8 +108,11 @@ impl Application {
         let feed = Feed::new(storage.clone(), 1024);
         feed.spawn_listener(cancel.child_token(), &tracker);
         feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
+        let identity = identity(&settings, &storage, &secret)?;
+        identity.spawn_poller(cancel.child_token(), &tracker);
         let settings = Arc::new(settings);
         let live = Arc::new(Live {
+            identity: identity.clone(),
             hub: Arc::new(Hub::new(
                 settings.ws.send_buffer,
                 settings.ws.send_buffer_bytes,
@@ -128,12 +130,6 @@ impl Application {
         } else {
             Vec::new()
         };
-        let tokens = TokenKeys::new(
-            &secret,
-            &settings.jwt_issuer,
-            &settings.jwt_audience,
-            settings.token_ttl_secs,
-        );
         let catalog = Arc::new(catalog);
         let commands = CommandService::new(
             &storage,
@@ -167,7 +163,7 @@ impl Application {
             reads: ReadModels::new(storage.clone()),
             log: EventLog::new(storage.clone()),
             storage,
-            tokens,
+            identity,
             metrics: Arc::new(Metrics {
                 projection_errors,
                 ..Metrics::default()
@@ -224,9 +220,16 @@ impl Application {
                     self.cancel.child_token(),
                     &self.tracker,
                 )?;
-                axum::serve(listener, self.router)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                // Tapped (doing nothing) so that the client's address reaches handlers as
+                // `ConnectInfo<SocketAddr>` like on plain TCP.
+                let listener = listener.tap_io(|_| {});
+                axum::serve(
+                    listener,
+                    self.router
+                        .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped)
+                .await
             }
             None => {
                 // No Nagle: a small WebSocket change or 202 must not wait for the client's
@@ -236,9 +239,13 @@ impl Application {
                         tracing::debug!(%error, "could not set TCP_NODELAY");
                     }
                 });
-                axum::serve(listener, self.router)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                axum::serve(
+                    listener,
+                    self.router
+                        .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped)
+                .await
             }
         };
         self.cancel.cancel();
@@ -247,6 +254,21 @@ impl Application {
         self.state.storage.close().await;
         served.context("serving HTTP")
     }
+}
+
+/// The identity service of `settings`, signing with `secret`.
+pub fn identity(
+    settings: &Settings,
+    storage: &Storage,
+    secret: &[u8],
+) -> anyhow::Result<crate::identity::Identity> {
+    let tokens = crate::identity::TokenKeys::new(
+        secret,
+        &settings.jwt_issuer,
+        &settings.jwt_audience,
+        settings.token_ttl_secs,
+    );
+    crate::identity::Identity::new(storage, tokens, settings.auth.options())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -7,7 +7,7 @@ use commands::ingress::Ingress;
 use commands::{CommandService, EventLog, Storage};
 use projections::ReadModels;
 
-use crate::auth::TokenKeys;
+use crate::identity::Identity;
 use crate::pipeline::PipelineStatus;
 use crate::settings::Settings;
 
@@ -17,7 +17,8 @@ pub struct AppState {
     pub commands: CommandService,
     pub reads: ReadModels,
     pub log: EventLog,
-    pub tokens: TokenKeys,
+    /// Users, sessions, tokens, API keys and the audit log.
+    pub identity: Identity,
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     /// Records processors' results (the HTTP twin of the results topic).

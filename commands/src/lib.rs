@@ -34,7 +34,9 @@ pub use log::{
 };
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};
-pub use storage::{CheckpointBoard, Engine, Storage, StorageError, StorageOptions};
+pub use storage::{
+    CheckpointBoard, Engine, Storage, StorageError, StorageOptions, normalize_scheme,
+};
 
 /// The upcasters applied to stored events before they are deserialised. Empty while every
 /// event is at its first version; a changed event shape adds one here.

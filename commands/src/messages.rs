@@ -197,6 +197,17 @@ impl ResultMessage {
                 serde_json::Value::Null
             }
         };
+        if result_has_nul(&result) {
+            errors.push(ValidationError::new(
+                "result",
+                "must not contain U+0000 (NUL) in any string or key",
+            ));
+        }
+        if let Some(error) = &self.error
+            && let Err(e) = domain::values::check_no_nul("error", error)
+        {
+            errors.push(e);
+        }
         if let Some(error) = &self.error
             && error.chars().count() > MAX_ERROR_CHARS
         {
@@ -223,10 +234,31 @@ impl ResultMessage {
     }
 }
 
+/// Whether any string or key of a JSON value holds U+0000 (which PostgreSQL's `jsonb` refuses).
+fn result_has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(result_has_nul),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || result_has_nul(value)),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nul_anywhere_in_a_result_is_found() {
+        use serde_json::json;
+        assert!(!result_has_nul(&json!({"a": ["b", {"c": 1}]})));
+        assert!(result_has_nul(&json!({"a": ["b\u{0}", {"c": 1}]})));
+        assert!(result_has_nul(&json!({"a": {"k\u{0}": 1}})));
+        assert!(result_has_nul(&json!({"a": {"k": "\u{0}"}})));
+    }
 
     #[test]
     fn derived_ids_are_stable_and_distinct() {

@@ -129,11 +129,28 @@ impl CheckpointBoard {
     }
 }
 
+/// The URL with its scheme in lower case: schemes are case-insensitive (RFC 3986 section 3.1),
+/// so `SQLite:data.db` and `POSTGRES://...` name the same engines as their lower-case forms.
+pub fn normalize_scheme(url: &str) -> String {
+    match url.split_once(':') {
+        Some((scheme, rest))
+            if !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            format!("{}:{rest}", scheme.to_ascii_lowercase())
+        }
+        _ => url.to_owned(),
+    }
+}
+
 impl Storage {
     /// Connects (creating an SQLite file if needed) and runs the migrations.
     pub async fn connect(options: &StorageOptions) -> Result<Self, StorageError> {
         sqlx::any::install_default_drivers();
-        let url = options.url.as_str();
+        let url = normalize_scheme(&options.url);
+        let url = url.as_str();
         let (engine, typed) = if url.starts_with("postgres://") || url.starts_with("postgresql://")
         {
             let pool = PgPoolOptions::new()
@@ -371,4 +388,32 @@ async fn any_pool(
         })
         .connect(url)
         .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_schemes_are_matched_in_any_case() {
+        assert_eq!(normalize_scheme("SQLite:data/x.db"), "sqlite:data/x.db");
+        assert_eq!(
+            normalize_scheme("POSTGRES://User:Pw@Host/Db"),
+            "postgres://User:Pw@Host/Db"
+        );
+        assert_eq!(normalize_scheme("sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(normalize_scheme("no scheme here"), "no scheme here");
+    }
+
+    #[tokio::test]
+    async fn an_upper_case_sqlite_url_connects() {
+        let dir = std::env::temp_dir().join(format!("essayflow-scheme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("SQLITE:{}", dir.join("x.db").display());
+        let storage = Storage::connect(&StorageOptions::new(url)).await.unwrap();
+        assert_eq!(storage.engine(), Engine::Sqlite);
+        storage.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

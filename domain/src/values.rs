@@ -31,7 +31,17 @@ impl ValidationError {
     }
 }
 
+/// Refuses U+0000 (NUL): no database text column takes it (PostgreSQL's `text` and `jsonb`
+/// refuse it outright), so a value holding one could never be stored.
+pub fn check_no_nul(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.contains('\0') {
+        return Err(ValidationError::new(field, "must not contain U+0000 (NUL)"));
+    }
+    Ok(())
+}
+
 fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), ValidationError> {
+    check_no_nul(field, value)?;
     let chars = value.chars().count();
     if chars < min || chars > max {
         return Err(ValidationError::new(

@@ -237,6 +237,7 @@ impl TestApp {
             id: stored.id.to_string(),
             username,
             token: body["access_token"].as_str().unwrap().to_owned(),
+            refresh: body["refresh_token"].as_str().unwrap().to_owned(),
         }
     }
 
@@ -348,7 +349,20 @@ impl Drop for TestApp {
 pub struct User {
     pub id: String,
     pub username: String,
+    /// The access token of its login.
     pub token: String,
+    /// The refresh token of its login.
+    pub refresh: String,
+}
+
+/// The claims of a JWT, decoded without checking anything (to build variants of a real token).
+pub fn claims_of(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
 }
 
 /// Polls `condition` until it holds; panics after `timeout`.

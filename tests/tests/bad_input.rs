@@ -126,17 +126,14 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// Claims the API accepts for `user`.
+/// Claims the API accepts for `user`: those of its login, issued now.
 fn valid_claims(user: &User) -> Claims {
-    Claims {
-        sub: user.id.clone(),
-        name: user.username.clone(),
-        role: Role::Teacher,
-        iss: "essayflow".to_owned(),
-        aud: "essayflow-api".to_owned(),
-        iat: now(),
-        exp: now() + 600,
-    }
+    let mut claims: Claims =
+        serde_json::from_value(integration_tests::claims_of(&user.token)).unwrap();
+    claims.iat = now();
+    claims.nbf = now();
+    claims.exp = now() + 600;
+    claims
 }
 
 fn sign(claims: &Claims, algorithm: Algorithm, secret: &str) -> String {
@@ -351,6 +348,16 @@ async fn out_of_range_registrations_are_a_422_naming_every_bad_field(engine: Eng
             with(registration(), "class_designation", json!("")),
             "class_designation",
         ),
+        // U+0000 cannot be stored (PostgreSQL refuses it in text and jsonb): a 422, not a 500.
+        (with(registration(), "title", json!("a\u{0}b")), "title"),
+        (
+            with(registration(), "class_designation", json!("9\u{0}")),
+            "class_designation",
+        ),
+        (
+            with(registration(), "course_code", json!("EN\u{0}")),
+            "course_code",
+        ),
     ];
     for (body, field) in cases {
         let problem = invalid(&app, post(&app, &teacher, "/v1/batches").json(&body), field).await;
@@ -415,6 +422,18 @@ async fn out_of_range_essays_are_a_422_naming_the_essay_and_field(engine: Engine
             json!({ "essays": [with(essay("e1"), "title", json!("t".repeat(201)))] }),
             "essays[0].title",
         ),
+        (
+            json!({ "essays": [with(essay("e1"), "text", json!("some\u{0}text"))] }),
+            "essays[0].text",
+        ),
+        (
+            json!({ "essays": [with(essay("e1"), "title", json!("\u{0}"))] }),
+            "essays[0].title",
+        ),
+        (
+            json!({ "essays": [with(essay("e1"), "essay_id", json!("e\u{0}1"))] }),
+            "essays[0].essay_id",
+        ),
     ];
     for (body, field) in cases {
         invalid(&app, post(&app, &teacher, &path).json(&body), field).await;
@@ -423,6 +442,11 @@ async fn out_of_range_essays_are_a_422_naming_the_essay_and_field(engine: Engine
     let many: Vec<Value> = (0..1001).map(|i| essay(&format!("e{i}"))).collect();
     let body = json!({ "essays": many });
     invalid(&app, post(&app, &teacher, &path).json(&body), "essays").await;
+
+    // A cancel reason with U+0000 is refused the same way.
+    let cancel = post(&app, &teacher, &format!("/v1/batches/{id}/cancel"))
+        .json(&json!({ "reason": "wrong\u{0}class" }));
+    invalid(&app, cancel, "reason").await;
 
     // An essay of exactly 100 000 characters is accepted.
     let body = json!({ "essays": [with(essay("long"), "text", json!("w".repeat(100_000)))] });
@@ -472,6 +496,16 @@ async fn a_body_not_declared_as_json_is_a_415(engine: Engine) {
             )
             .await;
         }
+    }
+    // Media types are case-insensitive (RFC 9110 section 8.3.1), charset and all.
+    for content_type in ["Application/JSON", "APPLICATION/JSON; Charset=UTF-8"] {
+        let response = post(&app, &teacher, "/v1/batches")
+            .header(CONTENT_TYPE, content_type)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{content_type}");
     }
 }
 
@@ -634,6 +668,34 @@ async fn a_request_without_a_valid_token_is_a_401(engine: Engine) {
         sub: "not-a-user-id".to_owned(),
         ..valid.clone()
     };
+    let not_yet_valid = Claims {
+        nbf: now() + 3600,
+        ..valid.clone()
+    };
+    let issued_in_the_future = Claims {
+        iat: now() + 365 * 24 * 3600,
+        ..valid.clone()
+    };
+    let unknown_session = Claims {
+        sid: uuid::Uuid::new_v4().to_string(),
+        ..valid.clone()
+    };
+    let older_version = Claims {
+        ver: valid.ver - 1,
+        ..valid.clone()
+    };
+    let with_nul = Claims {
+        sid: format!("{}\u{0}", valid.sid),
+        ..valid.clone()
+    };
+    let mut without_jti = serde_json::to_value(&valid).unwrap();
+    without_jti.as_object_mut().unwrap().remove("jti");
+    let without_jti = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &without_jti,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
 
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no Authorization header", None),
@@ -699,6 +761,42 @@ async fn a_request_without_a_valid_token_is_a_401(engine: Engine) {
                 sign(&not_a_user, Algorithm::HS256, JWT_SECRET)
             )),
         ),
+        (
+            "nbf in the future",
+            Some(format!(
+                "Bearer {}",
+                sign(&not_yet_valid, Algorithm::HS256, JWT_SECRET)
+            )),
+        ),
+        (
+            "iat absurdly in the future",
+            Some(format!(
+                "Bearer {}",
+                sign(&issued_in_the_future, Algorithm::HS256, JWT_SECRET)
+            )),
+        ),
+        (
+            "an unknown session (sid)",
+            Some(format!(
+                "Bearer {}",
+                sign(&unknown_session, Algorithm::HS256, JWT_SECRET)
+            )),
+        ),
+        (
+            "an older token version",
+            Some(format!(
+                "Bearer {}",
+                sign(&older_version, Algorithm::HS256, JWT_SECRET)
+            )),
+        ),
+        (
+            "a session id with U+0000",
+            Some(format!(
+                "Bearer {}",
+                sign(&with_nul, Algorithm::HS256, JWT_SECRET)
+            )),
+        ),
+        ("no jti", Some(format!("Bearer {without_jti}"))),
     ];
 
     for (case, authorization) in cases {
@@ -726,6 +824,31 @@ async fn a_request_without_a_valid_token_is_a_401(engine: Engine) {
             );
             assert_eq!(body["type"], "urn:essayflow:problem:unauthorized", "{case}");
         }
+    }
+    // API keys that are not keys: unknown (of the right shape), malformed, empty.
+    for key in [
+        "efk_0123456789abcdef_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "efk_zzzz",
+        "not-a-key",
+        "",
+    ] {
+        let request = app
+            .client
+            .get(app.url("/v1/batches"))
+            .header("x-api-key", key);
+        let (_, body) = refused_with_headers(&app, request, StatusCode::UNAUTHORIZED).await;
+        assert_eq!(body["type"], "urn:essayflow:problem:unauthorized", "{key}");
+    }
+    // The scheme is case-insensitive (RFC 9110 section 11.1).
+    for scheme in ["bearer", "BEARER", "bEaReR"] {
+        let accepted = app
+            .client
+            .get(app.url("/v1/batches"))
+            .header(AUTHORIZATION, format!("{scheme} {}", teacher.token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(accepted.status(), StatusCode::OK, "{scheme}");
     }
 
     // Authentication comes before the body: a bad body without a token is still a 401.

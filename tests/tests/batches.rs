@@ -369,6 +369,46 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
             "{path} is not documented"
         );
     }
+    // Both security schemes exist, and every operation under /v1 but login and refresh names
+    // both (either credential works); login and refresh name none.
+    let schemes = &openapi["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(schemes["api_key"]["in"], "header");
+    assert_eq!(schemes["api_key"]["name"], "X-API-Key");
+    for (path, item) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let security = operation["security"].as_array();
+            let names: Vec<String> = security
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s.as_object().unwrap().keys().cloned())
+                .collect();
+            if path == "/v1/auth/login" || path == "/v1/auth/refresh" {
+                assert!(names.is_empty(), "{method} {path}: {names:?}");
+            } else if path.starts_with("/v1/") {
+                assert!(
+                    names.contains(&"bearer".to_owned()) && names.contains(&"api_key".to_owned()),
+                    "{method} {path} declares {names:?}"
+                );
+            }
+        }
+    }
+    for path in [
+        "/v1/auth/refresh",
+        "/v1/auth/logout",
+        "/v1/admin/users",
+        "/v1/admin/users/{id}",
+        "/v1/admin/users/{id}/password",
+        "/v1/admin/keys",
+        "/v1/admin/keys/{id}",
+        "/v1/admin/keys/{id}/rotate",
+        "/v1/admin/audit",
+    ] {
+        assert!(
+            openapi["paths"][path].is_object(),
+            "{path} is not documented"
+        );
+    }
     let result = &openapi["components"]["schemas"]["ResultMessage"]["properties"];
     for field in [
         "message_id",

@@ -283,15 +283,16 @@ async fn refused(request: http::Request<()>) -> (StatusCode, Value) {
     }
 }
 
+/// `user`'s token with another expiry, signed with `secret`.
 fn token_with(secret: &str, user: &User, expires_in: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let claims = json!({
-        "sub": user.id, "name": user.username, "role": "teacher",
-        "iss": "essayflow", "aud": "essayflow-api", "iat": now - 7200, "exp": now + expires_in,
-    });
+    let mut claims = integration_tests::claims_of(&user.token);
+    claims["iat"] = json!(now - 7200);
+    claims["nbf"] = json!(now - 7200);
+    claims["exp"] = json!(now + expires_in);
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
@@ -352,6 +353,30 @@ async fn the_handshake_refuses_missing_forged_and_expired_tokens_and_accepts_thr
     assert_eq!(by_protocol.protocol.as_deref(), Some("essayflow.v1"));
     assert_eq!(
         subscribe(&mut by_protocol, "dashboard", None).await["type"],
+        "snapshot"
+    );
+
+    // The scheme and the subprotocol prefix are matched in any case (RFC 9110 section 11.1).
+    for scheme in ["bearer", "BEARER"] {
+        let mut lower = request(&url);
+        lower.headers_mut().insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("{scheme} {}", teacher.token)).unwrap(),
+        );
+        let mut client = WsClient::connect(lower, None).await.unwrap();
+        assert_eq!(
+            subscribe(&mut client, "dashboard", None).await["type"],
+            "snapshot"
+        );
+    }
+    let mut upper_protocol = request(&url);
+    upper_protocol.headers_mut().insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_str(&format!("essayflow.v1, Bearer.{}", teacher.token)).unwrap(),
+    );
+    let mut client = WsClient::connect(upper_protocol, None).await.unwrap();
+    assert_eq!(
+        subscribe(&mut client, "dashboard", None).await["type"],
         "snapshot"
     );
 
@@ -610,13 +635,26 @@ async fn wss_and_https_work_end_to_end_with_a_generated_ca() {
             .is_err()
     );
 
-    // The test's own token (the helpers speak plain HTTP): a teacher the server never saw.
-    let mut teacher = User {
-        id: uuid::Uuid::new_v4().to_string(),
+    // A teacher that logs in over HTTPS (the helpers speak plain HTTP).
+    let password = "correct horse battery";
+    let stored = api::auth::add_user(app.storage.pool(), "tls-teacher", Role::Teacher, password)
+        .await
+        .unwrap();
+    let login: Value = https
+        .post(format!("{base}/v1/auth/login"))
+        .json(&json!({ "username": "tls-teacher", "password": password }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let teacher = User {
+        id: stored.id.to_string(),
         username: "tls-teacher".to_owned(),
-        token: String::new(),
+        token: login["access_token"].as_str().unwrap().to_owned(),
+        refresh: login["refresh_token"].as_str().unwrap().to_owned(),
     };
-    teacher.token = token_with(integration_tests::JWT_SECRET, &teacher, 3600);
     let mut request = request(&format!("wss://localhost:{port}/v1/ws"));
     request.headers_mut().insert(
         http::header::AUTHORIZATION,

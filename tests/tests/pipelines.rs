@@ -282,6 +282,23 @@ async fn a_result_over_the_size_limit_is_a_422_and_one_at_the_limit_is_recorded(
     assert!(reason.contains(&limit.to_string()), "{reason}");
     assert_eq!(app.event_count().await, events, "nothing appended");
 
+    // A result or error holding U+0000 (which PostgreSQL's jsonb refuses) is a 422 too.
+    for (field, value) in [
+        ("result", json!({ "comment": "a\u{0}b" })),
+        ("result", json!({ "k\u{0}": 1 })),
+        ("error", json!("broken\u{0}")),
+    ] {
+        let mut bad = result(&id, "e1", "spellcheck", "failed");
+        bad[field] = value;
+        let problem = assert_problem(
+            app.post_result(&service, &bad).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert_eq!(problem["errors"][0]["field"], field);
+    }
+    assert_eq!(app.event_count().await, events, "nothing appended");
+
     let mut at_limit = result(&id, "e1", "spellcheck", "succeeded");
     at_limit["result"] = result_of_size(limit);
     let recorded = app.post_result(&service, &at_limit).await;

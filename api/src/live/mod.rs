@@ -39,6 +39,8 @@ pub struct Live {
     pub tracker: TaskTracker,
     /// Sessions catching a topic up from the store (after a gap or a resync) at once.
     pub catching_up: tokio::sync::Semaphore,
+    /// Checks in-band token refreshes; closes sessions whose user or credential lost access.
+    pub identity: crate::identity::Identity,
 }
 
 /// Counters exported on `/metrics`.

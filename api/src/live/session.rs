@@ -29,11 +29,17 @@ const REPLAY_PAGE: i64 = 256;
 /// buffers) ends the connection: no session can hold up shutdown or its own timers for long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection's identity, fixed at the upgrade.
+/// The close code of a session whose user was disabled, deleted or changed role, whose login
+/// session was logged out or revoked, or whose API key was revoked (a private-use code,
+/// RFC 6455 section 7.4.2; docs/websocket.md).
+pub const CLOSE_REVOKED: u16 = 4403;
+
+/// A connection's identity, set at the upgrade and renewed by in-band refreshes.
 pub struct Connect {
     pub live: Arc<Live>,
     pub user: AuthUser,
-    /// When the access token expires: the connection closes then (1008).
+    /// When the access token expires: the connection closes then (1008) unless the client
+    /// sent a fresh token (`{"type":"refresh","token":...}`) before.
     pub expires_at: Instant,
 }
 
@@ -56,6 +62,11 @@ enum ClientMessage {
     },
     Unsubscribe {
         topic: String,
+    },
+    /// A fresh access token of the same user: the connection stays open past the old one's
+    /// expiry, with its subscriptions.
+    Refresh {
+        token: String,
     },
 }
 
@@ -106,6 +117,8 @@ impl Bucket {
 
 struct Session {
     connect: Connect,
+    /// Cancelled when the user or credential loses access.
+    watch: crate::identity::Watch,
     id: u64,
     outbox: Arc<Outbox>,
     subs: HashMap<Arc<str>, Subscription>,
@@ -137,7 +150,9 @@ impl Drop for Session {
 pub async fn run(connect: Connect, mut socket: WebSocket) {
     let (id, outbox) = connect.hub().connect();
     let settings = connect.live.settings.ws.clone();
+    let watch = connect.live.identity.watch(&connect.user);
     let mut session = Session {
+        watch,
         bucket: Bucket {
             tokens: f64::from(settings.message_burst),
             rate: f64::from(settings.messages_per_second),
@@ -190,11 +205,13 @@ impl Session {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heard = Instant::now();
         let cancel = self.connect.live.cancel.clone();
+        let revoked = self.watch.closed.clone();
         let outbox = self.outbox.clone();
         loop {
             let step = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return End::Close(close_code::AWAY, "the server is shutting down"),
+                _ = revoked.cancelled() => return End::Close(CLOSE_REVOKED, "access revoked"),
                 _ = tokio::time::sleep_until(self.connect.expires_at) => {
                     return End::Close(close_code::POLICY, "the access token expired");
                 }
@@ -266,7 +283,36 @@ impl Session {
                 min_position,
             } => self.subscribe(socket, topic, since, min_position).await,
             ClientMessage::Unsubscribe { topic } => self.unsubscribe(socket, topic).await,
+            ClientMessage::Refresh { token } => self.refresh_token(socket, &token).await,
         }
+    }
+
+    /// Takes a fresh access token of the same user: the connection now expires with it.
+    async fn refresh_token(&mut self, socket: &mut WebSocket, token: &str) -> Result<(), End> {
+        let checked = self.connect.live.identity.authenticate_token(token).await;
+        let (user, claims) = match checked {
+            Ok(ok) if ok.0.id == self.connect.user.id => ok,
+            Ok(_) => {
+                return self
+                    .refuse(socket, None, "invalid_token", "the token is another user's")
+                    .await;
+            }
+            Err(_) => {
+                return self
+                    .refuse(
+                        socket,
+                        None,
+                        "invalid_token",
+                        "the token is invalid, expired or revoked; the connection keeps its old expiry",
+                    )
+                    .await;
+            }
+        };
+        let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
+        self.connect.expires_at = Instant::now() + Duration::from_secs(left);
+        self.watch.refreshed(&user);
+        self.connect.user = user;
+        send_json(socket, &json!({"type": "refreshed", "expires_in": left})).await
     }
 
     async fn refuse(

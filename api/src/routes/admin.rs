@@ -18,7 +18,7 @@ use crate::jobs::JobError;
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/v1/admin/projections", tag = "admin",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Each projection's checkpoint, lag, state, current or last rebuild (progress, events/s, time left) and last verification", body = Vec<ProjectionStatus>),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json")))]
@@ -71,7 +71,7 @@ fn job_error(error: JobError) -> ApiError {
 
 #[utoipa::path(post, path = "/v1/admin/projections/{name}/rebuild", tag = "admin",
     params(("name" = String, Path, description = "batch_state or dashboard")),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "The rebuild runs beside the live model and swaps it in when caught up; follow it on GET /v1/admin/projections", body = JobAccepted, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
@@ -95,7 +95,7 @@ pub(super) async fn rebuild(
 
 #[utoipa::path(post, path = "/v1/admin/projections/{name}/verify", tag = "admin",
     params(("name" = String, Path, description = "batch_state or dashboard")),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "The live model is compared, row by row, with a fold of the log; the result appears on GET /v1/admin/projections", body = JobAccepted, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),

@@ -161,7 +161,7 @@ fn batch_id(raw: &str) -> ApiResult<BatchId> {
 // ---- commands -------------------------------------------------------------------------------
 
 #[utoipa::path(post, path = "/v1/batches", tag = "batches", request_body = RegisterBatchRequest,
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "Registered; the event is durable", body = AcceptedResponse, headers(("Location" = String))),
         (status = 409, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
@@ -196,7 +196,7 @@ pub(super) async fn register_batch(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/essays", tag = "batches", request_body = AddEssaysRequest,
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = AcceptedResponse),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Too many or duplicate essays, or cancelled", body = Problem, content_type = "application/problem+json"),
@@ -245,7 +245,7 @@ pub(super) async fn add_essays(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/pipelines", tag = "batches", request_body = RequestPipelineRequest,
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = AcceptedResponse),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json"),
@@ -287,7 +287,7 @@ pub(super) async fn request_pipeline(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", request_body(content = Option<CancelRequest>),
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = [])),
+    params(("id" = String, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = AcceptedResponse),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already cancelled", body = Problem, content_type = "application/problem+json")))]
@@ -307,6 +307,11 @@ pub(super) async fn cancel_batch(
         json::require_json(&headers)?;
         json::parse(&body)?
     };
+    if let Some(reason) = &body.reason
+        && let Err(e) = domain::values::check_no_nul("reason", reason)
+    {
+        return Err(ApiError::invalid(e.field, e.reason));
+    }
     if let Some(reason) = &body.reason
         && reason.chars().count() > 500
     {
@@ -386,7 +391,7 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
     params(("id" = String, Path, description = "Batch id"),
         ("at_version" = Option<i64>, Query, description = "The batch as it was after this event, rebuilt from the log"),
         ("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position")),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = BatchView, headers(("ETag" = String))), (status = 304, description = "Unchanged since If-None-Match"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "min_position not reached in time", body = Problem, content_type = "application/problem+json")))]
@@ -501,7 +506,7 @@ pub(super) struct BatchStatusResponse {
 
 #[utoipa::path(get, path = "/v1/batches/{id}/status", tag = "batches",
     params(("id" = String, Path, description = "Batch id"), ("min_position" = Option<i64>, Query)),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = BatchStatusResponse), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn get_status(
     State(state): State<AppState>,
@@ -535,7 +540,7 @@ pub(super) struct ListQuery {
 #[utoipa::path(get, path = "/v1/batches", tag = "batches",
     params(("status" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("min_position" = Option<i64>, Query)),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Batch summaries (no essays or outcomes: GET /v1/batches/{id} has them)", body = Page<BatchSummary>), (status = 400, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn list_batches(
     State(state): State<AppState>,
@@ -648,7 +653,7 @@ impl EventsQuery {
     params(("id" = String, Path, description = "Batch id"),
         ("after" = Option<String>, Query, description = "next_cursor of the previous page; absent for the first page"),
         ("limit" = Option<u32>, Query, description = "Events per page, 1 to 1000, default 100. A page also ends early once its payloads reach 4 MiB (always at least one event)")),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "One page of the batch's events, oldest first", body = EventPage),
         (status = 400, description = "Bad limit or after", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]

@@ -11,7 +11,7 @@ use crate::routes::batches::{Consistency, wait_until_applied};
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/v1/dashboard", tag = "dashboard",
-    params(("min_position" = Option<i64>, Query)), security(("bearer" = [])),
+    params(("min_position" = Option<i64>, Query)), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Dashboard)))]
 pub(super) async fn dashboard(
     State(state): State<AppState>,

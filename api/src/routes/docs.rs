@@ -2,7 +2,7 @@
 //! (Swagger UI, served from assets vendored at build time: no network needed).
 
 use axum::Router;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -19,8 +19,21 @@ impl Modify for BearerAuth {
                     HttpBuilder::new()
                         .scheme(HttpAuthScheme::Bearer)
                         .bearer_format("JWT")
+                        .description(Some(
+                            "An access token from POST /v1/auth/login or /v1/auth/refresh, as \
+                             `Authorization: Bearer <token>` (the scheme in any case). Short-lived \
+                             (15 minutes by default): refresh before it expires.",
+                        ))
                         .build(),
                 ),
+            );
+            components.add_security_scheme(
+                "api_key",
+                SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                    "X-API-Key",
+                    "A service account's API key (`efk_<id>_<secret>`), made by an admin with \
+                     POST /v1/admin/keys or `essayflow keys create`; acts with its service user's rights.",
+                ))),
             );
         }
     }
@@ -28,9 +41,11 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "essayflow", description = "Event-sourced backbone of the essay-processing platform. Errors are application/problem+json (RFC 9457)."),
+    info(title = "essayflow", description = "Event-sourced backbone of the essay-processing platform. Errors are application/problem+json (RFC 9457).\n\nAuthentication: POST /v1/auth/login gives an access token (a JWT, 15 minutes by default: `expires_in`) and a refresh token. Send `Authorization: Bearer <access_token>`; before it expires, POST /v1/auth/refresh with the refresh token for the next pair (the refresh token is spent: presenting it again revokes the session); POST /v1/auth/logout ends the session. Services send `X-API-Key: <key>` instead (keys are made by admins: /v1/admin/keys). A disabled, deleted or demoted user, a logged-out session or a revoked key is refused on the next request (401). Too many failed logins: 429 with Retry-After; the login queue full: 503 with Retry-After."),
     paths(
         super::auth::login,
+        super::auth::refresh,
+        super::auth::logout,
         super::batches::register_batch,
         super::batches::list_batches,
         super::batches::get_batch,
@@ -44,6 +59,17 @@ impl Modify for BearerAuth {
         super::admin::projections,
         super::admin::rebuild,
         super::admin::verify,
+        super::users::list_users,
+        super::users::create_user,
+        super::users::get_user,
+        super::users::patch_user,
+        super::users::delete_user,
+        super::users::reset_password,
+        super::users::list_keys,
+        super::users::create_key,
+        super::users::rotate_key,
+        super::users::revoke_key,
+        super::users::audit_log,
         super::ws::ws,
         super::health::healthz,
         super::health::readyz,

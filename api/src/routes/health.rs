@@ -147,6 +147,85 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             value.load(Ordering::Relaxed)
         );
     }
+    let id = state.identity.stats();
+    let hashing = &state.identity.hasher().stats;
+    let identity_counters = [
+        (
+            "essayflow_logins_total",
+            "Successful logins",
+            id.logins.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_login_failures_total",
+            "Logins refused for wrong credentials",
+            id.login_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_logins_throttled_total",
+            "Logins refused by the failed-login throttle (429)",
+            id.logins_throttled.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_refresh_token_reuse_total",
+            "Spent refresh tokens presented again (their sessions were revoked)",
+            id.refresh_reuse.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_ws_sessions_revoked_total",
+            "WebSocket sessions closed because their user or credential lost access",
+            id.sessions_closed.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_password_hashes_total",
+            "Password hashes computed",
+            hashing.completed.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_password_hash_refused_busy_total",
+            "Logins refused because the hashing queue was full (503)",
+            hashing.refused_busy.load(Ordering::Relaxed),
+        ),
+        (
+            "essayflow_password_hash_refused_deadline_total",
+            "Logins refused after waiting past the hashing deadline (503)",
+            hashing.refused_deadline.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in identity_counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let limits = state.identity.hasher().limits();
+    let identity_gauges = [
+        (
+            "essayflow_password_hashing",
+            "Password hashes running now",
+            hashing.in_progress.load(Ordering::SeqCst),
+        ),
+        (
+            "essayflow_password_hashing_peak",
+            "The most password hashes that ran at once since start",
+            hashing.peak.load(Ordering::SeqCst),
+        ),
+        (
+            "essayflow_password_hashing_waiting",
+            "Logins waiting for a hashing worker",
+            hashing.waiting.load(Ordering::SeqCst),
+        ),
+        (
+            "essayflow_password_hash_workers",
+            "Hashing workers (the bound on hashes at once)",
+            limits.workers,
+        ),
+    ];
+    for (name, help, value) in identity_gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP essayflow_projection_errors_total Failed projection steps\n# TYPE essayflow_projection_errors_total counter"

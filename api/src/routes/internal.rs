@@ -28,7 +28,7 @@ pub(super) struct ResultAccepted {
 }
 
 #[utoipa::path(post, path = "/v1/internal/results", tag = "internal", request_body = ResultMessage,
-    security(("bearer" = [])),
+    security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "Recorded (or recognised as a duplicate); durable", body = ResultAccepted),
         (status = 403, description = "Not the service role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such batch", body = Problem, content_type = "application/problem+json"),

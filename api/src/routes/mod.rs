@@ -7,6 +7,7 @@ mod dashboard;
 mod docs;
 mod health;
 mod internal;
+mod users;
 mod ws;
 
 use axum::Router;
@@ -20,6 +21,7 @@ pub fn router() -> Router<AppState> {
         .merge(batches::router())
         .merge(dashboard::router())
         .merge(admin::router())
+        .merge(users::router())
         .merge(health::router())
         .merge(internal::router())
         .merge(ws::router())

@@ -1,9 +1,10 @@
 //! `GET /v1/ws`: the upgrade to a live projection stream (protocol: docs/websocket.md).
 //!
-//! The access token is checked before the upgrade, from (in this order) `Authorization:
-//! Bearer <token>`, a `Sec-WebSocket-Protocol` entry `bearer.<token>` (browsers cannot set
-//! headers; offer `essayflow.v1` beside it, which the server selects), or `?access_token=`.
-//! A missing, forged or expired token gets 401 problem+json and no upgrade.
+//! The credential is checked before the upgrade, from (in this order) `X-API-Key` (service
+//! accounts), `Authorization: Bearer <token>` (the scheme in any case), a
+//! `Sec-WebSocket-Protocol` entry `bearer.<token>` (browsers cannot set headers; offer
+//! `essayflow.v1` beside it, which the server selects), or `?access_token=`. A missing,
+//! forged, expired or revoked credential gets 401 problem+json and no upgrade.
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::auth::{AuthUser, bearer_token};
+use crate::auth::{bearer_token, subprotocol_token};
 use crate::error::{ApiError, ApiResult};
 use crate::live::{PROTOCOL, session};
 use crate::state::AppState;
@@ -38,7 +39,7 @@ fn presented_token(headers: &HeaderMap, query: &WsQuery) -> Result<String, ApiEr
         .flat_map(|v| v.split(','))
         .map(str::trim);
     for protocol in offered {
-        if let Some(token) = protocol.strip_prefix("bearer.") {
+        if let Some(token) = subprotocol_token(protocol) {
             return Ok(token.to_owned());
         }
     }
@@ -49,10 +50,11 @@ fn presented_token(headers: &HeaderMap, query: &WsQuery) -> Result<String, ApiEr
 }
 
 #[utoipa::path(get, path = "/v1/ws", tag = "live",
-    params(("access_token" = Option<String>, Query, description = "for browsers; or `Authorization: Bearer`, or a `bearer.<token>` WebSocket subprotocol")),
+    params(("access_token" = Option<String>, Query, description = "for browsers; or `Authorization: Bearer`, or a `bearer.<token>` WebSocket subprotocol, or `X-API-Key`")),
+    security(("bearer" = []), ("api_key" = [])),
     responses(
         (status = 101, description = "switched to the WebSocket protocol of docs/websocket.md"),
-        (status = 401, description = "missing, forged or expired token", body = crate::error::Problem),
+        (status = 401, description = "missing, forged, expired or revoked credential", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 426, description = "not a WebSocket upgrade", body = crate::error::Problem)))]
 pub(super) async fn ws(
     State(state): State<AppState>,
@@ -60,10 +62,22 @@ pub(super) async fn ws(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    let token = presented_token(&headers, &query)?;
-    let claims = state.tokens.verify(&token)?;
-    let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
-    let user = AuthUser::from_claims(claims)?;
+    let (user, left) = if headers.contains_key("x-api-key") {
+        // A key lasts until its grace period ends (a rotated key) or, else, indefinitely;
+        // revoking it closes the connection at once.
+        let user = state.identity.authenticate(&headers).await?;
+        let left = user
+            .credential_expires_at
+            .map_or(10 * 365 * 24 * 3600, |at| {
+                u64::try_from((at - chrono::Utc::now().timestamp_millis()) / 1000).unwrap_or(0)
+            });
+        (user, left)
+    } else {
+        let token = presented_token(&headers, &query)?;
+        let (user, claims) = state.identity.authenticate_token(&token).await?;
+        let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
+        (user, left)
+    };
     let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
     let expires_at = Instant::now() + Duration::from_secs(left);
     let limits = &state.settings.ws;
