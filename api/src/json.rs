@@ -68,6 +68,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::MalformedJson(format!("the body is not UTF-8: {e}")))?;
     serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    // Every request body is a JSON object (serde would otherwise read an array as the
+    // object's fields in order, and a merge patch that is not an object replaces the target).
+    if !text.trim_start().starts_with('{') {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|error| {
         let path = error.path().to_string();

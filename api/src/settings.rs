@@ -99,8 +99,10 @@ pub struct AuthSettings {
     pub hash_memory_kib: u32,
     pub hash_iterations: u32,
     pub hash_lanes: u32,
-    /// Failed logins allowed per account and per client address before growing delays.
+    /// Failed logins allowed before growing delays: for one account from one address, for one
+    /// account from all addresses together, and from one address across accounts.
     pub login_free_failures_per_account: u32,
+    pub login_free_failures_per_account_total: u32,
     pub login_free_failures_per_address: u32,
     /// The first delay after the free failures, doubled by each further failure, at most
     /// `login_max_delay_secs`; forgotten after `login_forget_secs` without attempts.
@@ -124,6 +126,7 @@ impl Default for AuthSettings {
             hash_iterations: argon2::Params::DEFAULT_T_COST,
             hash_lanes: argon2::Params::DEFAULT_P_COST,
             login_free_failures_per_account: 5,
+            login_free_failures_per_account_total: 50,
             login_free_failures_per_address: 20,
             login_base_delay_ms: 1000,
             login_max_delay_secs: 900,
@@ -156,6 +159,7 @@ impl AuthSettings {
             },
             throttle: crate::identity::ThrottleLimits {
                 free_per_account: self.login_free_failures_per_account,
+                free_per_account_total: self.login_free_failures_per_account_total,
                 free_per_address: self.login_free_failures_per_address,
                 base_delay: Duration::from_millis(self.login_base_delay_ms),
                 max_delay: Duration::from_secs(self.login_max_delay_secs),
@@ -450,6 +454,10 @@ impl Settings {
                 &mut auth.login_free_failures_per_account,
             ),
             (
+                "ESSAYFLOW_LOGIN_FREE_FAILURES_PER_ACCOUNT_TOTAL",
+                &mut auth.login_free_failures_per_account_total,
+            ),
+            (
                 "ESSAYFLOW_LOGIN_FREE_FAILURES_PER_ADDRESS",
                 &mut auth.login_free_failures_per_address,
             ),
@@ -554,7 +562,10 @@ impl Settings {
                 "auth: identity_poll_interval_ms, identity_cache_ttl_secs and hash_deadline_ms must be positive"
             );
         }
-        if auth.login_free_failures_per_account == 0 || auth.login_free_failures_per_address == 0 {
+        if auth.login_free_failures_per_account == 0
+            || auth.login_free_failures_per_account_total == 0
+            || auth.login_free_failures_per_address == 0
+        {
             bail!("auth: the free login failures must be at least 1");
         }
         argon2::Params::new(

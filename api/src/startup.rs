@@ -30,6 +30,26 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Storage> {
     if settings.is_embedded() && settings.database_url.is_empty() {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        // The database holds password hashes, hashed tokens and keys and the audit log: owner
+        // only, like the JWT secret beside it (SQLite gives its -wal and -shm files the same
+        // permissions as the database file).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let file = settings.data_dir.join("essayflow.db");
+            if !file.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&file)
+                    .with_context(|| format!("creating {}", file.display()))?;
+            }
+            let _ = std::fs::set_permissions(
+                &settings.data_dir,
+                std::fs::Permissions::from_mode(0o700),
+            );
+        }
     }
     let mut options = StorageOptions::new(url);
     options.max_write_connections = settings.db_max_connections;

@@ -405,6 +405,31 @@ async fn disabled_deleted_and_demoted_users_lose_access_on_their_next_request(en
     // Teachers may not administer.
     let response = patch_user(&app, &kept, &kept.id, json!({ "role": "admin" })).await;
     assert_problem(response, StatusCode::FORBIDDEN).await;
+    // A merge patch is an object; null removes a member, and role and status cannot go.
+    let response = patch_user(&app, &admin, &kept.id, json!(["admin", "disabled"])).await;
+    assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let response = patch_user(&app, &admin, &kept.id, json!({ "role": null })).await;
+    let problem = assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem["errors"][0]["field"], "role");
+    // A patch that changes nothing writes nothing (and is not audited).
+    let response = patch_user(&app, &admin, &kept.id, json!({ "role": "teacher" })).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // The last active admin cannot be demoted, disabled or deleted.
+    for body in [
+        json!({ "role": "teacher" }),
+        json!({ "status": "disabled" }),
+    ] {
+        let response = patch_user(&app, &admin, &admin.id, body).await;
+        assert_problem(response, StatusCode::CONFLICT).await;
+    }
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/admin/users/{}", admin.id)))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::CONFLICT).await;
 
     // Every change is in the audit log: who, what, when.
     let updates = audit_actions(&app, &admin, "user.update").await;
@@ -546,8 +571,15 @@ async fn a_websocket_refreshed_in_band_outlives_its_first_token(engine: Engine) 
         assert_eq!(ws.next_json().await["type"], "subscribed");
         assert_eq!(ws.next_json().await["type"], "snapshot");
     }
-    // Tokens that are not a fresh token of this user are refused; the connection stays.
-    for token in ["garbage", other.token.as_str(), "a\u{0}b"] {
+    // Tokens that are not a fresh token of this user are refused; the connection stays. (One
+    // that expired a moment ago, within the signature check's clock leeway, too.)
+    let just_expired = expiring(&teacher, -2);
+    for token in [
+        "garbage",
+        other.token.as_str(),
+        "a\u{0}b",
+        just_expired.as_str(),
+    ] {
         refreshed
             .send(json!({"type": "refresh", "token": token}))
             .await;
@@ -673,6 +705,11 @@ async fn api_keys_work_rotate_with_a_grace_period_and_revoke_at_once(engine: Eng
         result(new_key.clone()).await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
+    // A key is rotated once: its successor is the one to rotate next.
+    let again = post(format!("/v1/admin/keys/{id}/rotate"), json!({}))
+        .await
+        .unwrap();
+    assert_problem(again, StatusCode::CONFLICT).await;
     wait_until(Duration::from_secs(10), || async {
         result(key.clone()).await.unwrap().status() == StatusCode::UNAUTHORIZED
     })
@@ -819,11 +856,23 @@ async fn failed_logins_are_throttled_per_account_and_address(engine: Engine) {
             .status(),
         StatusCode::TOO_MANY_REQUESTS
     );
-    // Another account from the same address is not locked.
+    // Another account from the same address is not locked, and the guessed account's owner,
+    // from another address, still logs in (one guesser locks the account only for itself).
     assert_eq!(
         login(&app, &other.username, PASSWORD).await.status(),
         StatusCode::OK
     );
+    let elsewhere = reqwest::Client::builder()
+        .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)))
+        .build()
+        .unwrap();
+    let owner = elsewhere
+        .post(app.url("/v1/auth/login"))
+        .json(&json!({ "username": teacher.username, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(owner.status(), StatusCode::OK);
     assert!(metric(&app, "essayflow_logins_throttled_total").await >= 2.0);
 }
 

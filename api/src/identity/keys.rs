@@ -66,7 +66,7 @@ pub enum KeyError {
     BadName,
     #[error("no such key")]
     NotFound,
-    #[error("the key is revoked or expired")]
+    #[error("the key is revoked, expired or already rotated")]
     Revoked,
     #[error(transparent)]
     Store(#[from] sqlx::Error),
@@ -193,7 +193,7 @@ pub async fn rotate(
     grace: Duration,
 ) -> Result<NewApiKey, KeyError> {
     let old = get(pool, id).await?.ok_or(KeyError::NotFound)?;
-    if old.revoked_at.is_some() {
+    if old.revoked_at.is_some() || old.replaced_by.is_some() {
         return Err(KeyError::Revoked);
     }
     // A key past its grace period, or of a user who may no longer hold keys, is not renewed.
@@ -218,16 +218,21 @@ pub async fn rotate(
     let mut tx = pool.begin().await?;
     let (new_id, key) = insert(&mut tx, &old.user_id, &old.name, actor).await?;
     let ends = now_ms() + grace.as_millis() as i64;
-    sqlx::query(
+    // Conditional: of two concurrent rotations of one key, one wins; the other rolls back.
+    let replaced = sqlx::query(
         "UPDATE api_keys SET replaced_by = $1,
                 expires_at = CASE WHEN expires_at IS NULL OR expires_at > $2 THEN $2 ELSE expires_at END
-         WHERE id = $3",
+         WHERE id = $3 AND replaced_by IS NULL AND revoked_at IS NULL",
     )
     .bind(&new_id)
     .bind(ends)
     .bind(id)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if replaced == 0 {
+        return Err(KeyError::Revoked);
+    }
     audit::record(
         &mut tx,
         &Record {

@@ -1,13 +1,21 @@
 //! Failed-login throttling, per account and per client address, with growing delays.
 //!
-//! Each key (a username, whether it exists or not, and a client address) gets `free` attempts
-//! that may fail; attempts still running count against them, so a flood of parallel attempts
-//! is held to `free` at a time. Past them, each failure locks the key for
-//! `base_delay * 2^(failures - free)`, at most `max_delay`, and an attempt while locked is
-//! refused at once (429 with `Retry-After`), before any password is hashed. A success clears
-//! the account's failures; an attempt abandoned by its client counts as a failure. A key's
-//! failures are forgotten `forget_after` after its last failure (so a busy shared address,
-//! a school behind one NAT, is not locked for ever by old mistakes). IPv6 clients are keyed by
+//! Three keys count failed logins: an account *from one address* (`free_per_account`, 5 by
+//! default), an account *from all addresses* (`free_per_account_total`, 50), and a client
+//! address across all accounts (`free_per_address`, 20). Usernames count whether they exist or
+//! not. Each key gets its free attempts that may fail; attempts still running count against
+//! them, so a flood of parallel attempts is held to that many at a time. Past them, each
+//! failure locks the key for `base_delay * 2^(failures - free)`, at most `max_delay`, and an
+//! attempt while any of its keys is locked is refused at once (429 with `Retry-After`), before
+//! any password is hashed.
+//!
+//! So one attacker guessing one account locks only itself (its address and that account from
+//! that address) after a few tries: the account's owner, from another address, still logs in;
+//! only a guessing campaign from many addresses (50 failures) slows the account for everyone,
+//! and then with growing delays, not a fixed lockout. A success clears the account's failures
+//! (both account keys); an attempt abandoned by its client counts as a failure. A key's
+//! failures are forgotten `forget_after` after its last failure (a busy shared address, a
+//! school behind one NAT, is not locked for ever by old mistakes). IPv6 clients are keyed by
 //! their /64 (one host usually holds a whole /64). The tables are bounded (least recently used
 //! entries go first, so junk usernames cannot push out a victim that is being attacked now).
 //! This is separate from general rate limiting: it exists to make password guessing slow,
@@ -23,7 +31,11 @@ use std::time::{Duration, Instant};
 /// The throttle's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ThrottleLimits {
+    /// Failures of one account from one address before delays.
     pub free_per_account: u32,
+    /// Failures of one account from every address together before delays.
+    pub free_per_account_total: u32,
+    /// Failures from one address (any accounts) before delays.
     pub free_per_address: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
@@ -38,12 +50,14 @@ struct Entry {
     last_failure: Option<Instant>,
 }
 
-type Entries<K> = moka::sync::Cache<K, Arc<Mutex<Entry>>>;
+type Shared = Arc<Mutex<Entry>>;
+type Entries<K> = moka::sync::Cache<K, Shared>;
 
 /// Per-account and per-address login throttling (cheap to clone).
 #[derive(Clone)]
 pub struct Throttle {
     limits: ThrottleLimits,
+    pairs: Entries<(String, IpAddr)>,
     accounts: Entries<String>,
     addresses: Entries<IpAddr>,
 }
@@ -52,8 +66,9 @@ pub struct Throttle {
 /// otherwise records a failure.
 #[derive(Debug)]
 pub struct Attempt {
-    account: Arc<Mutex<Entry>>,
-    address: Arc<Mutex<Entry>>,
+    /// The account from this address, the account in total, the address; with their free
+    /// failures.
+    keys: [(Shared, u32); 3],
     limits: ThrottleLimits,
     done: bool,
 }
@@ -91,6 +106,7 @@ impl Throttle {
     pub fn new(limits: ThrottleLimits) -> Self {
         Self {
             limits,
+            pairs: entries(200_000, limits.forget_after),
             accounts: entries(100_000, limits.forget_after),
             addresses: entries(100_000, limits.forget_after),
         }
@@ -98,31 +114,49 @@ impl Throttle {
 
     /// Starts an attempt, or says how long to wait before the next one.
     pub fn begin(&self, username: &str, address: IpAddr) -> Result<Attempt, Duration> {
-        let key: String = username.chars().take(ACCOUNT_KEY_CHARS).collect();
-        let account = self.accounts.get_with(key.to_lowercase(), Arc::default);
-        let address = self.addresses.get_with(address_key(address), Arc::default);
+        let account: String = username
+            .chars()
+            .take(ACCOUNT_KEY_CHARS)
+            .collect::<String>()
+            .to_lowercase();
+        let address = address_key(address);
+        let limits = self.limits;
+        let keys = [
+            (
+                self.pairs
+                    .get_with((account.clone(), address), Arc::default),
+                limits.free_per_account,
+            ),
+            (
+                self.accounts.get_with(account, Arc::default),
+                limits.free_per_account_total,
+            ),
+            (
+                self.addresses.get_with(address, Arc::default),
+                limits.free_per_address,
+            ),
+        ];
         let now = Instant::now();
-        {
-            let mut a = account.lock().expect("throttle lock");
-            let mut b = address.lock().expect("throttle lock");
-            for entry in [&mut *a, &mut *b] {
-                Self::forget_old(entry, now, self.limits.forget_after);
-            }
-            let wait = Self::wait(&a, self.limits.free_per_account, now).max(Self::wait(
-                &b,
-                self.limits.free_per_address,
-                now,
-            ));
-            if let Some(wait) = wait {
-                return Err(wait);
-            }
-            a.in_flight += 1;
-            b.in_flight += 1;
+        // Locked in a fixed order (pair, account, address): no two attempts deadlock.
+        let mut guards: Vec<_> = keys
+            .iter()
+            .map(|(entry, _)| entry.lock().expect("throttle lock"))
+            .collect();
+        let mut wait = None;
+        for (guard, (_, free)) in guards.iter_mut().zip(&keys) {
+            Self::forget_old(guard, now, limits.forget_after);
+            wait = wait.max(Self::wait(guard, *free, now));
         }
+        if let Some(wait) = wait {
+            return Err(wait);
+        }
+        for guard in &mut guards {
+            guard.in_flight += 1;
+        }
+        drop(guards);
         Ok(Attempt {
-            account,
-            address,
-            limits: self.limits,
+            keys,
+            limits,
             done: false,
         })
     }
@@ -153,23 +187,26 @@ impl Throttle {
 }
 
 impl Attempt {
-    /// The password was right: the account's failures are forgotten.
+    /// The password was right: the account's failures are forgotten (from this address and
+    /// in total); the address's are not.
     pub fn succeeded(mut self) {
         self.done = true;
-        let mut account = self.account.lock().expect("throttle lock");
-        account.in_flight = account.in_flight.saturating_sub(1);
-        account.failures = 0;
-        account.locked_until = None;
-        drop(account);
-        let mut address = self.address.lock().expect("throttle lock");
-        address.in_flight = address.in_flight.saturating_sub(1);
+        for (i, (entry, _)) in self.keys.iter().enumerate() {
+            let mut entry = entry.lock().expect("throttle lock");
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            if i < 2 {
+                entry.failures = 0;
+                entry.locked_until = None;
+                entry.last_failure = None;
+            }
+        }
     }
 
     /// The attempt ended without an answer about the password (the service was busy): it
     /// neither counts as a failure nor clears any.
     pub fn abandoned(mut self) {
         self.done = true;
-        for entry in [&self.account, &self.address] {
+        for (entry, _) in &self.keys {
             let mut entry = entry.lock().expect("throttle lock");
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
@@ -182,15 +219,12 @@ impl Drop for Attempt {
             return;
         }
         let now = Instant::now();
-        for (entry, free) in [
-            (&self.account, self.limits.free_per_account),
-            (&self.address, self.limits.free_per_address),
-        ] {
+        for (entry, free) in &self.keys {
             let mut entry = entry.lock().expect("throttle lock");
             entry.in_flight = entry.in_flight.saturating_sub(1);
             entry.failures = entry.failures.saturating_add(1);
             entry.last_failure = Some(now);
-            if entry.failures >= free {
+            if entry.failures >= *free {
                 let doublings = (entry.failures - free).min(30);
                 let delay = self
                     .limits
@@ -208,6 +242,24 @@ impl Drop for Attempt {
 mod tests {
     use super::*;
 
+    const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const AWAY: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    fn limits() -> ThrottleLimits {
+        ThrottleLimits {
+            free_per_account: 3,
+            free_per_account_total: 6,
+            free_per_address: 5,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            forget_after: Duration::from_secs(600),
+        }
+    }
+
+    fn fail(t: &Throttle, who: &str, from: IpAddr) {
+        drop(t.begin(who, from).unwrap());
+    }
+
     #[test]
     fn ipv6_clients_are_keyed_by_their_64_and_mapped_ipv4_as_ipv4() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
@@ -220,88 +272,89 @@ mod tests {
     }
 
     #[test]
-    fn old_failures_are_forgotten_once_the_lock_is_over() {
-        let t = Throttle::new(ThrottleLimits {
-            forget_after: Duration::ZERO,
-            base_delay: Duration::ZERO,
-            ..throttle().limits
-        });
-        for _ in 0..10 {
-            drop(t.begin("ada", HOME).unwrap());
-        }
-        t.begin("ada", HOME).unwrap().succeeded();
-    }
-
-    fn throttle() -> Throttle {
-        Throttle::new(ThrottleLimits {
-            free_per_account: 3,
-            free_per_address: 5,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-            forget_after: Duration::from_secs(600),
-        })
-    }
-
-    const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
-    const AWAY: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
-
-    #[test]
-    fn failures_past_the_free_ones_lock_with_growing_delays() {
-        let t = throttle();
+    fn one_guesser_locks_the_account_for_itself_not_for_its_owner_elsewhere() {
+        let t = Throttle::new(limits());
         for _ in 0..3 {
-            drop(t.begin("ada", HOME).unwrap());
+            fail(&t, "ada", HOME);
         }
-        let first = t.begin("ada", AWAY).unwrap_err();
-        assert!(first <= Duration::from_secs(1) && first > Duration::ZERO);
+        let wait = t.begin("ada", HOME).unwrap_err();
+        assert!(wait <= Duration::from_secs(1) && wait > Duration::ZERO);
         // The same account under another case is the same account.
-        assert!(t.begin("ADA", AWAY).is_err());
-        // Another account from the same address is not locked.
+        assert!(t.begin("ADA", HOME).is_err());
+        // Its owner, from elsewhere, is not locked out.
+        t.begin("ada", AWAY).unwrap().succeeded();
+        // Another account from the guesser's address is not locked either (2 more failures
+        // would reach the address's 5).
         t.begin("grace", HOME).unwrap().succeeded();
     }
 
     #[test]
-    fn parallel_attempts_count_before_they_fail_and_success_clears_the_account() {
-        let t = throttle();
-        let running: Vec<_> = (0..3).map(|_| t.begin("ada", HOME).unwrap()).collect();
-        assert!(
-            t.begin("ada", AWAY).is_err(),
-            "three running use the free attempts"
-        );
-        for attempt in running {
-            attempt.abandoned();
+    fn guesses_from_many_addresses_slow_the_account_for_everyone() {
+        let t = Throttle::new(limits());
+        for i in 0..6u8 {
+            fail(&t, "ada", IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, i)));
         }
-        drop(t.begin("ada", HOME).unwrap());
-        drop(t.begin("ada", HOME).unwrap());
-        t.begin("ada", HOME).unwrap().succeeded();
-        for _ in 0..2 {
-            drop(t.begin("ada", HOME).unwrap());
-        }
-        t.begin("ada", HOME).unwrap().succeeded();
+        assert!(t.begin("ada", AWAY).is_err(), "6 failures in total");
+        t.begin("grace", AWAY).unwrap().succeeded();
     }
 
     #[test]
     fn an_address_is_throttled_across_accounts() {
-        let t = throttle();
+        let t = Throttle::new(limits());
         for i in 0..5 {
-            drop(t.begin(&format!("user{i}"), HOME).unwrap());
+            fail(&t, &format!("user{i}"), HOME);
         }
         assert!(t.begin("someone-else", HOME).is_err());
         t.begin("someone-else", AWAY).unwrap().succeeded();
     }
 
     #[test]
+    fn parallel_attempts_count_before_they_fail_and_success_clears_the_account() {
+        let t = Throttle::new(limits());
+        let running: Vec<_> = (0..3).map(|_| t.begin("ada", HOME).unwrap()).collect();
+        assert!(
+            t.begin("ada", HOME).is_err(),
+            "three running use the free attempts"
+        );
+        for attempt in running {
+            attempt.abandoned();
+        }
+        fail(&t, "ada", HOME);
+        fail(&t, "ada", HOME);
+        t.begin("ada", HOME).unwrap().succeeded();
+        fail(&t, "ada", HOME);
+        fail(&t, "ada", HOME);
+        t.begin("ada", AWAY).unwrap().succeeded();
+    }
+
+    #[test]
+    fn old_failures_are_forgotten_once_the_lock_is_over() {
+        let t = Throttle::new(ThrottleLimits {
+            forget_after: Duration::ZERO,
+            base_delay: Duration::ZERO,
+            ..limits()
+        });
+        for _ in 0..10 {
+            fail(&t, "ada", HOME);
+        }
+        t.begin("ada", HOME).unwrap().succeeded();
+    }
+
+    #[test]
     fn delays_double_and_stop_at_the_maximum() {
-        let t = throttle();
-        let entry = Arc::new(Mutex::new(Entry::default()));
+        let limits = limits();
+        let entry: Shared = Arc::default();
         for failures in 0..40u32 {
-            let attempt = Attempt {
-                account: entry.clone(),
-                address: Arc::new(Mutex::new(Entry::default())),
-                limits: t.limits,
-                done: false,
-            };
             entry.lock().unwrap().in_flight += 1;
-            drop(attempt);
+            drop(Attempt {
+                keys: [
+                    (entry.clone(), 3),
+                    (Arc::default(), 1000),
+                    (Arc::default(), 1000),
+                ],
+                limits,
+                done: false,
+            });
             let locked = entry.lock().unwrap().locked_until;
             if failures + 1 < 3 {
                 assert!(locked.is_none());

@@ -77,6 +77,8 @@ pub enum UserError {
     Deleted,
     #[error("the user changed meanwhile; read it again and retry")]
     Concurrent,
+    #[error("this is the last active admin: make another admin first")]
+    LastAdmin,
     #[error(transparent)]
     Busy(#[from] super::HashError),
     #[error(transparent)]
@@ -278,8 +280,15 @@ pub async fn update(
             "use DELETE to delete a user"
         )));
     }
+    if role == before.role && status == before.status {
+        // Nothing to change: nothing written, nothing audited.
+        return Ok(before);
+    }
     let takes_away = role != before.role
         || (status == UserStatus::Disabled && before.status != UserStatus::Disabled);
+    if before.role == Role::Admin && before.status == UserStatus::Active && takes_away {
+        refuse_last_admin(pool).await?;
+    }
     let detail = serde_json::json!({
         "role": { "from": before.role.as_str(), "to": role.as_str() },
         "status": { "from": before.status.as_str(), "to": status.as_str() },
@@ -318,6 +327,9 @@ pub async fn delete(pool: &AnyPool, actor: &Actor, id: &str) -> Result<(), UserE
     let before = get(pool, id).await?.ok_or(UserError::NotFound)?;
     if before.status == UserStatus::Deleted {
         return Ok(());
+    }
+    if before.role == Role::Admin && before.status == UserStatus::Active {
+        refuse_last_admin(pool).await?;
     }
     let mut tx = pool.begin().await?;
     let changed = sqlx::query(
@@ -372,6 +384,21 @@ pub async fn reset_password(
     }
     super::sessions::revoke_all(&mut tx, id, "password reset").await?;
     finish(tx, actor, &before, "user.password", serde_json::json!({})).await
+}
+
+/// Refuses to take away the last active admin (administration over HTTP would be gone; the
+/// CLI on the server could still restore it). Two concurrent demotions of the last two admins
+/// can both pass this check; the CLI is the way back.
+async fn refuse_last_admin(pool: &AnyPool) -> Result<(), UserError> {
+    let admins: i64 =
+        sqlx::query("SELECT COUNT(*) AS n FROM users WHERE role = 'admin' AND status = 'active'")
+            .fetch_one(pool)
+            .await?
+            .try_get("n")?;
+    if admins <= 1 {
+        return Err(UserError::LastAdmin);
+    }
+    Ok(())
 }
 
 /// Ends a change's transaction with its audit record and identity-change row.

@@ -309,6 +309,17 @@ impl Session {
             }
         };
         let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
+        if left == 0 {
+            // Within the clock leeway the signature check allows, but already expired.
+            return self
+                .refuse(
+                    socket,
+                    None,
+                    "invalid_token",
+                    "the token is invalid, expired or revoked; the connection keeps its old expiry",
+                )
+                .await;
+        }
         self.connect.expires_at = Instant::now() + Duration::from_secs(left);
         self.watch.refreshed(&user);
         self.connect.user = user;

@@ -34,6 +34,7 @@ impl From<UserError> for ApiError {
             UserError::NotFound => ApiError::NotFound,
             UserError::Deleted => ApiError::StateConflict(error.to_string()),
             UserError::Concurrent => ApiError::Conflict(error.to_string()),
+            UserError::LastAdmin => ApiError::StateConflict(error.to_string()),
             UserError::Busy(HashError::Failed(e)) => ApiError::Internal(e),
             UserError::Busy(e) => ApiError::Busy(e.to_string(), 1),
             UserError::Other(e) => ApiError::Internal(e),
@@ -197,9 +198,16 @@ pub(super) async fn patch_user(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     user: AuthUser,
     Path(id): Path<String>,
-    Json(patch): Json<UserPatch>,
+    Json(body): Json<serde_json::Value>,
 ) -> ApiResult<axum::Json<User>> {
     admin(&user)?;
+    // RFC 7386: `null` removes a member; role and status cannot be removed.
+    for field in ["role", "status"] {
+        if body.get(field).is_some_and(serde_json::Value::is_null) {
+            return Err(ApiError::invalid(field, "cannot be removed (null)"));
+        }
+    }
+    let patch: UserPatch = crate::json::parse(body.to_string().as_bytes())?;
     if patch.status == Some(users::UserStatus::Deleted) {
         return Err(ApiError::invalid(
             "status",
