@@ -98,6 +98,14 @@ impl ApiError {
         }])
     }
 
+    /// A 400 for a query parameter.
+    pub fn bad_query(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::BadQuery(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        })
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json"),

@@ -164,9 +164,7 @@ impl Identity {
                     %client,
                     "a spent refresh token was presented again; the session is revoked"
                 );
-                if let Ok(user) = user_id.parse() {
-                    self.changed(user);
-                }
+                self.changed_user(&user_id);
                 let actor = Actor {
                     id: Some(user_id.clone()),
                     name: format!("session:{session_id}"),

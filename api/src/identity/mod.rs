@@ -481,6 +481,14 @@ impl Identity {
         });
     }
 
+    /// [`Identity::changed`] for a user named by its id as text (ids that are not UUIDs name
+    /// nobody).
+    pub fn changed_user(&self, id: &str) {
+        if let Ok(user) = id.parse() {
+            self.changed(user);
+        }
+    }
+
     /// Registers an open WebSocket session of `user`; its token is cancelled when the user or
     /// the credential loses access. Dropping the [`Watch`] unregisters it.
     pub fn watch(&self, user: &AuthUser) -> Watch {

@@ -290,36 +290,23 @@ impl Session {
     /// Takes a fresh access token of the same user: the connection now expires with it.
     async fn refresh_token(&mut self, socket: &mut WebSocket, token: &str) -> Result<(), End> {
         let checked = self.connect.live.identity.authenticate_token(token).await;
-        let (user, claims) = match checked {
-            Ok(ok) if ok.0.id == self.connect.user.id => ok,
-            Ok(_) => {
-                return self
-                    .refuse(socket, None, "invalid_token", "the token is another user's")
-                    .await;
-            }
-            Err(_) => {
-                return self
-                    .refuse(
-                        socket,
-                        None,
-                        "invalid_token",
-                        "the token is invalid, expired or revoked; the connection keeps its old expiry",
-                    )
-                    .await;
-            }
-        };
-        let left = u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0);
-        if left == 0 {
-            // Within the clock leeway the signature check allows, but already expired.
+        let now = chrono::Utc::now().timestamp();
+        // A token of this user that has not expired; one expired within the clock leeway the
+        // signature check allows is refused here too.
+        let fresh = checked
+            .ok()
+            .filter(|(user, claims)| user.id == self.connect.user.id && claims.exp > now);
+        let Some((user, claims)) = fresh else {
             return self
                 .refuse(
                     socket,
                     None,
                     "invalid_token",
-                    "the token is invalid, expired or revoked; the connection keeps its old expiry",
+                    "the token is invalid, expired, revoked or another user's; the connection keeps its old expiry",
                 )
                 .await;
-        }
+        };
+        let left = u64::try_from(claims.exp - now).unwrap_or(0);
         self.connect.expires_at = Instant::now() + Duration::from_secs(left);
         self.watch.refreshed(&user);
         self.connect.user = user;

@@ -547,12 +547,7 @@ pub(super) async fn list_batches(
     user: AuthUser,
     Query(query): Query<ListQuery>,
 ) -> ApiResult<axum::Json<Page<BatchSummary>>> {
-    let bad = |field: &str, reason: &str| {
-        ApiError::BadQuery(FieldError {
-            field: field.into(),
-            reason: reason.into(),
-        })
-    };
+    let bad = ApiError::bad_query;
     if let Some(status) = &query.status
         && BatchStatus::parse(status).is_none()
     {
@@ -617,12 +612,6 @@ pub(super) struct EventPage {
 impl EventsQuery {
     /// `(after, limit)`: the sequence to continue after (0 from the start) and the page size.
     fn parse(&self) -> ApiResult<(i64, i64)> {
-        let bad = |field: &str, reason: &str| {
-            ApiError::BadQuery(FieldError {
-                field: field.into(),
-                reason: reason.into(),
-            })
-        };
         let limit = match &self.limit {
             None => EVENTS_DEFAULT_LIMIT,
             Some(raw) => raw
@@ -630,21 +619,20 @@ impl EventsQuery {
                 .ok()
                 .filter(|l| (1..=EVENTS_MAX_LIMIT).contains(l))
                 .ok_or_else(|| {
-                    bad(
+                    ApiError::bad_query(
                         "limit",
-                        &format!("must be a whole number from 1 to {EVENTS_MAX_LIMIT}"),
+                        format!("must be a whole number from 1 to {EVENTS_MAX_LIMIT}"),
                     )
                 })?,
         };
         // The cursor is the last sequence of the previous page; clients treat it as opaque.
-        let after = match &self.after {
-            None => 0,
-            Some(raw) => raw
-                .parse::<i64>()
-                .ok()
-                .filter(|a| *a >= 0)
-                .ok_or_else(|| bad("after", "not a cursor from a previous page"))?,
-        };
+        let after =
+            match &self.after {
+                None => 0,
+                Some(raw) => raw.parse::<i64>().ok().filter(|a| *a >= 0).ok_or_else(|| {
+                    ApiError::bad_query("after", "not a cursor from a previous page")
+                })?,
+            };
         Ok((after, limit))
     }
 }

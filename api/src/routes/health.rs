@@ -104,6 +104,21 @@ async fn pipeline_health(state: &AppState, database_up: bool) -> serde_json::Val
     })
 }
 
+/// Writes metrics without labels, each with its `HELP` and `TYPE` lines (Prometheus text
+/// format 0.0.4).
+fn write_family<'a>(
+    out: &mut String,
+    kind: &str,
+    metrics: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+) {
+    for (name, help, value) in metrics {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.metrics;
@@ -112,41 +127,34 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         (
             "essayflow_commands_accepted_total",
             "Commands accepted",
-            &m.commands_accepted,
+            m.commands_accepted.load(Ordering::Relaxed),
         ),
         (
             "essayflow_commands_rejected_total",
             "Commands refused by the domain",
-            &m.commands_rejected,
+            m.commands_rejected.load(Ordering::Relaxed),
         ),
         (
             "essayflow_commands_conflicted_total",
             "Commands that gave up after repeated conflicts",
-            &m.commands_conflicted,
+            m.commands_conflicted.load(Ordering::Relaxed),
         ),
         (
             "essayflow_commands_failed_total",
             "Commands that failed on storage",
-            &m.commands_failed,
+            m.commands_failed.load(Ordering::Relaxed),
         ),
         (
             "essayflow_http_requests_total",
             "HTTP requests answered",
-            &m.http_requests,
+            m.http_requests.load(Ordering::Relaxed),
         ),
         (
             "essayflow_http_server_errors_total",
             "HTTP requests answered with 5xx",
-            &m.http_server_errors,
+            m.http_server_errors.load(Ordering::Relaxed),
         ),
     ];
-    for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            value.load(Ordering::Relaxed)
-        );
-    }
     let id = state.identity.stats();
     let hashing = &state.identity.hasher().stats;
     let identity_counters = [
@@ -191,12 +199,11 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             hashing.refused_deadline.load(Ordering::Relaxed),
         ),
     ];
-    for (name, help, value) in identity_counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
+    write_family(
+        &mut out,
+        "counter",
+        counters.into_iter().chain(identity_counters),
+    );
     let limits = state.identity.hasher().limits();
     let identity_gauges = [
         (
@@ -220,12 +227,11 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             limits.workers,
         ),
     ];
-    for (name, help, value) in identity_gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    }
+    write_family(
+        &mut out,
+        "gauge",
+        identity_gauges.map(|(name, help, value)| (name, help, value as u64)),
+    );
     let _ = writeln!(
         out,
         "# HELP essayflow_projection_errors_total Failed projection steps\n# TYPE essayflow_projection_errors_total counter"

@@ -10,14 +10,15 @@
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthUser, Role};
-use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::error::{ApiError, ApiResult, Problem};
 use crate::identity::audit::{self, AuditEntry};
 use crate::identity::keys::{self, ApiKey, KeyError, NewApiKey};
 use crate::identity::users::{self, User, UserError, UserPatch};
@@ -56,8 +57,26 @@ impl From<KeyError> for ApiError {
     }
 }
 
-fn admin(user: &AuthUser) -> Result<(), ApiError> {
-    user.require(&[Role::Admin], "admin")
+/// The caller of an admin route: an authenticated admin (401, 403 otherwise), and the audit
+/// log's actor for what it does (with the client's address).
+pub(super) struct Admin {
+    actor: Actor,
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let user = AuthUser::from_request_parts(parts, state).await?;
+        user.require(&[Role::Admin], "admin")?;
+        let client = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(address)| address.ip());
+        Ok(Self {
+            actor: Actor::user(&user, client),
+        })
+    }
 }
 
 fn created<T: Serialize>(location: String, body: T) -> Response {
@@ -92,10 +111,10 @@ fn limit(value: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
     if (1..=max).contains(&limit) {
         Ok(limit)
     } else {
-        Err(ApiError::BadQuery(FieldError {
-            field: "limit".to_owned(),
-            reason: format!("must be from 1 to {max}"),
-        }))
+        Err(ApiError::bad_query(
+            "limit",
+            format!("must be from 1 to {max}"),
+        ))
     }
 }
 
@@ -107,10 +126,9 @@ fn limit(value: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
         (status = 403, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn list_users(
     State(state): State<AppState>,
-    user: AuthUser,
+    _admin: Admin,
     CheckedQuery(query): CheckedQuery<UserListQuery>,
 ) -> ApiResult<axum::Json<UserPage>> {
-    admin(&user)?;
     let limit = limit(query.limit, 100, 500)?;
     let mut items = users::list(state.storage.pool(), query.after.as_deref(), limit + 1).await?;
     let next_cursor = if items.len() as i64 > limit {
@@ -142,15 +160,13 @@ pub(super) struct NewUser {
         (status = 503, description = "The hashing queue is full", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn create_user(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Json(body): Json<NewUser>,
 ) -> ApiResult<Response> {
-    admin(&user)?;
     let created_user = users::create(
         state.storage.pool(),
         state.identity.hasher(),
-        &Actor::user(&user, Some(client.ip())),
+        &admin.actor,
         &body.username,
         body.role,
         &body.password,
@@ -171,10 +187,9 @@ pub(super) async fn create_user(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn get_user(
     State(state): State<AppState>,
-    user: AuthUser,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<User>> {
-    admin(&user)?;
     let found = users::get(state.storage.pool(), &id)
         .await?
         .ok_or(ApiError::NotFound)?;
@@ -195,12 +210,10 @@ pub(super) async fn get_user(
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn patch_user(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Path(id): Path<String>,
     Json(body): Json<serde_json::Value>,
 ) -> ApiResult<axum::Json<User>> {
-    admin(&user)?;
     // RFC 7386: `null` removes a member; role and status cannot be removed.
     for field in ["role", "status"] {
         if body.get(field).is_some_and(serde_json::Value::is_null) {
@@ -214,16 +227,8 @@ pub(super) async fn patch_user(
             "must be active or disabled (delete with DELETE)",
         ));
     }
-    let updated = users::update(
-        state.storage.pool(),
-        &Actor::user(&user, Some(client.ip())),
-        &id,
-        &patch,
-    )
-    .await?;
-    if let Ok(changed) = id.parse() {
-        state.identity.changed(changed);
-    }
+    let updated = users::update(state.storage.pool(), &admin.actor, &id, &patch).await?;
+    state.identity.changed_user(&id);
     Ok(axum::Json(updated))
 }
 
@@ -236,20 +241,11 @@ pub(super) async fn patch_user(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn delete_user(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    admin(&user)?;
-    users::delete(
-        state.storage.pool(),
-        &Actor::user(&user, Some(client.ip())),
-        &id,
-    )
-    .await?;
-    if let Ok(changed) = id.parse() {
-        state.identity.changed(changed);
-    }
+    users::delete(state.storage.pool(), &admin.actor, &id).await?;
+    state.identity.changed_user(&id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -273,23 +269,19 @@ pub(super) struct NewPassword {
         (status = 503, description = "The hashing queue is full", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn reset_password(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Path(id): Path<String>,
     Json(body): Json<NewPassword>,
 ) -> ApiResult<StatusCode> {
-    admin(&user)?;
     users::reset_password(
         state.storage.pool(),
         state.identity.hasher(),
-        &Actor::user(&user, Some(client.ip())),
+        &admin.actor,
         &id,
         &body.password,
     )
     .await?;
-    if let Ok(changed) = id.parse() {
-        state.identity.changed(changed);
-    }
+    state.identity.changed_user(&id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -306,9 +298,8 @@ pub(super) struct KeyList {
         (status = 403, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn list_keys(
     State(state): State<AppState>,
-    user: AuthUser,
+    _admin: Admin,
 ) -> ApiResult<axum::Json<KeyList>> {
-    admin(&user)?;
     Ok(axum::Json(KeyList {
         items: keys::list(state.storage.pool(), 1000).await?,
     }))
@@ -332,14 +323,12 @@ pub(super) struct NewKey {
         (status = 422, description = "No such user, not a service user, or a bad name", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn create_key(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Json(body): Json<NewKey>,
 ) -> ApiResult<Response> {
-    admin(&user)?;
     let key = keys::create(
         state.storage.pool(),
-        &Actor::user(&user, Some(client.ip())),
+        &admin.actor,
         &body.user_id,
         &body.name,
     )
@@ -357,21 +346,17 @@ pub(super) async fn create_key(
         (status = 409, description = "The key is revoked", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn rotate_key(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    admin(&user)?;
     let key = keys::rotate(
         state.storage.pool(),
-        &Actor::user(&user, Some(client.ip())),
+        &admin.actor,
         &id,
         state.identity.options().key_rotation_grace,
     )
     .await?;
-    if let Ok(owner) = key.info.user_id.parse() {
-        state.identity.changed(owner);
-    }
+    state.identity.changed_user(&key.info.user_id);
     Ok(created(format!("/v1/admin/keys/{}", key.info.id), key))
 }
 
@@ -384,20 +369,11 @@ pub(super) async fn rotate_key(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn revoke_key(
     State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    user: AuthUser,
+    admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    admin(&user)?;
-    let key = keys::revoke(
-        state.storage.pool(),
-        &Actor::user(&user, Some(client.ip())),
-        &id,
-    )
-    .await?;
-    if let Ok(owner) = key.user_id.parse() {
-        state.identity.changed(owner);
-    }
+    let key = keys::revoke(state.storage.pool(), &admin.actor, &id).await?;
+    state.identity.changed_user(&key.user_id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -432,10 +408,9 @@ pub(super) struct AuditPage {
         (status = 403, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn audit_log(
     State(state): State<AppState>,
-    user: AuthUser,
+    _admin: Admin,
     CheckedQuery(query): CheckedQuery<AuditQuery>,
 ) -> ApiResult<axum::Json<AuditPage>> {
-    admin(&user)?;
     let limit = limit(query.limit, 100, 500)?;
     let storable = |s: &Option<String>| s.as_deref().is_none_or(users::is_storable);
     if !storable(&query.action) || !storable(&query.actor) {

@@ -112,7 +112,7 @@ impl Bus {
     pub async fn publish(&self, messages: &[OutMessage]) -> Result<(), BusError> {
         match self {
             Self::Memory(bus) => {
-                bus.publish(messages);
+                bus.publish(messages).await;
                 Ok(())
             }
             Self::Kafka(bus) => bus.publish(messages).await,
