@@ -18,6 +18,7 @@ use integration_tests::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::Row;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -202,7 +203,13 @@ async fn logout_revokes_the_session_and_its_tokens(engine: Engine) {
         .json()
         .await
         .unwrap();
-    let mut ws = app.ws(&teacher).await;
+    // The WebSocket handshake takes the scheme in any case (RFC 9110 section 11.1).
+    let mut request = ws_url(&app.address).into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("BEARER {}", teacher.token).parse().unwrap(),
+    );
+    let mut ws = WsClient::connect(request, None).await.unwrap();
     ws.subscribe("dashboard", None).await;
     assert_eq!(ws.next_json().await["type"], "subscribed");
 
