@@ -630,7 +630,15 @@ impl Settings {
             bail!("ESSAYFLOW_JWT_SECRET must be set when PostgreSQL is used");
         }
         let path = self.data_dir.join("jwt-secret");
-        if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = match std::fs::read_to_string(&path) {
+            Ok(existing) => Some(existing),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            // Unreadable is not missing: a new secret would silently log everyone out.
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading {}", path.display()));
+            }
+        };
+        if let Some(existing) = existing {
             let existing = existing.trim();
             if existing.len() < 32 {
                 bail!(
@@ -693,6 +701,22 @@ mod tests {
             .apply_env(|name| (name == "ESSAYFLOW_TOKEN_TTL_SECS").then(|| "soon".to_owned()))
             .expect_err("refused");
         assert!(err.to_string().contains("ESSAYFLOW_TOKEN_TTL_SECS"));
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_is_an_error_not_a_new_secret() {
+        let dir = std::env::temp_dir().join(format!("essayflow-secret-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A directory where the file should be: it exists but cannot be read as a file.
+        std::fs::create_dir_all(dir.join("jwt-secret")).expect("test setup");
+        let settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let error = settings.jwt_secret().expect_err("refused");
+        assert!(format!("{error:#}").contains("jwt-secret"), "{error:#}");
+        assert!(dir.join("jwt-secret").is_dir(), "nothing was replaced");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
