@@ -22,7 +22,27 @@
 #   ONLY=growth scripts/bench.sh     # commands/s and replay at ~200 000 and ~1 000 000 events
 #   ONLY=engines scripts/bench.sh    # only commands/s per engine and replay/rebuild beside load
 #   ONLY=login scripts/bench.sh      # logins/s at the configured hashing cost; GET p99 beside a login flood
+#   ONLY=mix scripts/bench.sh        # a realistic mix of teachers at 64 and 1 000 clients (PostgreSQL)
+#   ONLY=mix BASELINE_REV=e4515ae scripts/bench.sh   # ... and the edge layers' overhead (below)
+#   ONLY=edge BASELINE_REV=e4515ae scripts/bench.sh  # only the edge layers' overhead
 #
+# The mix (ONLY=mix, essayflow-mix-bench, PostgreSQL): MIX_CLIENTS (64, then 1 000) concurrent
+# clients, each its own teacher (created with `essayflow users add`, a token each from
+# `essayflow token`) on its own keep-alive connection, closed loop without think time
+# (MIX_THINK_MS) for MIX_DURATION seconds (default DURATION): 90 % reads of their own batches
+# (with ETags), the dashboard, the batch list and a batch's status, 10 % commands (one essay of
+# ~2 000 words added to their open batch, or a new batch). Set-up (each teacher: a class batch
+# of 3 such essays and an open batch, 32 teachers at a time) is timed apart. Reports
+# requests/s, p50/p95/p99/max latency (all, reads, commands), answers by class, 429s, errors
+# (anything but 2xx, 304 and 429, and transport errors) and the connections established;
+# targets: p95 at most 100 ms, no errors. The generator shares the cores with the server.
+# The edge layers' overhead (ONLY=edge, or within ONLY=mix when BASELINE_REV is set):
+# commands/s at 64 clients (essayflow-bench, as in the engines' table) on this build and on
+# BASELINE_REV (the revision before the edge layers), alternately, EDGE_ROUNDS (2) times each,
+# each on a fresh PostgreSQL database; target: this build at most 10 % lower. essayflow-bench
+# sends every command as one user: EDGE_SERVER_ENV (VAR=VALUE ..., exported for this build's
+# server only) must lift the per-user command rate limit, or this build's figure counts 429s
+# as errors instead of commands.
 # The class run (ONLY=class): a batch of 1 000 essays of about 500 words, ai_feedback with the
 # development processor at 0 ms: seconds from the request to `completed`, the database's growth
 # over the run, and the bytes the live feed stored; a class of 100 as the same run's scaling
@@ -37,6 +57,10 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 REPLAY_EVENTS=${REPLAY_EVENTS:-100000}
 PORT=${PORT:-18181}
+# Every server started here also serves /metrics and the detailed /readyz, without
+# authentication, on this operations port (on the main port they need an admin).
+OPS_PORT=${OPS_PORT:-18182}
+export ESSAYFLOW_OPS_BIND=127.0.0.1:$OPS_PORT ESSAYFLOW_BENCH_METRICS_URL=http://127.0.0.1:$OPS_PORT
 PG=${ESSAYFLOW_BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 # Both essayflow and the pgbench baseline talk to PostgreSQL over loopback without TLS.
 PG_OPTS="sslmode=disable"
@@ -53,6 +77,7 @@ LOAD=target/release/essayflow-bench
 LOGIN=target/release/essayflow-login-bench
 PIPE=target/release/essayflow-pipeline-bench
 WS=target/release/essayflow-ws-bench
+MIX=target/release/essayflow-mix-bench
 OUT="$WORK/results.md"
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
@@ -266,7 +291,7 @@ run_growth() {
   done
 }
 
-metric() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
+metric() { curl -s "http://127.0.0.1:$OPS_PORT/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
 
 wait_healthy() {
   for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && return; sleep 0.05; done
@@ -297,7 +322,8 @@ run_pipeline() {
   # Relay throughput: the same log published again from its start (no processor running).
   psql "$PG/${DB}_pipeline" -qc "UPDATE projection_checkpoints SET tx = 0, position = 0 WHERE name = 'relay'"
   export ESSAYFLOW_TOPIC_PREFIX=benchrelay
-  "$BIN" serve & server=$!
+  # The lag is polled every 20 ms to time the relay: read it afresh on every scrape.
+  ESSAYFLOW_OPS_CACHE_MS=0 "$BIN" serve & server=$!
   wait_healthy
   local started lag ended
   started=$(date +%s.%N)
@@ -432,6 +458,128 @@ run_ws() {
   } > "$OUT.ws"
 }
 
+# ---- A realistic mix of teachers (ONLY=mix, PostgreSQL) ----
+MIX_CLIENTS=${MIX_CLIENTS:-64 1000}       # one run per count, in this order, on one server
+MIX_DURATION=${MIX_DURATION:-$DURATION}   # seconds of load per run
+MIX_THINK_MS=${MIX_THINK_MS:-0}           # think time between a client's answer and its next request
+MIX_TIMEOUT=${MIX_TIMEOUT:-900}           # seconds per run, set-up included
+MIX_ARGS=${MIX_ARGS:-}                    # more essayflow-mix-bench options, e.g. "--essays 1 --essay-words 500"
+
+# mix_tokens N FILE: teachers mix1..mixN, created with the CLI (4 at a time, with a cheap
+# password hash: nobody logs in with the password, the tokens come from `essayflow token`), and
+# one access token each (valid a day: the default is 900 s), one per line, into FILE.
+mix_tokens() {
+  local n=$1 file=$2
+  export ESSAYFLOW_HASH_MEMORY_KIB=1024 ESSAYFLOW_HASH_ITERATIONS=1
+  # The first alone: it migrates the fresh database.
+  echo benchpassword | "$BIN" users add --username mix1 --role teacher --password-stdin >/dev/null
+  seq 2 "$n" | xargs -P 4 -I{} sh -c \
+    'echo benchpassword | "$0" users add --username "mix$1" --role teacher --password-stdin >/dev/null' "$BIN" {}
+  unset ESSAYFLOW_HASH_MEMORY_KIB ESSAYFLOW_HASH_ITERATIONS
+  # Each token is one line, written at once into the pipe: lines do not interleave.
+  seq 1 "$n" | xargs -P 4 -I{} "$BIN" token --username "mix{}" --ttl-secs 86400 | cat > "$file"
+  if [ "$(wc -l < "$file")" != "$n" ]; then
+    echo "mix: $(wc -l < "$file") tokens for $n teachers" >&2; exit 1
+  fi
+}
+
+# mix_row JSON: a row of the mix's table.
+mix_row() {
+  python3 -c "
+import json, sys
+r = json.loads(sys.argv[1])
+f = lambda k: 'n/a' if r.get(k) is None else (f'{r[k]:.2f}' if isinstance(r[k], float) else str(r[k]))
+lat = lambda p: ' / '.join(f(p + k) for k in ('p50_ms', 'p95_ms', 'p99_ms'))
+met = 'met' if r['p95_ms'] <= 100 and r['errors'] == 0 else 'not met'
+print(f\"| {r['clients']} | {r['throughput_rps']:.0f} | {lat('')} / {f('max_ms')} | {lat('read_')} | {lat('command_')} \"
+      f\"| {f('status_2xx')} / {f('status_304')} / {f('status_4xx')} / {f('status_5xx')} | {f('status_429')} \"
+      f\"| {r['errors']} ({100 * r['error_rate']:.3f} %) | {met} | {f('connections_established')} | {r['setup_seconds']:.1f} s |\")
+" "$1"
+}
+
+run_mix() {
+  # Every client holds a connection: a file descriptor on both sides (the generator and the
+  # server each get this limit).
+  ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  local most=0 c
+  for c in $MIX_CLIENTS; do [ "$c" -gt "$most" ] && most=$c; done
+  local limit
+  limit=$(ulimit -n)
+  if [ "$limit" != unlimited ] && [ $((most + 1000)) -gt "$limit" ]; then
+    echo "mix: ulimit -n is $limit (hard $(ulimit -Hn)), too few for $most clients" >&2
+  fi
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_mix" -c "CREATE DATABASE ${DB}_mix" >/dev/null
+  export ESSAYFLOW_DATABASE_URL="$PG/${DB}_mix?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+  export ESSAYFLOW_BIND=127.0.0.1:$PORT
+  local started
+  started=$(date +%s.%N)
+  mix_tokens "$most" "$WORK/mix-tokens"
+  echo "mix: $most teachers and their tokens created in $(python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$started") s" >&2
+  "$BIN" serve & local server=$!
+  wait_healthy
+  for c in $MIX_CLIENTS; do
+    local r status=0
+    # shellcheck disable=SC2086
+    r=$(timeout "$MIX_TIMEOUT" "$MIX" --url "http://127.0.0.1:$PORT" --tokens-file "$WORK/mix-tokens" \
+      --clients "$c" --duration "$MIX_DURATION" --think-ms "$MIX_THINK_MS" $MIX_ARGS) || status=$?
+    if [ "$status" != 0 ]; then
+      echo "essayflow-mix-bench --clients $c: exit $status (the set-up failed or it timed out; see above)" >&2
+      printf '| %s | failed (exit %s) |||||||||\n' "$c" "$status" >> "$OUT.mix"
+      continue
+    fi
+    echo "mix $c: $r" >&2
+    mix_row "$r" >> "$OUT.mix"
+  done
+  kill "$server"; wait "$server" 2>/dev/null || true
+  if [ -n "${BASELINE_REV:-}" ]; then run_edge; fi
+}
+
+# ---- The edge layers' overhead (ONLY=edge; within ONLY=mix when BASELINE_REV is set) ----
+run_edge() {
+  if [ -z "${BASELINE_REV:-}" ]; then
+    echo "ONLY=edge needs BASELINE_REV (the revision before the edge layers)" >&2; exit 1
+  fi
+  local base
+  base=$(baseline_bin)
+  local round label bin
+  local this=() baseline=()
+  for round in $(seq 1 "${EDGE_ROUNDS:-2}"); do
+    for label in this "$BASELINE_REV"; do
+      bin=$base
+      [ "$label" = this ] && bin=$BIN
+      psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_edge" -c "CREATE DATABASE ${DB}_edge" >/dev/null
+      export ESSAYFLOW_DATABASE_URL="$PG/${DB}_edge?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+      export ESSAYFLOW_BIND=127.0.0.1:$PORT
+      echo "benchpassword" | "$bin" users add --username bench --role teacher --password-stdin >/dev/null
+      local token server
+      # (Earlier revisions may have no --ttl-secs: their default then.)
+      token=$("$bin" token --username bench --ttl-secs 86400 2>/dev/null || "$bin" token --username bench)
+      if [ "$label" = this ]; then
+        # shellcheck disable=SC2086
+        env ${EDGE_SERVER_ENV:-} "$bin" serve & server=$!
+      else
+        "$bin" serve & server=$!
+      fi
+      wait_healthy
+      "$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 16 --duration 2 >/dev/null
+      local r
+      r=$("$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 64 --duration "$DURATION")
+      kill "$server"; wait "$server" 2>/dev/null || true
+      echo "edge round $round $label: $r" >&2
+      printf '| %s | %s | %s | %s | %s | %s |\n' "$round" "$label" "$(field "$r" commands_per_second)" \
+        "$(field "$r" p50_ms)" "$(field "$r" p99_ms)" "$(field "$r" errors)" >> "$OUT.edge"
+      if [ "$label" = this ]; then this+=("$(field "$r" commands_per_second)"); else baseline+=("$(field "$r" commands_per_second)"); fi
+    done
+  done
+  python3 -c "
+import sys
+this, base = [float(x) for x in sys.argv[1].split()], [float(x) for x in sys.argv[2].split()]
+t, b = sum(this) / len(this), sum(base) / len(base)
+print(f'This build: {t:.0f} commands/s at 64 clients, {sys.argv[3]}: {b:.0f} (means of {len(this)} rounds): '
+      f'{100 * (t - b) / b:+.1f} % (target: at least -10 %).')
+" "${this[*]}" "${baseline[*]}" "$BASELINE_REV" > "$OUT.edge-summary"
+}
+
 if [ "$ONLY" = all ] || [ "$ONLY" = engines ]; then
   run_engine postgres "$PG/$DB?$PG_OPTS"
   run_engine sqlite "sqlite:$WORK/bench.db"
@@ -455,6 +603,12 @@ if [ "$ONLY" = all ] || [ "$ONLY" = pipeline ]; then
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = ws ] || [ "$ONLY" = latency ]; then
   run_ws
+fi
+if [ "$ONLY" = mix ]; then
+  run_mix
+fi
+if [ "$ONLY" = edge ]; then
+  run_edge
 fi
 
 {
@@ -503,5 +657,18 @@ fi
   if [ -f "$OUT.ws" ]; then
     [ "$ONLY" = ws ] || echo
     cat "$OUT.ws"
+  fi
+  if [ -f "$OUT.mix" ]; then
+    echo "| clients (PostgreSQL, 90 % reads, 10 % commands, ${MIX_DURATION} s, think ${MIX_THINK_MS} ms) | requests/s | all p50 / p95 / p99 / max ms | reads p50 / p95 / p99 ms | commands p50 / p95 / p99 ms | 2xx / 304 / 4xx / 5xx | 429 | errors (rate) | p95 <= 100 ms, 0 errors | connections | set-up |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    cat "$OUT.mix"
+    echo
+  fi
+  if [ -f "$OUT.edge" ]; then
+    echo "| round | build | commands/s at 64 clients (PostgreSQL) | p50 ms | p99 ms | errors |"
+    echo "|---|---|---|---|---|---|"
+    cat "$OUT.edge"
+    echo
+    cat "$OUT.edge-summary"
   fi
 } | tee "$OUT"

@@ -14,8 +14,13 @@ use crate::state::AppState;
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
-    /// An `X-API-Key`, or an `Authorization: Bearer` access token; 401 otherwise.
+    /// An `X-API-Key`, or an `Authorization: Bearer` access token; 401 otherwise. The rate
+    /// limit ([`crate::edge::ratelimit`]) has usually authenticated the request already and
+    /// left the caller in the request's extensions: then that one, without checking again.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(user) = parts.extensions.get::<AuthUser>() {
+            return Ok(user.clone());
+        }
         state.identity.authenticate(&parts.headers).await
     }
 }

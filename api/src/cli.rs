@@ -130,6 +130,14 @@ enum UsersCommand {
         #[arg(long, value_parser = ["teacher", "admin", "service"])]
         role: String,
     },
+    /// Set a user's rate-limit tier (a tier of the `[rate_limit]` configuration); without
+    /// --tier, back to the default tier. Sessions stay; the next request uses the new tier.
+    SetTier {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        tier: Option<String>,
+    },
     /// Delete a user (the row stays, so their batches keep an owner and admins can read them).
     Delete {
         #[arg(long)]
@@ -190,7 +198,11 @@ async fn run_users(settings: &Settings, command: UsersCommand) -> anyhow::Result
     // The configured cost, as the server's (so that every stored hash costs the same to check).
     let hasher = crate::identity::Hasher::new(settings.auth.options().hashing)?;
     let patch =
-        |role: Option<Role>, status: Option<users::UserStatus>| users::UserPatch { role, status };
+        |role: Option<Role>, status: Option<users::UserStatus>| users::UserPatch {
+            role,
+            status,
+            tier: None,
+        };
     match command {
         UsersCommand::Add { username, role, .. } => {
             let role = Role::parse(&role).context("role")?;
@@ -245,6 +257,35 @@ async fn run_users(settings: &Settings, command: UsersCommand) -> anyhow::Result
             let id = user_id(pool, &username).await?;
             users::update(pool, &actor, &id, &patch(Some(role), None)).await?;
             println!("{username} is now {}", role.as_str());
+        }
+        UsersCommand::SetTier { username, tier } => {
+            if let Some(tier) = &tier
+                && !settings.rate_limit.tiers.contains_key(tier)
+            {
+                anyhow::bail!(
+                    "{tier:?} is not a configured tier (configured: {})",
+                    settings
+                        .rate_limit
+                        .tiers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let id = user_id(pool, &username).await?;
+            let change = users::UserPatch {
+                tier: Some(tier.clone()),
+                ..users::UserPatch::default()
+            };
+            users::update(pool, &actor, &id, &change).await?;
+            match tier {
+                Some(tier) => println!("{username} is now in tier {tier}"),
+                None => println!(
+                    "{username} is now in the default tier ({})",
+                    settings.rate_limit.default_tier
+                ),
+            }
         }
         UsersCommand::Delete { username } => {
             let id = user_id(pool, &username).await?;

@@ -85,6 +85,36 @@ pub enum ApiError {
     /// 500: anything else; the cause is logged, not shown.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
+    /// 503: this node is handling as many requests as it may (`max_in_flight`); retry after
+    /// a second (`Retry-After: 1`).
+    #[error("the service is handling as many requests as it can; retry shortly")]
+    Overloaded,
+    /// 503: this node has as many connections open as it may (`max_connections`); the
+    /// connection is closed after this answer.
+    #[error("the server has as many connections open as it may; retry shortly")]
+    TooManyConnections,
+    /// 429 (this user's limit) or 503 (this node's): too many WebSocket connections.
+    #[error("too many WebSocket connections {}; close one or retry later", if *.0 { "for this user" } else { "on this node" })]
+    TooManyWebSockets(bool),
+    /// An error status answered by a layer without a body (for example 503 after the request
+    /// timeout): the problem of that status.
+    #[error("{}", status_detail(*.0))]
+    Status(StatusCode),
+    /// 429 `rate-limited`: over a rate-limit budget of this node (`api::edge::ratelimit`,
+    /// docs/rate-limits.md): `class` is the budget's class (`login`, `read`, `command`),
+    /// `subject` what it is counted against (`user`, `API key`, `address`), `budget` its size
+    /// (`"100/hour"`); retry after `retry_after` seconds (also in `Retry-After`, at least 1).
+    #[error("too many {class} requests from this {subject}: the budget is {budget} per node; retry in {retry_after} s")]
+    RateLimited {
+        class: &'static str,
+        subject: &'static str,
+        budget: String,
+        retry_after: u64,
+    },
+    /// 503: the database cannot be reached (the circuit breaker is open, or this request
+    /// failed to reach it); retry after `Retry-After` ([`crate::edge::breaker`]).
+    #[error("the database cannot be reached at the moment; retry shortly")]
+    DatabaseUnavailable,
     /// 426: `GET /v1/ws` without a WebSocket upgrade.
     #[error("this endpoint speaks WebSocket only: {0}")]
     UpgradeRequired(String),
@@ -104,6 +134,11 @@ impl ApiError {
             field: field.into(),
             reason: reason.into(),
         })
+    }
+
+    /// The problem of an error status that a layer answered without a body.
+    pub fn from_status(status: StatusCode) -> Self {
+        Self::Status(status)
     }
 
     fn parts(&self) -> (StatusCode, &'static str) {
@@ -130,6 +165,15 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
             Self::NotYetConsistent(_) => (StatusCode::SERVICE_UNAVAILABLE, "not-yet-consistent"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "too-many-connections"),
+            Self::TooManyWebSockets(true) => (StatusCode::TOO_MANY_REQUESTS, "too-many-websockets"),
+            Self::TooManyWebSockets(false) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too-many-websockets")
+            }
+            Self::Status(status) => (*status, status_code(*status)),
+            Self::DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database-unavailable"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
             Self::UpgradeRequired(_) => {
                 (StatusCode::UPGRADE_REQUIRED, "websocket-upgrade-required")
             }
@@ -181,6 +225,13 @@ pub struct Problem {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A failure to reach the database is a 503 with `Retry-After`, reported to the
+        // circuit breaker, not an opaque 500.
+        if let Self::Internal(cause) = &self
+            && let Some(failure) = crate::edge::breaker::DatabaseFailure::of_anyhow(cause)
+        {
+            return failure.into_response();
+        }
         let (status, code) = self.parts();
         if let Self::Internal(cause) = &self {
             tracing::error!(error = ?cause, "request failed");
@@ -208,7 +259,11 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         let retry_after = match &self {
-            Self::Throttled(secs) | Self::Busy(_, secs) => Some(*secs),
+            Self::Throttled(secs)
+            | Self::Busy(_, secs)
+            | Self::RateLimited {
+                retry_after: secs, ..
+            } => Some(*secs),
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,
         };
@@ -222,3 +277,25 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The problem `type` suffix of a status answered by a layer.
+fn status_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::REQUEST_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => "timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+        StatusCode::TOO_MANY_REQUESTS => "rate-limited",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::NOT_FOUND => "no-route",
+        s if s.is_server_error() => "unavailable",
+        _ => "bad-request",
+    }
+}
+
+fn status_detail(status: StatusCode) -> String {
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
+            "the request was not answered within the request timeout; retry shortly".to_owned()
+        }
+        s => s.canonical_reason().unwrap_or("error").to_owned(),
+    }
+}

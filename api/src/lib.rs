@@ -10,17 +10,25 @@
 //!   processor simulator.
 //! - [`live`] streams projection changes to WebSocket clients (`GET /v1/ws`); [`tls`] serves
 //!   HTTPS and WSS.
+//! - [`server`] accepts connections within their limits (header-read timeout, connection
+//!   cap, shutdown); [`edge`] is every layer in front of the routes (rate limits, load
+//!   shedding, timeouts, CORS, security headers, compression, the database circuit breaker).
+//! - [`ops`] is what `/readyz` and `/metrics` read (a cached snapshot) and the operations
+//!   listener; the database circuit breaker is [`edge::breaker`].
 //! - Only this crate knows HTTP.
 
 pub mod auth;
 pub mod cli;
+pub mod edge;
 pub mod error;
 pub mod identity;
 pub mod jobs;
 pub mod json;
 pub mod live;
+pub mod ops;
 pub mod pipeline;
 mod routes;
+pub mod server;
 pub mod settings;
 pub mod startup;
 pub mod state;

@@ -69,6 +69,60 @@ pub struct Settings {
     pub ws: WsSettings,
     /// Sessions, refresh tokens, API keys, password hashing and login throttling.
     pub auth: AuthSettings,
+    /// The HTTP edge: connection and request limits, timeouts, CORS, compression, shutdown.
+    pub http: HttpSettings,
+    /// HTTP rate limits: budgets, tiers, trusted proxies (`[rate_limit]`; docs/rate-limits.md).
+    pub rate_limit: crate::edge::ratelimit::RateLimitSettings,
+    /// The database circuit breaker's bounds and the operations endpoints (`[ops]`;
+    /// docs/operations-endpoints.md).
+    pub ops: crate::edge::breaker::OpsSettings,
+}
+
+/// The HTTP edge's settings (see `api::edge` and `api::server`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// A client must send a request's whole header within this many milliseconds of the
+    /// connection's opening or of the previous answer, else the connection closes: the bound
+    /// on slow headers and on idle kept-alive connections alike.
+    pub header_read_timeout_ms: u64,
+    /// A request not answered within this many seconds gets 503 problem+json (`timeout`).
+    pub request_timeout_secs: u64,
+    /// Requests handled at once by this node; past it, 503 problem+json (`overloaded`) with
+    /// `Retry-After` at once (load shedding, never a queue).
+    pub max_in_flight: usize,
+    /// Open HTTP connections (TLS handshakes included) per node; past it, a new connection is
+    /// answered 503 problem+json (`too-many-connections`) and closed.
+    pub max_connections: usize,
+    /// On shutdown, the longest wait for requests, WebSockets, workers and the database
+    /// pool to finish, in seconds; then the process exits anyway.
+    pub drain_timeout_secs: u64,
+    /// Origins (`https://app.example.org`) allowed to call the API from a browser (CORS);
+    /// empty: none. `*` is refused: name the frontends.
+    pub cors_origins: Vec<String>,
+    /// How long a browser may cache a CORS preflight answer, in seconds.
+    pub cors_max_age_secs: u64,
+    /// Answers at least this large (bytes) are compressed when the client accepts gzip, br or
+    /// zstd.
+    pub compression_min_bytes: u16,
+    /// `Strict-Transport-Security: max-age=` when serving TLS (seconds; 0: no header).
+    pub hsts_max_age_secs: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            request_timeout_secs: 30,
+            max_in_flight: 2048,
+            max_connections: 10_000,
+            drain_timeout_secs: 10,
+            cors_origins: Vec::new(),
+            cors_max_age_secs: 600,
+            compression_min_bytes: 1024,
+            hsts_max_age_secs: 31_536_000,
+        }
+    }
 }
 
 /// The identity lifecycle's settings (see `api::identity`). Durations in seconds unless the
@@ -192,6 +246,12 @@ pub struct WsSettings {
     /// The most changes a resume (`since`) replays from the history; a client further behind
     /// gets a snapshot.
     pub max_replay: i64,
+    /// WebSocket connections per node; past it, the handshake is answered 503 problem+json
+    /// (`too-many-websockets`) with `Retry-After`.
+    pub max_connections: usize,
+    /// WebSocket connections per user (or API key's user) on one node; past it, 429
+    /// problem+json (`too-many-websockets`).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for WsSettings {
@@ -207,6 +267,8 @@ impl Default for WsSettings {
             send_buffer_bytes: 16 * 1024 * 1024,
             history_secs: 900,
             max_replay: 10_000,
+            max_connections: 20_000,
+            max_connections_per_user: 32,
         }
     }
 }
@@ -245,6 +307,9 @@ impl Default for Settings {
             verify_interval_secs: 0,
             ws: WsSettings::default(),
             auth: AuthSettings::default(),
+            http: HttpSettings::default(),
+            rate_limit: Default::default(),
+            ops: Default::default(),
         }
     }
 }
@@ -268,6 +333,8 @@ impl std::fmt::Debug for Settings {
             .field("tls_cert", &self.tls_cert)
             .field("ws", &self.ws)
             .field("auth", &self.auth)
+            .field("http", &self.http)
+            .field("ops", &self.ops)
             .finish_non_exhaustive()
     }
 }
@@ -487,6 +554,11 @@ impl Settings {
             ("ESSAYFLOW_WS_MAX_MESSAGE_BYTES", &mut ws.max_message_bytes),
             ("ESSAYFLOW_WS_SEND_BUFFER", &mut ws.send_buffer),
             ("ESSAYFLOW_WS_SEND_BUFFER_BYTES", &mut ws.send_buffer_bytes),
+            ("ESSAYFLOW_WS_MAX_CONNECTIONS", &mut ws.max_connections),
+            (
+                "ESSAYFLOW_WS_MAX_CONNECTIONS_PER_USER",
+                &mut ws.max_connections_per_user,
+            ),
         ] {
             if let Some(v) = var(name) {
                 *slot = parse_u(name, v)? as usize;
@@ -503,6 +575,46 @@ impl Settings {
                 *slot = parse_u(name, v)? as u32;
             }
         }
+        let http = &mut self.http;
+        for (name, slot) in [
+            (
+                "ESSAYFLOW_HTTP_HEADER_READ_TIMEOUT_MS",
+                &mut http.header_read_timeout_ms,
+            ),
+            (
+                "ESSAYFLOW_HTTP_REQUEST_TIMEOUT_SECS",
+                &mut http.request_timeout_secs,
+            ),
+            ("ESSAYFLOW_SHUTDOWN_DRAIN_SECS", &mut http.drain_timeout_secs),
+            ("ESSAYFLOW_CORS_MAX_AGE_SECS", &mut http.cors_max_age_secs),
+            ("ESSAYFLOW_HSTS_MAX_AGE_SECS", &mut http.hsts_max_age_secs),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)?;
+            }
+        }
+        for (name, slot) in [
+            ("ESSAYFLOW_HTTP_MAX_IN_FLIGHT", &mut http.max_in_flight),
+            ("ESSAYFLOW_HTTP_MAX_CONNECTIONS", &mut http.max_connections),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = parse_u(name, v)? as usize;
+            }
+        }
+        if let Some(v) = var("ESSAYFLOW_COMPRESSION_MIN_BYTES") {
+            http.compression_min_bytes = u16::try_from(parse_u("ESSAYFLOW_COMPRESSION_MIN_BYTES", v)?)
+                .context("ESSAYFLOW_COMPRESSION_MIN_BYTES must be at most 65535")?;
+        }
+        if let Some(v) = var("ESSAYFLOW_CORS_ORIGINS") {
+            http.cors_origins = v
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        self.rate_limit.apply_env(&var)?;
+        self.ops.apply_env(&var)?;
         self.check()
     }
 
@@ -585,6 +697,8 @@ impl Settings {
             || ws.send_buffer < 4
             || ws.send_buffer_bytes < 64 * 1024
             || ws.max_replay < 0
+            || ws.max_connections == 0
+            || ws.max_connections_per_user == 0
         {
             bail!(
                 "ws settings: intervals, limits and rates must be positive, \
@@ -592,6 +706,21 @@ impl Settings {
                  and send_buffer_bytes at least 65536"
             );
         }
+        let http = &self.http;
+        if http.header_read_timeout_ms == 0
+            || http.request_timeout_secs == 0
+            || http.max_in_flight == 0
+            || http.max_connections == 0
+            || http.drain_timeout_secs == 0
+        {
+            bail!(
+                "http settings: timeouts, max_in_flight, max_connections and drain_timeout_secs \
+                 must be positive"
+            );
+        }
+        crate::edge::cors_origins(&http.cors_origins)?;
+        self.rate_limit.check()?;
+        self.ops.check()?;
         Ok(())
     }
 

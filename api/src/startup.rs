@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use commands::{CommandService, EventLog, Storage, StorageOptions};
 use domain::{BatchServices, PipelineCatalog};
 use projections::feed::Retention;
@@ -19,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::json::BODY_LIMIT;
 use crate::live::{Hub, Live};
 use crate::settings::Settings;
 use crate::state::{AppState, Metrics};
@@ -54,6 +51,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Storage> {
     let mut options = StorageOptions::new(url);
     options.max_write_connections = settings.db_max_connections;
     options.sqlite_sync_full = settings.sqlite_synchronous == "full";
+    options.acquire_timeout = settings.ops.acquire_timeout();
     Storage::connect(&options)
         .await
         .context("opening the database")
@@ -111,6 +109,8 @@ pub struct Application {
     state: AppState,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// The operations listener (`ops.bind`), if configured.
+    ops_listener: Option<TcpListener>,
 }
 
 impl Application {
@@ -143,6 +143,7 @@ impl Application {
             cancel: cancel.child_token(),
             tracker: tracker.clone(),
             catching_up: tokio::sync::Semaphore::new(16),
+            slots: Arc::default(),
         });
         tracker.spawn(live.hub.clone().run(feed.clone(), cancel.child_token()));
         let projection_errors = if settings.run_workers {
@@ -174,7 +175,22 @@ impl Application {
                 jobs.spawn_verifier(Duration::from_secs(settings.verify_interval_secs));
             }
         }
+        let limits = Arc::new(crate::edge::ratelimit::Limits::new(&settings.rate_limit)?);
+        limits.spawn_pruner(cancel.child_token(), &tracker);
+        let breaker = Arc::new(crate::edge::breaker::Breaker::new(&settings.ops));
+        breaker.spawn_prober(storage.clone(), cancel.child_token(), &tracker);
+        let ops = Arc::new(crate::ops::OpsCache::new(settings.ops.cache()));
+        let ops_listener = match settings.ops.bind.trim() {
+            "" => None,
+            bind => Some(
+                TcpListener::bind(bind)
+                    .await
+                    .with_context(|| format!("binding the operations listener {bind}"))?,
+            ),
+        };
         let state = AppState {
+            breaker,
+            ops,
             commands,
             ingress,
             pipeline: Arc::new(pipeline),
@@ -189,14 +205,10 @@ impl Application {
                 ..Metrics::default()
             }),
             settings,
+            connections: Arc::default(),
+            limits,
         };
-        let router = crate::routes::router()
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                crate::telemetry::correlate,
-            ))
-            .layer(DefaultBodyLimit::max(BODY_LIMIT))
-            .with_state(state.clone());
+        let router = crate::edge::apply(crate::routes::router(), state.clone());
         let listener = TcpListener::bind(&state.settings.bind)
             .await
             .with_context(|| format!("binding {}", state.settings.bind))?;
@@ -207,7 +219,14 @@ impl Application {
             state,
             cancel,
             tracker,
+            ops_listener,
         })
+    }
+
+    /// The operations listener's port, when `ops.bind` is set.
+    pub fn ops_port(&self) -> Option<u16> {
+        let listener = self.ops_listener.as_ref()?;
+        listener.local_addr().ok().map(|a| a.port())
     }
 
     pub fn port(&self) -> u16 {
@@ -218,7 +237,10 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` completes, then stops the workers and waits for them.
+    /// Serves until `shutdown` completes, then drains: connections finish their requests,
+    /// WebSockets close (1001), workers stop and the database pool closes, all within
+    /// `http.drain_timeout_secs`; past that bound it returns anyway (whatever the database
+    /// or a client is doing), saying what was still running.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -226,53 +248,57 @@ impl Application {
         let address = self.listener.local_addr()?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         tracing::info!(%address, scheme, engine = self.state.storage.engine().name(), "essayflow is serving");
-        let cancel = self.cancel.clone();
-        // Cancelling also closes every WebSocket session (1001); the tracker waits for them.
-        let stopped = async move {
-            shutdown.await;
-            cancel.cancel();
+        let connections = TaskTracker::new();
+        let server = crate::server::Server {
+            listener: self.listener,
+            tls: self.tls,
+            router: self.router,
+            http: self.state.settings.http.clone(),
+            stats: self.state.connections.clone(),
         };
-        let served = match self.tls {
-            Some(config) => {
-                let listener = crate::tls::TlsListener::new(
-                    self.listener,
-                    config,
-                    self.cancel.child_token(),
-                    &self.tracker,
-                )?;
-                // Tapped (doing nothing) so that the client's address reaches handlers as
-                // `ConnectInfo<SocketAddr>` like on plain TCP.
-                let listener = listener.tap_io(|_| {});
-                axum::serve(
-                    listener,
-                    self.router
-                        .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-                )
-                .with_graceful_shutdown(stopped)
-                .await
-            }
-            None => {
-                // No Nagle: a small WebSocket change or 202 must not wait for the client's
-                // delayed ACK of the previous one.
-                let listener = self.listener.tap_io(|tcp| {
-                    if let Err(error) = tcp.set_nodelay(true) {
-                        tracing::debug!(%error, "could not set TCP_NODELAY");
-                    }
-                });
-                axum::serve(
-                    listener,
-                    self.router
-                        .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-                )
-                .with_graceful_shutdown(stopped)
-                .await
-            }
-        };
+        let serving = tokio::spawn(crate::server::serve(
+            server,
+            self.cancel.clone(),
+            connections.clone(),
+        ));
+        if let Some(listener) = self.ops_listener {
+            crate::ops::spawn_listener(
+                listener,
+                &self.state,
+                self.cancel.child_token(),
+                &self.tracker,
+            );
+        }
+        tokio::select! {
+            _ = shutdown => {},
+            // Cancelled from inside (a test, or a fatal worker error).
+            _ = self.cancel.cancelled() => {},
+        }
+        // Cancelling stops the accept loop, asks every connection to finish, closes every
+        // WebSocket session (1001) and stops the workers.
         self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        self.state.storage.close().await;
-        served.context("serving HTTP")
+        let drain = Duration::from_secs(self.state.settings.http.drain_timeout_secs);
+        let storage = self.state.storage.clone();
+        let (tracker, open) = (self.tracker.clone(), connections.clone());
+        let drained = tokio::time::timeout(drain, async move {
+            let _ = serving.await;
+            open.close();
+            tracker.close();
+            tokio::join!(open.wait(), tracker.wait());
+            storage.close().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                drain_secs = drain.as_secs(),
+                connections = connections.len(),
+                tasks = self.tracker.len(),
+                "the shutdown drain timed out; stopping with these still running"
+            );
+        } else {
+            tracing::info!("stopped");
+        }
+        Ok(())
     }
 }
 

@@ -28,6 +28,14 @@ pub struct AppState {
     pub live: Arc<crate::live::Live>,
     /// Rebuilds and verifications of the read models.
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Open and refused HTTP connections ([`crate::server`]).
+    pub connections: Arc<crate::server::ConnectionStats>,
+    /// The database circuit breaker ([`crate::edge::breaker`]).
+    pub breaker: Arc<crate::edge::breaker::Breaker>,
+    /// The cached reading behind `/readyz` and `/metrics` ([`crate::ops`]).
+    pub ops: Arc<crate::ops::OpsCache>,
+    /// This node's HTTP rate limiters ([`crate::edge::ratelimit`]).
+    pub limits: Arc<crate::edge::ratelimit::Limits>,
 }
 
 /// Counters exported on `/metrics` in Prometheus text format.

@@ -46,9 +46,17 @@ pub async fn correlate(
         .and_then(|v| Uuid::parse_str(v).ok())
         .unwrap_or_else(Uuid::new_v4);
     request.extensions_mut().insert(CorrelationId(id));
+    // Set (kept from the client, or made) by the edge's request-id layer, outside this one.
+    let request_id = request
+        .headers()
+        .get(&crate::edge::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let span = tracing::info_span!(
         "request",
         correlation_id = %id,
+        request_id = %request_id,
         method = %request.method(),
         path = %request.uri().path(),
     );

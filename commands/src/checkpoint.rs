@@ -38,6 +38,25 @@ pub async fn load_checkpoint(pool: &AnyPool, name: &str) -> Result<LogPosition, 
     }
 }
 
+/// A reader's checkpoint as stored, without creating a missing row (read only: for status
+/// pages and metrics); `None` when the reader has none yet.
+pub async fn peek_checkpoint(
+    pool: &AnyPool,
+    name: &str,
+) -> Result<Option<LogPosition>, sqlx::Error> {
+    let row = sqlx::query("SELECT tx, position FROM projection_checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| {
+        Ok(LogPosition {
+            tx: row.try_get("tx")?,
+            position: row.try_get("position")?,
+        })
+    })
+    .transpose()
+}
+
 /// Moves a checkpoint from `from` to `to` if it is still at `from` (compare-and-set), counting
 /// `events` more handled. Returns whether it moved: `false` means another reader (or a reset)
 /// moved it first.

@@ -30,7 +30,8 @@ mod storage;
 
 pub use appender::{AppendError, Appender};
 pub use log::{
-    BatchPage, EventLog, EventMetadata, HISTORY_PAGE_BYTES, LogError, LogPosition, StoredEvent,
+    BatchPage, EventLog, EventMetadata, HISTORY_PAGE_BYTES, LAG_COUNT_LIMIT, LogError, LogPosition,
+    StoredEvent,
 };
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};

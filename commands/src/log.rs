@@ -101,6 +101,10 @@ pub struct EventLog {
 /// Payload bytes after which [`EventLog::read_after`] ends a page early.
 pub const PAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The most events a status lag counts ([`EventLog::count_after_at_most`] on `/readyz` and
+/// `/metrics`): past it a lag is reported as this many, meaning "at least".
+pub const LAG_COUNT_LIMIT: i64 = 1_000_000;
+
 /// Payload bytes after which a page of one batch's history (`GET /v1/batches/{id}/events`,
 /// [`EventLog::read_batch_page`]) ends early: 4 MiB. An essay may be 100 000 characters and
 /// one `EssaysAdded` may carry many, so a count alone would not bound a page.
@@ -371,6 +375,30 @@ impl EventLog {
                 "SELECT COUNT(*) FROM events WHERE global_position > $1",
             )
             .bind(after.position),
+        };
+        Ok(query.fetch_one(self.storage.pool()).await?)
+    }
+
+    /// Events after `after`, counted up to `limit` at most (a bounded scan of the rows after
+    /// the position, for status pages and metrics): a result of `limit` means "at least".
+    pub async fn count_after_at_most(
+        &self,
+        after: LogPosition,
+        limit: i64,
+    ) -> Result<i64, LogError> {
+        let query = match self.storage.engine() {
+            Engine::Postgres => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM events
+                  WHERE (transaction_id, global_position) > ($1::text::xid8, $2) LIMIT $3) AS lag",
+            )
+            .bind(after.tx.to_string())
+            .bind(after.position)
+            .bind(limit),
+            Engine::Sqlite => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE global_position > $1 LIMIT $2)",
+            )
+            .bind(after.position)
+            .bind(limit),
         };
         Ok(query.fetch_one(self.storage.pool()).await?)
     }

@@ -59,6 +59,10 @@ pub struct StorageOptions {
     /// SQLite only: `true` fsyncs the WAL on every append (durable across power loss);
     /// `false` is durable across process crashes only.
     pub sqlite_sync_full: bool,
+    /// The longest any pool waits for a connection (an idle one, or a new one being opened)
+    /// before failing with `PoolTimedOut`: the bound on how long a request waits when the
+    /// database cannot be reached.
+    pub acquire_timeout: Duration,
 }
 
 impl StorageOptions {
@@ -68,6 +72,7 @@ impl StorageOptions {
             max_write_connections: 32,
             max_read_connections: 16,
             sqlite_sync_full: true,
+            acquire_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -155,7 +160,7 @@ impl Storage {
         {
             let pool = PgPoolOptions::new()
                 .max_connections(options.max_write_connections)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(options.acquire_timeout)
                 .connect(url)
                 .await?;
             sqlx::migrate!("../migrations/postgres").run(&pool).await?;
@@ -173,6 +178,7 @@ impl Storage {
                 .busy_timeout(Duration::from_secs(30));
             let pool = SqlitePoolOptions::new()
                 .max_connections(options.max_write_connections.min(8))
+                .acquire_timeout(options.acquire_timeout)
                 .connect_with(connect)
                 .await?;
             sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
@@ -183,7 +189,7 @@ impl Storage {
         // Read models and users: on SQLite `synchronous = NORMAL`, which keeps every commit
         // atomic and loses at most the last ones on power loss; a projection then re-applies
         // them, because its rows and its checkpoint always commit together.
-        let any = any_pool(url, options.max_read_connections, "NORMAL", false).await?;
+        let any = any_pool(url, options.max_read_connections, "NORMAL", false, options).await?;
         // Appends: `FULL` by default, so that a 202 means the events survive power loss. WAL
         // order makes durability monotone: an fsynced append also makes earlier commits durable.
         let append_sync = if options.sqlite_sync_full {
@@ -191,7 +197,7 @@ impl Storage {
         } else {
             "NORMAL"
         };
-        let appends = any_pool(url, 4, append_sync, true).await?;
+        let appends = any_pool(url, 4, append_sync, true, options).await?;
         Ok(Self {
             engine,
             typed,
@@ -362,16 +368,18 @@ impl Storage {
 
 /// An `AnyPool`. On SQLite, `synchronous` sets the pragma; on PostgreSQL a pool that need not be
 /// `durable` commits without waiting for its WAL flush (`synchronous_commit = off`: a crash can
-/// lose its last commits, never corrupt or reorder them).
+/// lose its last commits, never corrupt or reorder them). It waits at most
+/// `options.acquire_timeout` for a connection.
 async fn any_pool(
     url: &str,
     max_connections: u32,
     synchronous: &'static str,
     durable: bool,
+    options: &StorageOptions,
 ) -> Result<AnyPool, sqlx::Error> {
     AnyPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(options.acquire_timeout)
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if conn.backend_name() == "SQLite" {

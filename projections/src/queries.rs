@@ -37,7 +37,8 @@ pub struct ProjectionStatus {
     pub name: String,
     pub checkpoint: i64,
     pub events_applied: i64,
-    /// Events in the log not yet applied.
+    /// Events in the log not yet applied, counted up to `commands::LAG_COUNT_LIMIT`
+    /// (1 000 000: that many means at least that many).
     pub lag: i64,
     /// `live` when nothing is left to apply, `catching_up` otherwise.
     pub state: String,
@@ -196,26 +197,37 @@ impl ReadModels {
     ) -> Result<Vec<ProjectionStatus>, ProjectionError> {
         let mut statuses = Vec::with_capacity(names.len());
         for name in names {
-            crate::worker::ensure_checkpoint(self.storage.pool(), name).await?;
+            // Read only: a projection whose worker has not yet made its checkpoint row is at
+            // the start of the log (a status read writes nothing).
             let row = sqlx::query(
                 "SELECT tx, position, events_applied, updated_at
                    FROM projection_checkpoints WHERE name = $1",
             )
             .bind(*name)
-            .fetch_one(self.storage.pool())
+            .fetch_optional(self.storage.pool())
             .await?;
-            let at = LogPosition {
-                tx: row.try_get("tx")?,
-                position: row.try_get("position")?,
+            let (at, events_applied, updated_at) = match row {
+                Some(row) => (
+                    LogPosition {
+                        tx: row.try_get("tx")?,
+                        position: row.try_get("position")?,
+                    },
+                    row.try_get("events_applied")?,
+                    row.try_get("updated_at")?,
+                ),
+                None => (LogPosition::default(), 0, String::new()),
             };
-            let lag = self.log.count_after(at).await?;
+            let lag = self
+                .log
+                .count_after_at_most(at, commands::LAG_COUNT_LIMIT)
+                .await?;
             statuses.push(ProjectionStatus {
                 name: (*name).to_owned(),
                 checkpoint: at.position,
-                events_applied: row.try_get("events_applied")?,
+                events_applied,
                 lag,
                 state: if lag == 0 { "live" } else { "catching_up" }.to_owned(),
-                updated_at: row.try_get("updated_at")?,
+                updated_at,
                 rebuild: crate::rebuild::status(&self.storage, name).await?,
                 verification: crate::verify::last(&self.storage, name).await?,
             });

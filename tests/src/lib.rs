@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 pub mod kafka;
 pub mod pipeline;
+pub mod proxy;
 pub mod ws;
 
 pub use commands;
@@ -133,6 +134,9 @@ impl Drop for TempDir {
 
 pub struct TestApp {
     pub address: String,
+    /// The operations listener (`/metrics`, detailed `/readyz`, no authentication), on a port
+    /// of its own unless a test cleared `settings.ops.bind`.
+    pub ops_address: Option<String>,
     pub engine: Engine,
     pub db: TestDatabase,
     pub settings: Settings,
@@ -156,6 +160,13 @@ impl TestApp {
             bind: "127.0.0.1:0".to_owned(),
             jwt_secret: Some(JWT_SECRET.to_owned()),
             db_max_connections: 10,
+            // An operations listener on a port of its own, read afresh on every scrape (tests
+            // look at lags and verification results right after they change).
+            ops: api::edge::breaker::OpsSettings {
+                bind: "127.0.0.1:0".to_owned(),
+                cache_ms: 0,
+                ..Default::default()
+            },
             ..Settings::default()
         };
         configure(&mut settings);
@@ -165,6 +176,9 @@ impl TestApp {
     async fn launch(engine: Engine, db: TestDatabase, settings: Settings) -> Self {
         let app = Application::build(settings.clone()).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
+        let ops_address = app
+            .ops_port()
+            .map(|port| format!("http://127.0.0.1:{port}"));
         let storage = app.state().storage.clone();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until_stopped(async move {
@@ -172,6 +186,7 @@ impl TestApp {
         }));
         Self {
             address,
+            ops_address,
             engine,
             db,
             settings,
@@ -254,6 +269,20 @@ impl TestApp {
     /// GETs `path` as `user` and returns the JSON body, whatever the status.
     pub async fn get_json(&self, user: &User, path: &str) -> Value {
         self.get(user, path).await.json().await.unwrap()
+    }
+
+    /// GETs `path` on the operations listener (`/metrics`, the detailed `/readyz`), with no
+    /// token.
+    pub async fn get_ops(&self, path: &str) -> reqwest::Response {
+        let base = self
+            .ops_address
+            .as_deref()
+            .expect("the app has an operations listener");
+        self.client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap()
     }
 
     /// GETs `path` with no token.

@@ -75,7 +75,7 @@ impl TestApp {
     /// The value of a metric without labels (or with the labels written out in `name`), from
     /// `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<i64> {
-        let text = self.get_public("/metrics").await.text().await.ok()?;
+        let text = self.get_ops("/metrics").await.text().await.ok()?;
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
@@ -142,7 +142,7 @@ impl TestApp {
     pub async fn wait_for_pipeline_workers(&self) {
         wait_until(Duration::from_secs(30), || async {
             let ready: Value = self
-                .get_public("/readyz")
+                .get_ops("/readyz")
                 .await
                 .json()
                 .await

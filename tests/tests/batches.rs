@@ -325,12 +325,15 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
     let app = TestApp::spawn(engine).await;
     let health = app.get_public("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
+    // Anonymous readiness is the status alone; the detail is on the operations listener.
     let ready: Value = app.get_public("/readyz").await.json().await.unwrap();
+    assert_eq!(ready, json!({ "status": "ready" }));
+    let ready: Value = app.get_ops("/readyz").await.json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["checks"]["database"]["status"], "ok");
     let teacher = app.user(Role::Teacher).await;
     app.register_batch(&teacher, 1).await;
-    let metrics = app.get_public("/metrics").await.text().await.unwrap();
+    let metrics = app.get_ops("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("essayflow_commands_accepted_total 1"),
         "{metrics}"

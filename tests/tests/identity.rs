@@ -58,7 +58,7 @@ async fn audit_actions(app: &TestApp, admin: &User, action: &str) -> Vec<Value> 
 }
 
 async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.get_public("/metrics").await.text().await.unwrap();
+    let text = app.get_ops("/metrics").await.text().await.unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix(&format!("{name} ")))
         .unwrap_or_else(|| panic!("no metric {name}"))

@@ -321,7 +321,7 @@ async fn process_until(
 }
 
 async fn readiness(app: &TestApp) -> Value {
-    app.get_public("/readyz").await.json().await.unwrap()
+    app.get_ops("/readyz").await.json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

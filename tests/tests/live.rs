@@ -628,6 +628,11 @@ async fn wss_and_https_work_end_to_end_with_a_generated_ca() {
     let base = format!("https://localhost:{port}");
     let health = https.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
+    // Served over TLS: browsers are told to keep to HTTPS.
+    assert_eq!(
+        health.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
     // Plain HTTP to the TLS port gets nowhere.
     assert!(
         reqwest::get(format!("http://127.0.0.1:{port}/healthz"))

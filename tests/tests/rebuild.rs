@@ -467,7 +467,7 @@ async fn verification_finds_a_difference_planted_in_a_read_model_row(engine: Eng
                 == 2
     })
     .await;
-    let metrics = app.get_public("/metrics").await.text().await.unwrap();
+    let metrics = app.get(&admin, "/metrics").await.text().await.unwrap();
     assert!(
         metrics
             .contains("essayflow_projection_verify_rows_differing{projection=\"batch_state\"} 2"),

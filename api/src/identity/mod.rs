@@ -148,6 +148,10 @@ pub struct AuthUser {
     /// When the credential itself ends, in milliseconds since the Unix epoch (a rotated API
     /// key's grace period); `None` when it does not (an access token's own `exp` aside).
     pub credential_expires_at: Option<i64>,
+    /// The user's rate-limit tier as stored (read with the rest of the user's state, so it
+    /// costs no query of its own); `None`: the default tier, as is a tier no longer configured
+    /// ([`crate::edge::ratelimit`]).
+    pub tier: Option<String>,
 }
 
 impl AuthUser {
@@ -184,6 +188,8 @@ struct Grant {
     /// API keys only: the stored SHA-256.
     key_hash: Option<String>,
     last_used_at: AtomicI64,
+    /// The user's rate-limit tier.
+    tier: Option<String>,
 }
 
 impl Grant {
@@ -381,6 +387,7 @@ impl Identity {
             credential,
             token_version: grant.token_version,
             credential_expires_at: grant.expires_at,
+            tier: grant.tier.clone(),
         }
     }
 
@@ -404,7 +411,7 @@ impl Identity {
                 Credential::Session(id) => sqlx::query(
                     "SELECT s.user_id, s.expires_at, s.revoked_at, CAST(NULL AS text) AS key_hash,
                             CAST(0 AS bigint) AS last_used_at,
-                            u.username, u.role, u.status, u.token_version
+                            u.username, u.role, u.status, u.token_version, u.tier
                      FROM auth_sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
                 )
                 .bind(id)
@@ -414,7 +421,7 @@ impl Identity {
                     sqlx::query(
                         "SELECT k.user_id, k.expires_at, k.revoked_at, k.key_hash,
                             COALESCE(k.last_used_at, 0) AS last_used_at,
-                            u.username, u.role, u.status, u.token_version
+                            u.username, u.role, u.status, u.token_version, u.tier
                      FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.id = $1",
                     )
                     .bind(id)
@@ -439,6 +446,7 @@ impl Identity {
             revoked: row.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
             key_hash: row.try_get("key_hash")?,
             last_used_at: AtomicI64::new(row.try_get("last_used_at")?),
+            tier: row.try_get("tier")?,
         }))
     }
 

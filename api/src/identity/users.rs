@@ -59,6 +59,9 @@ pub struct User {
     pub created_at: String,
     /// RFC 3339; absent when never changed.
     pub updated_at: Option<String>,
+    /// The rate-limit tier (docs/rate-limits.md); `null`: the configured default tier (as is
+    /// a tier that is no longer configured).
+    pub tier: Option<String>,
     #[serde(skip)]
     pub(super) password_hash: String,
 }
@@ -160,6 +163,7 @@ pub async fn create(
         token_version: 1,
         created_at: Utc::now().to_rfc3339(),
         updated_at: None,
+        tier: None,
         password_hash: hash,
     };
     let mut tx = pool.begin().await?;
@@ -194,7 +198,7 @@ pub async fn create(
 }
 
 const COLUMNS: &str =
-    "id, username, role, status, token_version, created_at, updated_at, password_hash";
+    "id, username, role, status, token_version, created_at, updated_at, tier, password_hash";
 
 fn from_row(row: &sqlx::any::AnyRow) -> anyhow::Result<User> {
     let id: String = row.try_get("id")?;
@@ -209,6 +213,7 @@ fn from_row(row: &sqlx::any::AnyRow) -> anyhow::Result<User> {
         token_version: row.try_get("token_version")?,
         created_at: row.try_get("created_at")?,
         updated_at: (updated > 0).then(|| rfc3339(updated)),
+        tier: row.try_get("tier")?,
         password_hash: row.try_get("password_hash")?,
     })
 }
@@ -252,17 +257,31 @@ pub async fn list(pool: &AnyPool, after: Option<&str>, limit: i64) -> anyhow::Re
     rows.iter().map(from_row).collect()
 }
 
-/// A change to a user (JSON Merge Patch, RFC 7386, of `{role, status}`).
+/// A change to a user (JSON Merge Patch, RFC 7386, of `{role, status, tier}`).
 #[derive(Debug, Default, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
     pub role: Option<Role>,
     /// `active` or `disabled` (deleting is `DELETE`).
     pub status: Option<UserStatus>,
+    /// The rate-limit tier: the name of a configured tier, or `null` for the default tier
+    /// (absent: unchanged). Takes effect on the user's next request, on every node within
+    /// one identity poll.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub tier: Option<Option<String>>,
+}
+
+/// A merge-patch member that may be `null`: absent is `None`, `null` is `Some(None)`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 /// Applies `patch` to the user `id` (audited as `user.update`). A role change or a disable
 /// raises the token version and revokes every session, so access changes on the next request.
+/// A tier change keeps sessions; like every change it writes an identity-change row, so every
+/// node reads the new tier on the user's next request (within one poll on other nodes). The
+/// tier's name is stored as given: callers check it against the configured tiers.
 pub async fn update(
     pool: &AnyPool,
     actor: &Actor,
@@ -275,12 +294,13 @@ pub async fn update(
     }
     let role = patch.role.unwrap_or(before.role);
     let status = patch.status.unwrap_or(before.status);
+    let tier = patch.tier.clone().unwrap_or_else(|| before.tier.clone());
     if status == UserStatus::Deleted {
         return Err(UserError::Other(anyhow::anyhow!(
             "use DELETE to delete a user"
         )));
     }
-    if role == before.role && status == before.status {
+    if role == before.role && status == before.status && tier == before.tier {
         // Nothing to change: nothing written, nothing audited.
         return Ok(before);
     }
@@ -292,13 +312,15 @@ pub async fn update(
     let detail = serde_json::json!({
         "role": { "from": before.role.as_str(), "to": role.as_str() },
         "status": { "from": before.status.as_str(), "to": status.as_str() },
+        "tier": { "from": before.tier, "to": tier },
     });
     let mut tx = pool.begin().await?;
     // Conditional on the state read above: a concurrent change (a delete) is not overwritten.
     let changed = sqlx::query(
         "UPDATE users SET role = $1, status = $2, updated_at = $3,
-                token_version = token_version + $4
-         WHERE id = $5 AND role = $6 AND status = $7 AND token_version = $8",
+                token_version = token_version + $4, tier = $9
+         WHERE id = $5 AND role = $6 AND status = $7 AND token_version = $8
+           AND COALESCE(tier, '') = $10",
     )
     .bind(role.as_str())
     .bind(status.as_str())
@@ -308,6 +330,8 @@ pub async fn update(
     .bind(before.role.as_str())
     .bind(before.status.as_str())
     .bind(before.token_version)
+    .bind(tier.as_deref())
+    .bind(before.tier.as_deref().unwrap_or(""))
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -41,6 +41,74 @@ pub struct Live {
     pub catching_up: tokio::sync::Semaphore,
     /// Checks in-band token refreshes; closes sessions whose user or credential lost access.
     pub identity: crate::identity::Identity,
+    /// WebSocket connections open per node and per user (`ws.max_connections`,
+    /// `ws.max_connections_per_user`).
+    pub slots: Arc<Slots>,
+}
+
+/// Counts WebSocket connections per node and per user, so that the handshake can refuse one
+/// past either cap before upgrading.
+#[derive(Debug, Default)]
+pub struct Slots {
+    state: Mutex<SlotCounts>,
+}
+
+#[derive(Debug, Default)]
+struct SlotCounts {
+    total: usize,
+    per_user: HashMap<domain::values::UserId, usize>,
+}
+
+/// One WebSocket connection's place; dropping it (when the session ends, or when the upgrade
+/// never happens) frees it.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    user: domain::values::UserId,
+}
+
+impl Slots {
+    /// Takes a place for `user`: `TooManyWebSockets(true)` (429) past `per_user` for that
+    /// user, `TooManyWebSockets(false)` (503) past `total` on this node.
+    pub fn take(
+        self: &Arc<Self>,
+        user: domain::values::UserId,
+        total: usize,
+        per_user: usize,
+    ) -> Result<Slot, crate::error::ApiError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.total >= total {
+            return Err(crate::error::ApiError::TooManyWebSockets(false));
+        }
+        let mine = state.per_user.entry(user).or_default();
+        if *mine >= per_user {
+            return Err(crate::error::ApiError::TooManyWebSockets(true));
+        }
+        *mine += 1;
+        state.total += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            user,
+        })
+    }
+
+    /// WebSocket connections holding a place now.
+    pub fn total(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.slots.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.total = state.total.saturating_sub(1);
+        if let Some(mine) = state.per_user.get_mut(&self.user) {
+            *mine -= 1;
+            if *mine == 0 {
+                state.per_user.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Counters exported on `/metrics`.

@@ -1,16 +1,25 @@
-//! `/healthz` (liveness), `/readyz` (readiness with dependency detail), `/metrics`.
+//! `/healthz` (liveness), `/readyz` (readiness) and `/metrics`, on the main listener and on
+//! the operations listener (`ops.bind`; docs/operations-endpoints.md).
+//!
+//! On the main listener `/healthz` is open; `/readyz` without credentials answers only
+//! `{"status":"ready"}` (200) or `{"status":"unavailable"}` (503), for load balancers, and
+//! with an admin's token or key the detailed document; `/metrics` needs the admin role. On
+//! the operations listener all three are open. The expensive parts of the detailed `/readyz`
+//! and of `/metrics` come from the shared [`crate::ops::OpsCache`] snapshot.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use projections::PROJECTIONS;
-use serde_json::json;
+use serde_json::{Value, json};
 
+use super::users::Admin;
+use crate::error::ApiError;
+use crate::ops::{DatabaseCheck, Snapshot, check_database};
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Alive")))]
@@ -18,16 +27,65 @@ pub(super) async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Ready, with dependency detail"), (status = 503, description = "A dependency is down")))]
-pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let database = state.storage.ping().await;
-    let projections = match &database {
-        Ok(()) => state.reads.projections(&PROJECTIONS).await.ok(),
-        Err(_) => None,
-    };
-    let ready = database.is_ok() && projections.is_some();
-    let pipeline = pipeline_health(&state, database.is_ok()).await;
+/// Whether a request carries credentials (then `/readyz` answers the detailed document, to
+/// an admin only).
+fn has_credentials(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key")
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    description = "Without credentials: only `{\"status\":\"ready\"}` (200) or `{\"status\":\"unavailable\"}` (503), for load balancers. With an admin's token or API key: the detailed document (database and its circuit breaker, projections, pipeline workers). Also open on the operations listener (`ESSAYFLOW_OPS_BIND`).",
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Ready (with an admin's credentials: `ready` or `degraded`, with dependency detail)"),
+        (status = 503, description = "The database cannot be reached"),
+        (status = 401, description = "Credentials were sent and are not valid"),
+        (status = 403, description = "Credentials of a user who is not an admin"),
+    )
+)]
+pub(super) async fn readyz(State(state): State<AppState>, request: Request) -> Response {
+    if has_credentials(request.headers()) {
+        let (mut parts, _) = request.into_parts();
+        if let Err(refused) = Admin::from_request_parts(&mut parts, &state).await {
+            return refused.into_response();
+        }
+        return detailed_readiness(&state).await.into_response();
+    }
+    let ready = !matches!(check_database(&state).await, DatabaseCheck::Down(_));
+    if ready {
+        (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "unavailable" })),
+        )
+            .into_response()
+    }
+}
+
+/// `/readyz` on the operations listener: always the detailed document.
+async fn ops_readyz(State(state): State<AppState>) -> Response {
+    detailed_readiness(&state).await.into_response()
+}
+
+/// The detailed readiness document: `ready`, `degraded` (a pipeline worker is failing:
+/// commands are still accepted, so 200) or `unavailable` (503: the database cannot be
+/// reached); the database with its circuit breaker, the projections and the pipeline
+/// workers, and the age of the snapshot they were read from.
+async fn detailed_readiness(state: &AppState) -> (StatusCode, axum::Json<Value>) {
+    let database = check_database(state).await;
+    let snapshot = state.ops.get(state).await;
+    let ready = !matches!(database, DatabaseCheck::Down(_));
+    let pipeline = pipeline_health(state, &snapshot);
     let degraded = pipeline["status"] != "ok";
+    let (status, error) = match &database {
+        DatabaseCheck::Up => ("ok", None),
+        DatabaseCheck::Busy => ("busy", None),
+        DatabaseCheck::Down(reason) => ("down", Some(reason.clone())),
+    };
     let body = json!({
         "status": match (ready, degraded) {
             (false, _) => "unavailable",
@@ -37,15 +95,19 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "checks": {
             "database": {
                 "engine": state.storage.engine().name(),
-                "status": if database.is_ok() { "ok" } else { "down" },
-                "error": database.err().map(|e| {
-                    tracing::warn!(error = %e, "readiness: the database does not answer");
-                    "the database does not answer"
-                }),
+                "status": status,
+                "error": error,
+                "breaker": state.breaker.report(),
             },
-            "projections": projections,
+            "projections": snapshot.projections.as_ref().ok(),
             "pipeline": pipeline,
-        }
+        },
+        "snapshot": {
+            "taken_at": snapshot.taken_at_text(),
+            "age_ms": snapshot.age().as_millis() as u64,
+            "max_age_ms": state.settings.ops.cache_ms,
+            "error": snapshot.projections.as_ref().err(),
+        },
     });
     let status = if ready {
         StatusCode::OK
@@ -55,17 +117,9 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, axum::Json(body))
 }
 
-/// Events a log follower (`relay`, `conductor`) has still to handle; `None` when unknown.
-async fn follower_lag(state: &AppState, name: &str) -> Option<i64> {
-    let at = commands::checkpoint::load_checkpoint(state.storage.pool(), name)
-        .await
-        .ok()?;
-    state.log.count_after(at).await.ok()
-}
-
 /// The pipeline workers' health. Commands are still accepted while the broker is down, so a
-/// failing relay makes the node `degraded`, not unready.
-async fn pipeline_health(state: &AppState, database_up: bool) -> serde_json::Value {
+/// failing relay makes the node `degraded`, not unready. Lags come from the snapshot.
+fn pipeline_health(state: &AppState, snapshot: &Snapshot) -> Value {
     let p = &state.pipeline;
     let worker = |status: &Option<std::sync::Arc<commands::follower::FollowerStatus>>,
                   lag: Option<i64>| match status {
@@ -80,16 +134,8 @@ async fn pipeline_health(state: &AppState, database_up: bool) -> serde_json::Val
             })
         }
     };
-    let (relay_lag, conductor_lag) = if database_up {
-        (
-            follower_lag(state, "relay").await,
-            follower_lag(state, "conductor").await,
-        )
-    } else {
-        (None, None)
-    };
-    let relay = worker(&p.relay, relay_lag);
-    let conductor = worker(&p.conductor, conductor_lag);
+    let relay = worker(&p.relay, snapshot.relay_lag);
+    let conductor = worker(&p.conductor, snapshot.conductor_lag);
     let ok = relay["status"] != "failing" && conductor["status"] != "failing";
     json!({
         "status": if ok { "ok" } else { "degraded" },
@@ -119,8 +165,36 @@ fn write_family<'a>(
     }
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    description = "Prometheus text format. Needs the admin role here; open on the operations listener (`ESSAYFLOW_OPS_BIND`).",
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 401, description = "No valid credentials"),
+        (status = 403, description = "Not an admin"),
+    )
+)]
+pub(super) async fn metrics(_admin: Admin, State(state): State<AppState>) -> impl IntoResponse {
+    metrics_answer(&state).await
+}
+
+/// `/metrics` on the operations listener: no authentication.
+async fn ops_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    metrics_answer(&state).await
+}
+
+async fn metrics_answer(state: &AppState) -> impl IntoResponse + use<> {
+    let snapshot = state.ops.get(state).await;
+    let out = metrics_text(state, &snapshot);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The metrics in Prometheus text format 0.0.4: counters and gauges kept in memory, and the
+/// database-derived gauges of `snapshot`.
+fn metrics_text(state: &AppState, snapshot: &Snapshot) -> String {
     let m = &state.metrics;
     let mut out = String::new();
     let counters = [
@@ -243,12 +317,12 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             value.load(Ordering::Relaxed)
         );
     }
-    if let Ok(statuses) = state.reads.projections(&PROJECTIONS).await {
+    if let Ok(statuses) = &snapshot.projections {
         let _ = writeln!(
             out,
-            "# HELP essayflow_projection_lag_events Events not yet applied\n# TYPE essayflow_projection_lag_events gauge"
+            "# HELP essayflow_projection_lag_events Events not yet applied (counted up to 1000000)\n# TYPE essayflow_projection_lag_events gauge"
         );
-        for s in &statuses {
+        for s in statuses {
             let _ = writeln!(
                 out,
                 "essayflow_projection_lag_events{{projection=\"{}\"}} {}",
@@ -287,7 +361,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             out,
             "# HELP essayflow_projection_rebuild_running Whether a rebuild beside the live model is running (1) or not (0)\n# TYPE essayflow_projection_rebuild_running gauge"
         );
-        for s in &statuses {
+        for s in statuses {
             let running = s.rebuild.as_ref().is_some_and(|r| r.state == "building");
             let _ = writeln!(
                 out,
@@ -297,9 +371,59 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             );
         }
     }
-    pipeline_metrics(&state, &mut out).await;
-    live_metrics(&state, &mut out);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    pipeline_metrics(state, snapshot, &mut out);
+    live_metrics(state, &mut out);
+    state.limits.write_metrics(&mut out);
+    edge_metrics(state, snapshot, &mut out);
+    out
+}
+
+/// The database circuit breaker, the connection layer, the WebSocket slots and the age of the
+/// snapshot.
+fn edge_metrics(state: &AppState, snapshot: &Snapshot, out: &mut String) {
+    let breaker = &state.breaker;
+    write_family(
+        out,
+        "gauge",
+        [
+            (
+                "essayflow_db_breaker_state",
+                "The database circuit breaker: 0 closed, 1 open (requests refused with 503), 2 half-open",
+                breaker.state() as u64,
+            ),
+            (
+                "essayflow_http_connections",
+                "Open HTTP connections (upgraded WebSockets not counted)",
+                state.connections.open.load(Ordering::Relaxed),
+            ),
+            (
+                "essayflow_ws_connection_slots",
+                "WebSocket connections holding a place under the per-node and per-user caps",
+                state.live.slots.total() as u64,
+            ),
+            (
+                "essayflow_ops_snapshot_age_milliseconds",
+                "Age of the cached reading of projection statuses and follower lags",
+                snapshot.age().as_millis() as u64,
+            ),
+        ],
+    );
+    write_family(
+        out,
+        "counter",
+        [
+            (
+                "essayflow_db_breaker_opened_total",
+                "Times the database circuit breaker opened",
+                breaker.opened_total(),
+            ),
+            (
+                "essayflow_http_connections_refused_total",
+                "Connections refused at the connection cap",
+                state.connections.refused.load(Ordering::Relaxed),
+            ),
+        ],
+    );
 }
 
 fn live_metrics(state: &AppState, out: &mut String) {
@@ -363,7 +487,7 @@ fn live_metrics(state: &AppState, out: &mut String) {
     }
 }
 
-async fn pipeline_metrics(state: &AppState, out: &mut String) {
+fn pipeline_metrics(state: &AppState, snapshot: &Snapshot, out: &mut String) {
     let p = &state.pipeline;
     let i = &p.ingress;
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, i64)]| {
@@ -376,12 +500,12 @@ async fn pipeline_metrics(state: &AppState, out: &mut String) {
     let errors = |s: &Option<std::sync::Arc<commands::follower::FollowerStatus>>| {
         s.as_ref().map_or(0, |s| load(&s.errors))
     };
-    let relay_lag = follower_lag(state, "relay").await.unwrap_or(-1);
-    let conductor_lag = follower_lag(state, "conductor").await.unwrap_or(-1);
+    let relay_lag = snapshot.relay_lag.unwrap_or(-1);
+    let conductor_lag = snapshot.conductor_lag.unwrap_or(-1);
     metric(
         "essayflow_relay_lag_events",
         "gauge",
-        "Events not yet acknowledged by the broker",
+        "Events not yet acknowledged by the broker (counted up to 1000000; -1: unknown)",
         &[("", relay_lag)],
     );
     metric(
@@ -405,7 +529,7 @@ async fn pipeline_metrics(state: &AppState, out: &mut String) {
     metric(
         "essayflow_conductor_lag_events",
         "gauge",
-        "Events the conductor has not yet handled",
+        "Events the conductor has not yet handled (counted up to 1000000; -1: unknown)",
         &[("", conductor_lag)],
     );
     metric(
@@ -454,4 +578,15 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+}
+
+/// The operations listener's routes: `/healthz`, the detailed `/readyz` and `/metrics`,
+/// without authentication; anything else 404.
+pub fn ops_router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(ops_readyz))
+        .route("/metrics", get(ops_metrics))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }

@@ -15,6 +15,8 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub(crate) use health::ops_router;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .merge(auth::router())

@@ -1,7 +1,7 @@
 //! User administration, service API keys and the audit log (admin only; every change audited):
 //!
 //! - `GET /v1/admin/users?after=&limit=`, `POST /v1/admin/users`, `GET /v1/admin/users/{id}`,
-//!   `PATCH /v1/admin/users/{id}` (JSON Merge Patch, RFC 7386, of `{role, status}`),
+//!   `PATCH /v1/admin/users/{id}` (JSON Merge Patch, RFC 7386, of `{role, status, tier}`),
 //!   `DELETE /v1/admin/users/{id}`, `POST /v1/admin/users/{id}/password`;
 //! - `GET /v1/admin/keys`, `POST /v1/admin/keys`, `POST /v1/admin/keys/{id}/rotate`,
 //!   `DELETE /v1/admin/keys/{id}`;
@@ -199,7 +199,7 @@ pub(super) async fn get_user(
 #[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin",
     params(("id" = String, Path, description = "the user's id (UUID)")),
     request_body(content = UserPatch, content_type = "application/merge-patch+json",
-        description = "JSON Merge Patch (RFC 7386): `role` and/or `status` (`active` or `disabled`). A role change or a disable takes effect on the user's next request and closes their WebSocket connections (4403)."),
+        description = "JSON Merge Patch (RFC 7386): `role` and/or `status` (`active` or `disabled`) and/or `tier` (a configured rate-limit tier, or `null` for the default tier; docs/rate-limits.md). A role change or a disable takes effect on the user's next request and closes their WebSocket connections (4403); a tier change keeps sessions and applies from the next request."),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "The user after the change (audited as user.update)", body = User),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -207,7 +207,7 @@ pub(super) async fn get_user(
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The user is deleted", body = Problem, content_type = "application/problem+json"),
         (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "A value out of range, or a tier that is not configured (field `tier`)", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn patch_user(
     State(state): State<AppState>,
     admin: Admin,
@@ -221,6 +221,17 @@ pub(super) async fn patch_user(
         }
     }
     let patch: UserPatch = crate::json::parse(body.to_string().as_bytes())?;
+    if let Some(Some(tier)) = &patch.tier
+        && !state.limits.has_tier(tier)
+    {
+        return Err(ApiError::invalid(
+            "tier",
+            format!(
+                "not a configured tier (configured: {})",
+                state.limits.tier_names().join(", ")
+            ),
+        ));
+    }
     if patch.status == Some(users::UserStatus::Deleted) {
         return Err(ApiError::invalid(
             "status",

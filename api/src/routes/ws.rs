@@ -55,6 +55,8 @@ fn presented_token(headers: &HeaderMap, query: &WsQuery) -> Result<String, ApiEr
     responses(
         (status = 101, description = "switched to the WebSocket protocol of docs/websocket.md"),
         (status = 401, description = "missing, forged, expired or revoked credential", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "this user has `ws.max_connections_per_user` WebSocket connections open on this node (`too-many-websockets`)", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "this node has `ws.max_connections` WebSocket connections open (`too-many-websockets`), with Retry-After", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 426, description = "not a WebSocket upgrade", body = crate::error::Problem)))]
 pub(super) async fn ws(
     State(state): State<AppState>,
@@ -79,8 +81,13 @@ pub(super) async fn ws(
         (user, left)
     };
     let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
-    let expires_at = Instant::now() + Duration::from_secs(left);
     let limits = &state.settings.ws;
+    // Held by the session (or dropped with the closure if the upgrade never happens).
+    let slot = state
+        .live
+        .slots
+        .take(user.id, limits.max_connections, limits.max_connections_per_user)?;
+    let expires_at = Instant::now() + Duration::from_secs(left);
     let tracker = state.live.tracker.clone();
     let connect = session::Connect {
         user,
@@ -95,7 +102,12 @@ pub(super) async fn ws(
         .write_buffer_size(0)
         .max_message_size(limits.max_message_bytes)
         .max_frame_size(limits.max_message_bytes)
-        .on_upgrade(move |socket| tracker.track_future(session::run(connect, socket))))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                let _slot = slot;
+                session::run(connect, socket).await
+            })
+        }))
 }
 
 pub fn router() -> Router<AppState> {

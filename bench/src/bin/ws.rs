@@ -99,6 +99,10 @@ struct ConnArgs {
     /// A teacher's access token (essayflow only).
     #[arg(long, env = "ESSAYFLOW_BENCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// essayflow's operations listener (`ESSAYFLOW_OPS_BIND`), http://127.0.0.1:PORT, where
+    /// `/metrics` is read without authentication (on the main listener it needs an admin).
+    #[arg(long, env = "ESSAYFLOW_BENCH_METRICS_URL")]
+    metrics_url: Option<String>,
     /// The first source address of client sockets.
     #[arg(long, default_value = "127.0.0.1")]
     source_address: Ipv4Addr,
@@ -546,7 +550,8 @@ fn check_open_files(connections: usize) {
     }
 }
 
-/// A gauge or counter without labels from the Prometheus text.
+/// A gauge or counter without labels from the Prometheus text of `{base}/metrics` (the
+/// operations listener).
 async fn metric(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<f64> {
     let text = http
         .get(format!("{base}/metrics"))
@@ -789,7 +794,10 @@ async fn connections(args: ConnectionsArgs) -> anyhow::Result<Outcome> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let held = opened - dropped.load(Ordering::Relaxed);
-            let value = metric(&http, &endpoint.base, "essayflow_ws_connections").await?;
+            let metrics = endpoint.conn.metrics_url.as_deref().context(
+                "--metrics-url (essayflow's operations listener, ESSAYFLOW_OPS_BIND) is needed to read /metrics",
+            )?;
+            let value = metric(&http, metrics, "essayflow_ws_connections").await?;
             gauge = Some(value);
             if value == held as f64 || Instant::now() >= deadline {
                 if value != held as f64 {
