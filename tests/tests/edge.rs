@@ -385,6 +385,11 @@ async fn security_and_cache_headers_and_request_ids() {
     // Errors carry them too.
     let missing = app.get_public("/v1/nowhere").await;
     assert_eq!(missing.headers()["x-content-type-options"], "nosniff");
+    // The docs UI gets the policy it works under: its own scripts only, inline styles.
+    let docs = app.get_public("/docs/").await;
+    let csp = docs.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-eval"), "{csp}");
     // X-Request-ID: kept and echoed beside the correlation id, or made.
     let echoed = app
         .client
@@ -445,6 +450,7 @@ async fn compressed_answers_decompress_to_the_same_json() {
     let path = format!("/v1/batches/{id}?min_position={position}");
     let plain = app.get(&teacher, &path).await;
     assert!(!plain.headers().contains_key("content-encoding"));
+    assert!(!plain.headers()["etag"].to_str().unwrap().starts_with("W/"));
     let plain: Value = plain.json().await.unwrap();
     for encoding in ["gzip", "br", "zstd"] {
         let response = app
@@ -457,6 +463,8 @@ async fn compressed_answers_decompress_to_the_same_json() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["content-encoding"], encoding);
+        let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+        assert!(etag.starts_with("W/\""), "a compressed variant's validator is weak: {etag}");
         assert!(response.headers()["vary"].to_str().unwrap().to_ascii_lowercase().contains("accept-encoding"));
         let bytes = response.bytes().await.unwrap();
         let decoded: Value = serde_json::from_slice(&decode(encoding, &bytes)).unwrap();

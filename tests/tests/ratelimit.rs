@@ -25,6 +25,7 @@ both_engines!(
     a_budget_is_whole_again_after_its_window,
     websocket_tokens_count_against_their_user,
     forwarded_addresses_count_only_behind_a_trusted_proxy,
+    turned_off_there_are_no_budgets_and_no_fields,
 );
 
 /// `RateLimit-Policy: "<policy>";q=<quota>;w=<window>` or `RateLimit: "<policy>";r=..;t=..`:
@@ -571,6 +572,25 @@ async fn forwarded_addresses_count_only_behind_a_trusted_proxy(engine: Engine) {
         .await
         .unwrap();
     assert_eq!(fields(&other).unwrap().remaining, 1);
+}
+
+async fn turned_off_there_are_no_budgets_and_no_fields(engine: Engine) {
+    let app = TestApp::spawn_with(engine, |s| {
+        s.rate_limit.anonymous.read = "1/minute".parse().unwrap();
+        s.rate_limit
+            .apply_env(&|name| (name == "ESSAYFLOW_RATE_LIMIT_ENABLED").then(|| "false".into()))
+            .unwrap();
+    })
+    .await;
+    for _ in 0..3 {
+        let response = app.get_public("/v1/batches").await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(fields(&response).is_none());
+    }
+    let teacher = app.user(Role::Teacher).await;
+    let response = register(&app, &teacher).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert!(fields(&response).is_none());
 }
 
 /// Limits are kept in each node's memory: two nodes on one database give a client up to

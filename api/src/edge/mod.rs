@@ -12,7 +12,7 @@
 //!    `Strict-Transport-Security` when serving TLS, and `Cache-Control: no-store` on every
 //!    answer without an `ETag` (`private, no-cache` with one: revalidate, then use the 304).
 //! 5. Compression of answers of at least `compression_min_bytes` by `Accept-Encoding`
-//!    (gzip, br, zstd; tower-http `compression`).
+//!    (gzip, br, zstd; tower-http `compression`); a compressed answer's `ETag` is made weak.
 //! 6. [`problem::problemize`]: an error status that a layer answered without a body (the
 //!    timeout, for example) becomes an RFC 9457 problem with `Retry-After` where it applies.
 //! 7. Load shedding: at most `max_in_flight` requests at once per node; past it, 503
@@ -106,6 +106,7 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
         .layer(shed)
         .layer(axum::middleware::from_fn(problem::problemize))
         .layer(compression)
+        .layer(SetResponseHeaderLayer::overriding(header::ETAG, weak_etag_when_encoded))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
             cache_control,
@@ -147,6 +148,19 @@ fn cache_control<B>(response: &Response<B>) -> Option<HeaderValue> {
     } else {
         HeaderValue::from_static("no-store")
     })
+}
+
+/// A compressed answer's strong `ETag` made weak (`W/"5"`): a strong validator names one exact
+/// byte sequence, and the gzip, br, zstd and identity variants differ (RFC 9110 section
+/// 8.8.1). `If-None-Match` compares weakly, so 304s work the same. `None` leaves it as it is.
+fn weak_etag_when_encoded<B>(response: &Response<B>) -> Option<HeaderValue> {
+    let etag = response.headers().get(header::ETAG)?;
+    if !response.headers().contains_key(header::CONTENT_ENCODING) || etag.as_bytes().starts_with(b"W/") {
+        return None;
+    }
+    let mut weak = b"W/".to_vec();
+    weak.extend_from_slice(etag.as_bytes());
+    HeaderValue::from_bytes(&weak).ok()
 }
 
 /// Compress only answers that have a body: not `101 Switching Protocols`, `204` or `304`.
@@ -227,7 +241,6 @@ fn cors(http: &crate::settings::HttpSettings) -> Option<CorsLayer> {
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
-                header::IF_MATCH,
                 header::IF_NONE_MATCH,
                 HeaderName::from_static("x-api-key"),
                 REQUEST_ID,

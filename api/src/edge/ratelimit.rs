@@ -66,8 +66,9 @@ pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 /// The longest the middleware waits to authenticate a credential (a cache miss reads the
-/// store); past it, or when the store fails, the request is not limited here and the inner
-/// layers answer (the database breaker, the handler's own authentication).
+/// store); past it, when the store fails, or while the database breaker is open, the request
+/// is not limited here and the inner layers answer (the breaker, the handler's own
+/// authentication).
 const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(1);
 
 // ---- settings -------------------------------------------------------------------------------
@@ -681,17 +682,30 @@ fn websocket_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     })
 }
 
-/// (Not the request itself: its body is not `Sync`, and this future must be `Send`.)
+/// Who sent the request of `headers` and `uri`: its credential is authenticated as the
+/// extractor would (through the identity cache). While the database breaker is open a
+/// credential is not checked (that could wait on the pool): the request is not limited here
+/// and the breaker answers it at once. (Headers and URI rather than the request: its body is
+/// not `Sync`, and this future must be `Send`.)
 async fn caller(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Caller {
     let identity = &state.identity;
-    let found = if headers.contains_key("x-api-key") || headers.contains_key(header::AUTHORIZATION)
-    {
+    let presented =
+        headers.contains_key("x-api-key") || headers.contains_key(header::AUTHORIZATION);
+    let websocket = || {
+        if uri.path() == "/v1/ws" {
+            websocket_token(headers, uri)
+        } else {
+            None
+        }
+    };
+    if state.breaker.is_open() && (presented || websocket().is_some()) {
+        return Caller::Unknown;
+    }
+    let found = if presented {
         tokio::time::timeout(AUTHENTICATE_WITHIN, identity.authenticate(headers))
             .await
             .map(|r| r.map(|user| (user, true)))
-    } else if uri.path() == "/v1/ws"
-        && let Some(token) = websocket_token(headers, uri)
-    {
+    } else if let Some(token) = websocket() {
         tokio::time::timeout(AUTHENTICATE_WITHIN, identity.authenticate_token(&token))
             .await
             .map(|r| r.map(|(user, _)| (user, false)))

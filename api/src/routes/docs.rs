@@ -2,6 +2,8 @@
 //! (Swagger UI, served from assets vendored at build time: no network needed).
 
 use axum::Router;
+use axum::http::{HeaderValue, header};
+use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
@@ -79,6 +81,18 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
+/// The content security policy of the docs UI: Swagger UI loads its scripts and styles from
+/// `/docs` itself (no inline script), sets inline styles and uses `data:` images, and calls the
+/// API on the same origin ("Try it out"); nothing may frame it.
+pub const DOCS_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; \
+     frame-ancestors 'none'";
+
 pub fn router() -> Router<AppState> {
-    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+    Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DOCS_CSP),
+        ))
 }
