@@ -197,12 +197,11 @@ async fn run_users(settings: &Settings, command: UsersCommand) -> anyhow::Result
     let actor = Actor::cli();
     // The configured cost, as the server's (so that every stored hash costs the same to check).
     let hasher = crate::identity::Hasher::new(settings.auth.options().hashing)?;
-    let patch =
-        |role: Option<Role>, status: Option<users::UserStatus>| users::UserPatch {
-            role,
-            status,
-            tier: None,
-        };
+    let patch = |role: Option<Role>, status: Option<users::UserStatus>| users::UserPatch {
+        role,
+        status,
+        tier: None,
+    };
     match command {
         UsersCommand::Add { username, role, .. } => {
             let role = Role::parse(&role).context("role")?;

@@ -104,7 +104,9 @@ pub enum ApiError {
     /// docs/rate-limits.md): `class` is the budget's class (`login`, `read`, `command`),
     /// `subject` what it is counted against (`user`, `API key`, `address`), `budget` its size
     /// (`"100/hour"`); retry after `retry_after` seconds (also in `Retry-After`, at least 1).
-    #[error("too many {class} requests from this {subject}: the budget is {budget} per node; retry in {retry_after} s")]
+    #[error(
+        "too many {class} requests from this {subject}: the budget is {budget} per node; retry in {retry_after} s"
+    )]
     RateLimited {
         class: &'static str,
         subject: &'static str,

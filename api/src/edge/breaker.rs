@@ -509,6 +509,12 @@ impl Breaker {
                         tracing::debug!(
                             "a database failure was reported but the database answers a probe"
                         );
+                        // A busy pool can report failures continuously: confirm at most once
+                        // an interval, not back to back.
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(breaker.probe_interval) => {}
+                        }
                     }
                     (BreakerState::Closed, Err(failure)) => {
                         breaker.note(&failure.reason);
