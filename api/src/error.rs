@@ -101,18 +101,12 @@ pub enum ApiError {
     #[error("{}", status_detail(*.0))]
     Status(StatusCode),
     /// 429 `rate-limited`: over a rate-limit budget of this node (`api::edge::ratelimit`,
-    /// docs/rate-limits.md): `class` is the budget's class (`login`, `read`, `command`),
-    /// `subject` what it is counted against (`user`, `API key`, `address`), `budget` its size
-    /// (`"100/hour"`); retry after `retry_after` seconds (also in `Retry-After`, at least 1).
-    #[error(
-        "too many {class} requests from this {subject}: the budget is {budget} per node; retry in {retry_after} s"
-    )]
-    RateLimited {
-        class: &'static str,
-        subject: &'static str,
-        budget: String,
-        retry_after: u64,
-    },
+    /// docs/rate-limits.md): `detail` names the budget's class (`login`, `read`, `command`),
+    /// what it is counted against (`user`, `API key`, `address`) and its size (`100/hour`);
+    /// retry after `retry_after` seconds (also in `Retry-After`, at least 1). (One string, so
+    /// that the error stays small: it sits in every handler's and session's future.)
+    #[error("{detail}")]
+    RateLimited { detail: String, retry_after: u64 },
     /// 503: the database cannot be reached (the circuit breaker is open, or this request
     /// failed to reach it); retry after `Retry-After` ([`crate::edge::breaker`]).
     #[error("the database cannot be reached at the moment; retry shortly")]

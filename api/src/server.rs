@@ -203,7 +203,9 @@ async fn http<I>(
         let router = router.clone();
         async move { Ok::<_, Infallible>(infallible(router.oneshot(request).await)) }
     });
-    let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(connection);
     let served = tokio::select! {
         served = connection.as_mut() => served,

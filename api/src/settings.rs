@@ -585,7 +585,10 @@ impl Settings {
                 "ESSAYFLOW_HTTP_REQUEST_TIMEOUT_SECS",
                 &mut http.request_timeout_secs,
             ),
-            ("ESSAYFLOW_SHUTDOWN_DRAIN_SECS", &mut http.drain_timeout_secs),
+            (
+                "ESSAYFLOW_SHUTDOWN_DRAIN_SECS",
+                &mut http.drain_timeout_secs,
+            ),
             ("ESSAYFLOW_CORS_MAX_AGE_SECS", &mut http.cors_max_age_secs),
             ("ESSAYFLOW_HSTS_MAX_AGE_SECS", &mut http.hsts_max_age_secs),
         ] {
@@ -602,8 +605,9 @@ impl Settings {
             }
         }
         if let Some(v) = var("ESSAYFLOW_COMPRESSION_MIN_BYTES") {
-            http.compression_min_bytes = u16::try_from(parse_u("ESSAYFLOW_COMPRESSION_MIN_BYTES", v)?)
-                .context("ESSAYFLOW_COMPRESSION_MIN_BYTES must be at most 65535")?;
+            http.compression_min_bytes =
+                u16::try_from(parse_u("ESSAYFLOW_COMPRESSION_MIN_BYTES", v)?)
+                    .context("ESSAYFLOW_COMPRESSION_MIN_BYTES must be at most 65535")?;
         }
         if let Some(v) = var("ESSAYFLOW_CORS_ORIGINS") {
             http.cors_origins = v

@@ -54,7 +54,14 @@ async fn read_response(stream: &mut TcpStream) -> RawResponse {
     };
     let head = String::from_utf8(buffer[..head_end].to_vec()).unwrap();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
         .map(|l| {
@@ -106,7 +113,10 @@ async fn slow_headers_and_idle_connections_are_closed_on_time() {
         .await
         .unwrap();
     let took = closed_within(&mut slow, Duration::from_secs(5)).await;
-    assert!(took >= Duration::from_millis(400), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "closed too early: {took:?}"
+    );
     // A kept-alive connection that goes quiet after an answer.
     let mut idle = TcpStream::connect(host(&app)).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -115,7 +125,10 @@ async fn slow_headers_and_idle_connections_are_closed_on_time() {
     let answer = read_response(&mut idle).await;
     assert_eq!(answer.status, 200);
     let took = closed_within(&mut idle, Duration::from_secs(5)).await;
-    assert!(took >= Duration::from_millis(400), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "closed too early: {took:?}"
+    );
     // A connection that opens and sends nothing at all.
     let mut silent = TcpStream::connect(host(&app)).await.unwrap();
     closed_within(&mut silent, Duration::from_secs(5)).await;
@@ -143,9 +156,15 @@ async fn connections_past_the_cap_are_answered_503_and_closed() {
         .unwrap();
     let refused = read_response(&mut third).await;
     assert_eq!(refused.status, 503);
-    assert_eq!(refused.header("content-type"), Some("application/problem+json"));
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json")
+    );
     assert_eq!(refused.header("retry-after"), Some("1"));
-    assert_eq!(refused.json()["type"], "urn:essayflow:problem:too-many-connections");
+    assert_eq!(
+        refused.json()["type"],
+        "urn:essayflow:problem:too-many-connections"
+    );
     closed_within(&mut third, Duration::from_secs(5)).await;
     // A slot frees when a held connection closes.
     drop(held.pop());
@@ -167,10 +186,9 @@ async fn connections_past_the_cap_are_answered_503_and_closed() {
 
 async fn ws_status(app: &TestApp, token: &str) -> Result<WsClient, (u16, Value)> {
     let mut request = ws_url(&app.address).into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     match WsClient::connect(request, None).await {
         Ok(client) => Ok(client),
         Err(tungstenite::Error::Http(response)) => {
@@ -216,7 +234,11 @@ fn oversized_head(app: &TestApp, token: &str, expect: bool) -> (String, usize) {
     let head = format!(
         "POST /v1/batches HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n{}\r\n",
         host(app),
-        if expect { "Expect: 100-continue\r\n" } else { "" }
+        if expect {
+            "Expect: 100-continue\r\n"
+        } else {
+            ""
+        }
     );
     (head, length)
 }
@@ -231,8 +253,14 @@ async fn oversized_bodies_get_a_readable_413(engine: Engine) {
     stream.write_all(head.as_bytes()).await.unwrap();
     let answer = read_response(&mut stream).await;
     assert_eq!(answer.status, 413, "{answer:?}");
-    assert_eq!(answer.header("content-type"), Some("application/problem+json"));
-    assert_eq!(answer.json()["type"], "urn:essayflow:problem:body-too-large");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        answer.json()["type"],
+        "urn:essayflow:problem:body-too-large"
+    );
     // A client that writes the whole body before reading anything still reads the 413.
     let (head, length) = oversized_head(&app, &teacher.token, false);
     let mut stream = TcpStream::connect(host(&app)).await.unwrap();
@@ -286,7 +314,11 @@ async fn requests_past_the_in_flight_limit_are_shed_and_slow_ones_time_out() {
         if response.status() == StatusCode::SERVICE_UNAVAILABLE {
             break response;
         }
-        assert!(Instant::now() < deadline, "never shed: {}", response.status());
+        assert!(
+            Instant::now() < deadline,
+            "never shed: {}",
+            response.status()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(shed.headers()["retry-after"], "1");
@@ -295,13 +327,22 @@ async fn requests_past_the_in_flight_limit_are_shed_and_slow_ones_time_out() {
     // The slow one ends at the request timeout (2 s), as a problem with Retry-After.
     let answer = read_response(&mut slow).await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(6), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
     assert_eq!(answer.status, 503);
-    assert_eq!(answer.header("content-type"), Some("application/problem+json"));
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json")
+    );
     assert!(answer.header("retry-after").is_some());
     assert_eq!(answer.json()["type"], "urn:essayflow:problem:timeout");
     // Then the slot is free again.
-    assert_eq!(app.get(&teacher, "/v1/dashboard").await.status(), StatusCode::OK);
+    assert_eq!(
+        app.get(&teacher, "/v1/dashboard").await.status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,13 +357,18 @@ async fn cors_allows_configured_origins_only() {
             .request(reqwest::Method::OPTIONS, app.url("/v1/batches"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization, content-type")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
             .send()
     };
     let ok = preflight(allowed).await.unwrap();
     assert!(ok.status().is_success(), "{}", ok.status());
     assert_eq!(ok.headers()["access-control-allow-origin"], allowed);
-    let methods = ok.headers()["access-control-allow-methods"].to_str().unwrap();
+    let methods = ok.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
     assert!(methods.contains("POST"), "{methods}");
     let headers = ok.headers()["access-control-allow-headers"]
         .to_str()
@@ -331,7 +377,11 @@ async fn cors_allows_configured_origins_only() {
     assert!(headers.contains("authorization") && headers.contains("content-type"));
     assert_eq!(ok.headers()["access-control-max-age"], "600");
     let refused = preflight("https://evil.example.com").await.unwrap();
-    assert!(!refused.headers().contains_key("access-control-allow-origin"));
+    assert!(
+        !refused
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
     // A simple request from the allowed origin can read its answer (and the exposed headers).
     let teacher = app.user(Role::Teacher).await;
     let response = app
@@ -347,7 +397,10 @@ async fn cors_allows_configured_origins_only() {
         .to_str()
         .unwrap()
         .to_ascii_lowercase();
-    assert!(exposed.contains("etag") && exposed.contains("retry-after"), "{exposed}");
+    assert!(
+        exposed.contains("etag") && exposed.contains("retry-after"),
+        "{exposed}"
+    );
     // With no origins configured (the default), no CORS headers at all.
     let closed = TestApp::spawn(Engine::Sqlite).await;
     let response = closed
@@ -358,7 +411,11 @@ async fn cors_allows_configured_origins_only() {
         .send()
         .await
         .unwrap();
-    assert!(!response.headers().contains_key("access-control-allow-origin"));
+    assert!(
+        !response
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,13 +429,24 @@ async fn security_and_cache_headers_and_request_ids() {
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert_eq!(h["x-frame-options"], "DENY");
     assert_eq!(h["referrer-policy"], "no-referrer");
-    assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
     assert_eq!(h["cache-control"], "no-store");
-    assert!(!h.contains_key("strict-transport-security"), "plain HTTP: no HSTS");
+    assert!(
+        !h.contains_key("strict-transport-security"),
+        "plain HTTP: no HSTS"
+    );
     // An answer with an ETag may be kept, but must be revalidated.
     let position = batch["position"].as_i64().unwrap();
     let read = app
-        .get(&teacher, &format!("/v1/batches/{id}?min_position={position}"))
+        .get(
+            &teacher,
+            &format!("/v1/batches/{id}?min_position={position}"),
+        )
         .await;
     assert!(read.headers().contains_key("etag"));
     assert_eq!(read.headers()["cache-control"], "private, no-cache");
@@ -387,8 +455,14 @@ async fn security_and_cache_headers_and_request_ids() {
     assert_eq!(missing.headers()["x-content-type-options"], "nosniff");
     // The docs UI gets the policy it works under: its own scripts only, inline styles.
     let docs = app.get_public("/docs/").await;
-    let csp = docs.headers()["content-security-policy"].to_str().unwrap().to_owned();
-    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    let csp = docs.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
     assert!(!csp.contains("unsafe-eval"), "{csp}");
     // X-Request-ID: kept and echoed beside the correlation id, or made.
     let echoed = app
@@ -420,10 +494,14 @@ fn decode(encoding: &str, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match encoding {
         "gzip" => {
-            flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+            flate2::read::GzDecoder::new(bytes)
+                .read_to_end(&mut out)
+                .unwrap();
         }
         "br" => {
-            brotli::Decompressor::new(bytes, 4096).read_to_end(&mut out).unwrap();
+            brotli::Decompressor::new(bytes, 4096)
+                .read_to_end(&mut out)
+                .unwrap();
         }
         "zstd" => out = zstd::decode_all(bytes).unwrap(),
         other => panic!("{other}"),
@@ -440,13 +518,21 @@ async fn compressed_answers_decompress_to_the_same_json() {
     // Essays of real size: a few thousand words each.
     let text = "The quick brown fox considers the merits of the argument. ".repeat(300);
     let essays: Vec<Value> = (0..20)
-        .map(|i| json!({ "essay_id": format!("e{i}"), "title": format!("Essay {i}"), "text": text }))
+        .map(
+            |i| json!({ "essay_id": format!("e{i}"), "title": format!("Essay {i}"), "text": text }),
+        )
         .collect();
     let added = app
-        .post(&teacher, &format!("/v1/batches/{id}/essays"), &json!({ "essays": essays }))
+        .post(
+            &teacher,
+            &format!("/v1/batches/{id}/essays"),
+            &json!({ "essays": essays }),
+        )
         .await;
     assert_eq!(added.status(), StatusCode::ACCEPTED);
-    let position = added.json::<Value>().await.unwrap()["position"].as_i64().unwrap();
+    let position = added.json::<Value>().await.unwrap()["position"]
+        .as_i64()
+        .unwrap();
     let path = format!("/v1/batches/{id}?min_position={position}");
     let plain = app.get(&teacher, &path).await;
     assert!(!plain.headers().contains_key("content-encoding"));
@@ -464,13 +550,26 @@ async fn compressed_answers_decompress_to_the_same_json() {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["content-encoding"], encoding);
         let etag = response.headers()["etag"].to_str().unwrap().to_owned();
-        assert!(etag.starts_with("W/\""), "a compressed variant's validator is weak: {etag}");
-        assert!(response.headers()["vary"].to_str().unwrap().to_ascii_lowercase().contains("accept-encoding"));
+        assert!(
+            etag.starts_with("W/\""),
+            "a compressed variant's validator is weak: {etag}"
+        );
+        assert!(
+            response.headers()["vary"]
+                .to_str()
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("accept-encoding")
+        );
         let bytes = response.bytes().await.unwrap();
         let decoded: Value = serde_json::from_slice(&decode(encoding, &bytes)).unwrap();
         assert_eq!(decoded, plain, "{encoding}");
         let plain_len = serde_json::to_vec(&plain).unwrap().len();
-        assert!(bytes.len() * 2 < plain_len, "{encoding}: {} of {plain_len} bytes", bytes.len());
+        assert!(
+            bytes.len() * 2 < plain_len,
+            "{encoding}: {} of {plain_len} bytes",
+            bytes.len()
+        );
     }
     // Small answers are not compressed.
     let small = app
@@ -483,8 +582,13 @@ async fn compressed_answers_decompress_to_the_same_json() {
     assert!(!small.headers().contains_key("content-encoding"));
     // A WebSocket upgrade is not disturbed by Accept-Encoding.
     let mut request = ws_url(&app.address).into_client_request().unwrap();
-    request.headers_mut().insert("authorization", format!("Bearer {}", teacher.token).parse().unwrap());
-    request.headers_mut().insert("accept-encoding", "gzip, br".parse().unwrap());
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", teacher.token).parse().unwrap(),
+    );
+    request
+        .headers_mut()
+        .insert("accept-encoding", "gzip, br".parse().unwrap());
     WsClient::connect(request, None).await.unwrap();
 }
 

@@ -39,9 +39,10 @@ pub async fn refuse_oversized(request: Request, next: Next) -> Response {
         // A chunked body cut at the limit was not read to its end: the connection cannot
         // carry another request, and the client must not try.
         if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
         }
         return response;
     }
@@ -54,9 +55,10 @@ pub async fn refuse_oversized(request: Request, next: Next) -> Response {
     // has sent nothing, and is answered at once.
     let drained = !expects_continue && drain(request.into_body()).await;
     if !drained {
-        refused
-            .headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        refused.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
     refused
 }
@@ -77,5 +79,7 @@ async fn drain(mut body: axum::body::Body) -> bool {
         }
         true
     };
-    tokio::time::timeout(DRAIN_TIME, read).await.unwrap_or(false)
+    tokio::time::timeout(DRAIN_TIME, read)
+        .await
+        .unwrap_or(false)
 }

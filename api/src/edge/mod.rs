@@ -106,7 +106,10 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
         .layer(shed)
         .layer(axum::middleware::from_fn(problem::problemize))
         .layer(compression)
-        .layer(SetResponseHeaderLayer::overriding(header::ETAG, weak_etag_when_encoded))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::ETAG,
+            weak_etag_when_encoded,
+        ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
             cache_control,
@@ -155,7 +158,9 @@ fn cache_control<B>(response: &Response<B>) -> Option<HeaderValue> {
 /// 8.8.1). `If-None-Match` compares weakly, so 304s work the same. `None` leaves it as it is.
 fn weak_etag_when_encoded<B>(response: &Response<B>) -> Option<HeaderValue> {
     let etag = response.headers().get(header::ETAG)?;
-    if !response.headers().contains_key(header::CONTENT_ENCODING) || etag.as_bytes().starts_with(b"W/") {
+    if !response.headers().contains_key(header::CONTENT_ENCODING)
+        || etag.as_bytes().starts_with(b"W/")
+    {
         return None;
     }
     let mut weak = b"W/".to_vec();
@@ -265,11 +270,20 @@ mod tests {
 
     #[test]
     fn cors_origins_must_be_scheme_and_host() {
-        let ok = cors_origins(&["https://App.example.org/".into(), "http://localhost:5173".into()])
-            .expect("valid");
+        let ok = cors_origins(&[
+            "https://App.example.org/".into(),
+            "http://localhost:5173".into(),
+        ])
+        .expect("valid");
         assert_eq!(ok[0], "https://app.example.org");
         assert_eq!(ok[1], "http://localhost:5173");
-        for bad in ["*", "app.example.org", "https://a.org/path", "https://*.a.org", "ftp://a"] {
+        for bad in [
+            "*",
+            "app.example.org",
+            "https://a.org/path",
+            "https://*.a.org",
+            "ftp://a",
+        ] {
             assert!(cors_origins(&[bad.into()]).is_err(), "{bad}");
         }
     }

@@ -25,7 +25,9 @@ pub async fn problemize(request: Request, next: Next) -> Response {
             problem.headers_mut().insert(name.clone(), value.clone());
         }
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE && !problem.headers().contains_key(header::RETRY_AFTER) {
+    if status == StatusCode::SERVICE_UNAVAILABLE
+        && !problem.headers().contains_key(header::RETRY_AFTER)
+    {
         problem
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -772,9 +772,12 @@ pub async fn rate_limit(
         Verdict::Refused { retry_after, reset } => {
             limits.refused[class.index()].fetch_add(1, Ordering::Relaxed);
             let mut response = ApiError::RateLimited {
-                class: class.name(),
-                subject: key.subject(),
-                budget: limiter.budget.to_string(),
+                detail: format!(
+                    "too many {} requests from this {}: the budget is {} per node; retry in {retry_after} s",
+                    class.name(),
+                    key.subject(),
+                    limiter.budget
+                ),
                 retry_after,
             }
             .into_response();

@@ -37,7 +37,8 @@ pub const CLOSE_REVOKED: u16 = 4403;
 /// A connection's identity, set at the upgrade and renewed by in-band refreshes.
 pub struct Connect {
     pub live: Arc<Live>,
-    pub user: AuthUser,
+    /// Boxed: every idle connection's future holds it, and its size is per connection.
+    pub user: Box<AuthUser>,
     /// When the access token expires: the connection closes then (1008) unless the client
     /// sent a fresh token (`{"type":"refresh","token":...}`) before.
     pub expires_at: Instant,
@@ -309,7 +310,7 @@ impl Session {
         let left = u64::try_from(claims.exp - now).unwrap_or(0);
         self.connect.expires_at = Instant::now() + Duration::from_secs(left);
         self.watch.refreshed(&user);
-        self.connect.user = user;
+        *self.connect.user = user;
         send_json(socket, &json!({"type": "refreshed", "expires_in": left})).await
     }
 

@@ -83,14 +83,15 @@ pub(super) async fn ws(
     let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
     let limits = &state.settings.ws;
     // Held by the session (or dropped with the closure if the upgrade never happens).
-    let slot = state
-        .live
-        .slots
-        .take(user.id, limits.max_connections, limits.max_connections_per_user)?;
+    let slot = state.live.slots.take(
+        user.id,
+        limits.max_connections,
+        limits.max_connections_per_user,
+    )?;
     let expires_at = Instant::now() + Duration::from_secs(left);
     let tracker = state.live.tracker.clone();
     let connect = session::Connect {
-        user,
+        user: Box::new(user),
         expires_at,
         live: state.live.clone(),
     };
