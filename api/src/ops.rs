@@ -72,7 +72,14 @@ impl Snapshot {
 pub struct OpsCache {
     max_age: Duration,
     slot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+    /// The last database check and when it was made: every `/readyz` within
+    /// [`DATABASE_CHECK_KEPT`] shares it, so a flood of readiness probes costs one `SELECT 1`
+    /// a second, never a connection each.
+    database: tokio::sync::Mutex<Option<(Instant, DatabaseCheck)>>,
 }
+
+/// How long one database check answers every `/readyz`.
+pub const DATABASE_CHECK_KEPT: Duration = Duration::from_secs(1);
 
 impl OpsCache {
     /// A cache whose readings are kept for `max_age`.
@@ -80,7 +87,27 @@ impl OpsCache {
         Self {
             max_age,
             slot: tokio::sync::Mutex::new(None),
+            database: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The database's readiness: down at once while the breaker is open, else the last
+    /// [`check_database`] if it is younger than [`DATABASE_CHECK_KEPT`], else a new one
+    /// (callers that arrive meanwhile wait for it and share it).
+    pub async fn database(&self, state: &AppState) -> DatabaseCheck {
+        if state.breaker.is_open() {
+            return check_database(state).await;
+        }
+        let asked = Instant::now();
+        let mut slot = self.database.lock().await;
+        if let Some((at, check)) = slot.as_ref()
+            && (at.elapsed() < DATABASE_CHECK_KEPT || *at >= asked)
+        {
+            return check.clone();
+        }
+        let check = check_database(state).await;
+        *slot = Some((Instant::now(), check.clone()));
+        check
     }
 
     /// The current reading: the kept one while it is fresh, else a new one. Scrapes that

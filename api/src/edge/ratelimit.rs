@@ -67,8 +67,8 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 /// The longest the middleware waits to authenticate a credential (a cache miss reads the
 /// store); past it, when the store fails, or while the database breaker is open, the request
-/// is not limited here and the inner layers answer (the breaker, the handler's own
-/// authentication).
+/// is counted against its address's anonymous budget, and the inner layers answer (the
+/// breaker, the handler's own authentication).
 const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(1);
 
 // ---- settings -------------------------------------------------------------------------------
@@ -656,7 +656,7 @@ enum Caller {
     User { user: AuthUser, in_headers: bool },
     /// No credential, or one refused.
     Anonymous,
-    /// The store could not say in time: not limited here.
+    /// The store could not say in time: counted like [`Caller::Anonymous`].
     Unknown,
 }
 
@@ -753,11 +753,13 @@ pub async fn rate_limit(
                 }
                 (limiter, key)
             }
-            Caller::Anonymous => (
+            // A credential that could not be checked (the database slow or down, an
+            // unknown key whose lookup failed) counts against its address like none at all:
+            // the limiter must not stop working when the node is under attack.
+            Caller::Anonymous | Caller::Unknown => (
                 limits.anonymous.of(class),
                 Key::Address(limits.client(&request)),
             ),
-            Caller::Unknown => return next.run(request).await,
         }
     };
     let Some(limiter) = limiter else {

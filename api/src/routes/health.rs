@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::users::Admin;
 use crate::error::ApiError;
-use crate::ops::{DatabaseCheck, Snapshot, check_database};
+use crate::ops::{DatabaseCheck, Snapshot};
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Alive")))]
@@ -54,7 +54,7 @@ pub(super) async fn readyz(State(state): State<AppState>, request: Request) -> R
         }
         return detailed_readiness(&state).await.into_response();
     }
-    let ready = !matches!(check_database(&state).await, DatabaseCheck::Down(_));
+    let ready = !matches!(state.ops.database(&state).await, DatabaseCheck::Down(_));
     if ready {
         (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response()
     } else {
@@ -76,7 +76,7 @@ async fn ops_readyz(State(state): State<AppState>) -> Response {
 /// reached); the database with its circuit breaker, the projections and the pipeline
 /// workers, and the age of the snapshot they were read from.
 async fn detailed_readiness(state: &AppState) -> (StatusCode, axum::Json<Value>) {
-    let database = check_database(state).await;
+    let database = state.ops.database(state).await;
     let snapshot = state.ops.get(state).await;
     let ready = !matches!(database, DatabaseCheck::Down(_));
     let pipeline = pipeline_health(state, &snapshot);
