@@ -234,6 +234,8 @@ pub fn spawn_listener(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(state.settings.http.request_timeout_secs),
         ))
+        // The timeout's 503 (and any other body-less error) as a problem with Retry-After.
+        .layer(axum::middleware::from_fn(crate::edge::problem::problemize))
         .with_state(state.clone());
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, "operations endpoints (/metrics, /readyz, /healthz) are serving");

@@ -4,6 +4,9 @@
 //! - **Header-read timeout** (`http.header_read_timeout_ms`, 10 s): a request's whole header
 //!   must arrive within it. hyper starts the timer whenever a connection waits for a request,
 //!   so the same bound closes a kept-alive connection that sits idle (and a slowloris client).
+//! - **Write timeout** (`http.write_timeout_secs`, 30 s): a write to the client that makes no
+//!   progress for that long (a client that stopped reading its answer, or a WebSocket's)
+//!   closes the connection (tokio-io-timeout), so a slow reader cannot hold a slot forever.
 //! - **TLS handshakes** run on the connection's own task, for at most
 //!   [`TLS_HANDSHAKE_TIMEOUT`]; the accept loop never waits for a client.
 //! - **Connection cap** (`http.max_connections`, 10 000 per node): a connection past it is
@@ -81,6 +84,7 @@ pub async fn serve(server: Server, shutdown: CancellationToken, connections: Tas
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(http.header_read_timeout_ms))
         .keep_alive(true);
+    let write_timeout = Duration::from_secs(http.write_timeout_secs);
     let mut refusing_builder = builder.clone();
     refusing_builder.keep_alive(false);
     let slots = Arc::new(Semaphore::new(http.max_connections));
@@ -116,7 +120,7 @@ pub async fn serve(server: Server, shutdown: CancellationToken, connections: Tas
                 let shutdown = shutdown.clone();
                 connections.spawn(async move {
                     let _guard = guard;
-                    connection(tcp, peer, tls, router, builder, shutdown).await;
+                    connection(tcp, peer, tls, router, builder, write_timeout, shutdown).await;
                 });
                 continue;
             }
@@ -131,7 +135,15 @@ pub async fn serve(server: Server, shutdown: CancellationToken, connections: Tas
         };
         tracing::debug!(%peer, "connection refused: at the connection cap");
         let (tls, shutdown) = (tls.clone(), shutdown.clone());
-        connections.spawn(connection(tcp, peer, tls, router, builder, shutdown));
+        connections.spawn(connection(
+            tcp,
+            peer,
+            tls,
+            router,
+            builder,
+            write_timeout,
+            shutdown,
+        ));
     }
 }
 
@@ -171,8 +183,12 @@ async fn connection(
     tls: Option<TlsAcceptor>,
     router: Router,
     builder: hyper::server::conn::http1::Builder,
+    write_timeout: Duration,
     shutdown: CancellationToken,
 ) {
+    let mut tcp = tokio_io_timeout::TimeoutStream::new(tcp);
+    tcp.set_write_timeout(Some(write_timeout));
+    let tcp = Box::pin(tcp);
     match tls {
         None => http(tcp, peer, router, builder, shutdown).await,
         Some(acceptor) => {

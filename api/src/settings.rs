@@ -86,6 +86,9 @@ pub struct HttpSettings {
     /// connection's opening or of the previous answer, else the connection closes: the bound
     /// on slow headers and on idle kept-alive connections alike.
     pub header_read_timeout_ms: u64,
+    /// A write to a client that makes no progress for this many seconds (a client that stops
+    /// reading its answer) closes the connection, so a slow reader cannot hold a slot.
+    pub write_timeout_secs: u64,
     /// A request not answered within this many seconds gets 503 problem+json (`timeout`).
     pub request_timeout_secs: u64,
     /// Requests handled at once by this node; past it, 503 problem+json (`overloaded`) with
@@ -113,6 +116,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             header_read_timeout_ms: 10_000,
+            write_timeout_secs: 30,
             request_timeout_secs: 30,
             max_in_flight: 2048,
             max_connections: 10_000,
@@ -712,6 +716,7 @@ impl Settings {
         }
         let http = &self.http;
         if http.header_read_timeout_ms == 0
+            || http.write_timeout_secs == 0
             || http.request_timeout_secs == 0
             || http.max_in_flight == 0
             || http.max_connections == 0

@@ -593,3 +593,74 @@ async fn compressed_answers_decompress_to_the_same_json() {
 }
 
 both_engines!(oversized_bodies_get_a_readable_413);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_loses_its_connection_at_the_write_timeout() {
+    let app = TestApp::spawn_with(Engine::Sqlite, |s| {
+        s.http.max_connections = 1;
+        s.http.write_timeout_secs = 1;
+        // Only the write timeout can free the slot within the test's deadline.
+        s.http.header_read_timeout_ms = 120_000;
+    })
+    .await;
+    // Asks for far more than the socket buffers hold (pipelined), then never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(host(&app).parse().unwrap()).await.unwrap();
+    let request = "GET /docs/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(16);
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    // The only slot is freed once the server's write has made no progress for 1 s.
+    let started = Instant::now();
+    integration_tests::wait_until(Duration::from_secs(15), || async {
+        let Ok(mut stream) = TcpStream::connect(host(&app)).await else {
+            return false;
+        };
+        if stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        read_response(&mut stream).await.status == 200
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_refusal_before_the_body_is_read_is_readable_by_a_client_that_sends_it_all() {
+    let app = TestApp::spawn_with(Engine::Sqlite, |s| {
+        s.rate_limit.anonymous.command = "1/minute".parse().unwrap();
+    })
+    .await;
+    let before = app.event_count().await;
+    // A 3 MiB command (under the size limit) without a credential, written whole before
+    // anything is read: refused 401 by the extractor before it reads the body...
+    let length = 3 * 1024 * 1024;
+    let mut body = b"{\"title\":\"".to_vec();
+    body.resize(length - 2, b'a');
+    body.extend_from_slice(b"\"}");
+    let head = format!(
+        "POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    let mut stream = TcpStream::connect(host(&app)).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let answer = read_response(&mut stream).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    // ... and, on the same connection (the body was drained, so it stays usable), the next
+    // one is over the address's command budget: 429 by the rate limiter, just as readable.
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let answer = read_response(&mut stream).await;
+    assert_eq!(answer.status, 429, "{answer:?}");
+    assert!(answer.header("retry-after").is_some());
+    assert_eq!(answer.json()["type"], "urn:essayflow:problem:rate-limited");
+    assert_eq!(app.event_count().await, before, "nothing appended");
+}

@@ -8,6 +8,7 @@
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 
 use api::auth::Role;
 use commands::Engine;
@@ -269,13 +270,29 @@ async fn sigterm_with_the_database_unreachable_exits_within_the_drain_bound() {
             .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
     })
     .await;
+    // Work in flight that would outlast the bound: a command whose body trickles in (its
+    // refusal lingers reading the rest, up to 5 s), and an idle kept-alive connection.
+    let mut slow = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"title\"",
+    )
+    .await
+    .unwrap();
+    let mut idle = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let signalled = Instant::now();
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let bound = Duration::from_secs(drain_secs + 4);
+    let bound = Duration::from_secs(drain_secs) + Duration::from_millis(1500);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -290,7 +307,7 @@ async fn sigterm_with_the_database_unreachable_exits_within_the_drain_bound() {
     let took = signalled.elapsed();
     eprintln!("SIGTERM with the database unreachable: exited in {took:?} ({status})");
     assert!(status.success(), "{status}");
-    drop(proxy);
+    drop((slow, idle, proxy));
 }
 
 async fn operations_endpoints_need_an_admin_or_the_ops_listener(engine: Engine) {

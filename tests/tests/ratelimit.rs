@@ -546,13 +546,23 @@ async fn forwarded_addresses_count_only_behind_a_trusted_proxy(engine: Engine) {
         30,
     )
     .await;
-    // Others have their own budgets, whichever header names them.
+    // Others have their own budgets.
     let other = get(&app, "x-forwarded-for", "198.51.100.2").await.unwrap();
     assert_eq!(fields(&other).unwrap().remaining, 1);
-    let other = get(&app, "forwarded", "for=\"198.51.100.3:4711\";proto=http")
+    // A `Forwarded` the proxy passed through is the client's own: not believed (the peer,
+    // the proxy itself, is counted).
+    let spoofed = get(&app, "forwarded", "for=\"198.51.100.3:4711\";proto=http")
         .await
         .unwrap();
-    assert_eq!(fields(&other).unwrap().remaining, 1);
+    assert_eq!(fields(&spoofed).unwrap().remaining, 1);
+    let spoofed = get(&app, "forwarded", "for=198.51.100.4").await.unwrap();
+    assert_eq!(fields(&spoofed).unwrap().remaining, 0);
+    assert_limited(
+        get(&app, "forwarded", "for=198.51.100.5").await.unwrap(),
+        "read",
+        30,
+    )
+    .await;
     // IPv6 clients by their /64.
     for _ in 0..2 {
         let response = get(&app, "x-forwarded-for", "2001:db8:0:1::1")
@@ -561,7 +571,7 @@ async fn forwarded_addresses_count_only_behind_a_trusted_proxy(engine: Engine) {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
     assert_limited(
-        get(&app, "forwarded", "for=\"[2001:db8:0:1::2]\"")
+        get(&app, "x-forwarded-for", "2001:db8:0:1::2")
             .await
             .unwrap(),
         "read",
@@ -572,6 +582,41 @@ async fn forwarded_addresses_count_only_behind_a_trusted_proxy(engine: Engine) {
         .await
         .unwrap();
     assert_eq!(fields(&other).unwrap().remaining, 1);
+    app.stop().await;
+
+    // A proxy that writes `Forwarded` (RFC 7239): that header, and X-Forwarded-For ignored.
+    let app = TestApp::spawn_with(engine, |s| {
+        limited(s);
+        s.rate_limit.trusted_proxies = vec!["127.0.0.1".into()];
+        s.rate_limit.forwarded_header = api::edge::ratelimit::ForwardedHeader::Forwarded;
+    })
+    .await;
+    for _ in 0..2 {
+        let response = get(&app, "forwarded", "for=\"[2001:db8:0:1::2]\"")
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_limited(
+        get(
+            &app,
+            "forwarded",
+            "for=\"[2001:db8:0:1::3]:4711\";proto=http",
+        )
+        .await
+        .unwrap(),
+        "read",
+        30,
+    )
+    .await;
+    let other = get(&app, "x-forwarded-for", "2001:db8:0:1::2")
+        .await
+        .unwrap();
+    assert_eq!(
+        fields(&other).unwrap().remaining,
+        1,
+        "the peer's own budget"
+    );
 }
 
 async fn turned_off_there_are_no_budgets_and_no_fields(engine: Engine) {

@@ -552,19 +552,18 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         return next.run(request).await;
     }
     let breaker = &state.breaker;
-    let mut changes = breaker.changes.subscribe();
     if breaker.is_open() {
         return ApiError::DatabaseUnavailable.into_response();
     }
-    let response = tokio::select! {
-        response = next.run(request) => response,
-        _ = changes.wait_for(|s| *s == BreakerState::Open) => {
-            return ApiError::DatabaseUnavailable.into_response();
-        }
-    };
+    // A request already running is left to finish: cancelling it could answer 503 for a
+    // command whose append had committed. It meets the database's failure itself (within the
+    // pool's acquire timeout) and is answered 503 by the error mapping.
+    let response = next.run(request).await;
     match response.extensions().get::<DatabaseFailure>() {
         Some(failure) => breaker.record_failure(failure),
-        None if !response.status().is_server_error() => breaker.record_success(),
+        // Only a success closes a half-open breaker: an error answer (a 404 for an unknown
+        // route, say) may never have reached the database.
+        None if response.status().is_success() => breaker.record_success(),
         None => {}
     }
     response

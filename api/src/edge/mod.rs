@@ -21,8 +21,11 @@
 //! 8. The request timeout: 503 `timeout` after `request_timeout_secs` (tower-http `timeout`).
 //! 9. Rate limiting ([`ratelimit`]) and the database circuit breaker ([`breaker`]).
 //! 10. [`body::refuse_oversized`]: a `Content-Length` over the limit is refused with 413
-//!     before the body is read (no `100 Continue`), after draining what the client sends
-//!     anyway, within a bound.
+//!     before the body is read (no `100 Continue`).
+//!
+//! Between 6 and 7, [`body::linger`] drains (within a bound) the unread body of any request
+//! refused by an inner layer, so that a client still sending reads its answer instead of a
+//! reset.
 //!
 //! Connection-level limits (header-read and idle timeouts, the connection cap, the shutdown
 //! drain) are in [`crate::server`].
@@ -104,6 +107,7 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
             timeout,
         ))
         .layer(shed)
+        .layer(axum::middleware::from_fn(body::linger))
         .layer(axum::middleware::from_fn(problem::problemize))
         .layer(compression)
         .layer(SetResponseHeaderLayer::overriding(

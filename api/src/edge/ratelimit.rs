@@ -14,8 +14,9 @@
 //!   refreshes are always counted per address. The middleware authenticates once and leaves
 //!   the [`AuthUser`] in the request's extensions, where the extractor finds it.
 //! - **Addresses.** The peer address of the connection; only when the peer is one of
-//!   `trusted_proxies` is the address taken from `Forwarded: for=` (RFC 7239) or else
-//!   `X-Forwarded-For`, walking from the right past trusted hops.
+//!   `trusted_proxies` is the address taken from the one header the proxy writes
+//!   (`forwarded_header`: `X-Forwarded-For` by default, or `Forwarded: for=` of RFC 7239),
+//!   walking from the right past trusted hops.
 //! - **Algorithm.** [`governor`]'s GCRA, one keyed limiter per tier and class: a budget of N per
 //!   window allows a burst of N and gives one unit back every window/N.
 //! - **Answers.** Every answer to a limited request carries the `RateLimit-Policy` and
@@ -101,6 +102,11 @@ pub struct RateLimitSettings {
     /// Peers (IP addresses or CIDR networks) whose `Forwarded` / `X-Forwarded-For` is believed;
     /// empty: none, the client is the connection's peer.
     pub trusted_proxies: Vec<String>,
+    /// The one header a trusted proxy writes the client's address in: `x-forwarded-for`
+    /// (the default; what nginx, HAProxy and most load balancers append to) or `forwarded`
+    /// (RFC 7239). The other is ignored: a proxy passes a client's own copy of the header it
+    /// does not write through unchanged, and believing it would let a client name itself.
+    pub forwarded_header: ForwardedHeader,
     /// The tier of users without one, and of users whose tier is no longer configured.
     pub default_tier: String,
     /// Budgets of requests without a valid credential, per client address (and of every login
@@ -246,6 +252,7 @@ impl Default for RateLimitSettings {
         Self {
             enabled: true,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
             default_tier: "standard".to_owned(),
             anonymous: AnonymousBudgets::default(),
             tiers: BTreeMap::from([
@@ -256,6 +263,17 @@ impl Default for RateLimitSettings {
             ]),
         }
     }
+}
+
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...`.
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 /// Whether `name` can name a tier: 1 to 64 of `a-z`, `0-9`, `_`, `-`.
@@ -279,6 +297,13 @@ impl RateLimitSettings {
         }
         if let Some(v) = var("ESSAYFLOW_RATE_LIMIT_DEFAULT_TIER") {
             self.default_tier = v.trim().to_owned();
+        }
+        if let Some(v) = var("ESSAYFLOW_FORWARDED_HEADER") {
+            self.forwarded_header = match v.trim().to_ascii_lowercase().as_str() {
+                "x-forwarded-for" => ForwardedHeader::XForwardedFor,
+                "forwarded" => ForwardedHeader::Forwarded,
+                _ => bail!("ESSAYFLOW_FORWARDED_HEADER must be x-forwarded-for or forwarded"),
+            };
         }
         if let Some(v) = var("ESSAYFLOW_TRUSTED_PROXIES") {
             self.trusted_proxies = v
@@ -487,6 +512,7 @@ impl Budgets {
 pub struct Limits {
     enabled: bool,
     proxies: Vec<IpNet>,
+    forwarded_header: ForwardedHeader,
     login: Option<Limiter>,
     anonymous: Budgets,
     tiers: HashMap<String, Arc<Budgets>>,
@@ -527,6 +553,7 @@ impl Limits {
         Ok(Self {
             enabled: settings.enabled,
             proxies: settings.proxies()?,
+            forwarded_header: settings.forwarded_header,
             login: Limiter::new(Class::Login, anonymous.login),
             anonymous: Budgets::new(anonymous.read, anonymous.command),
             tiers,
@@ -643,7 +670,12 @@ impl Limits {
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ConnectInfo(a)| a.ip());
-        network(client_address(peer, request.headers(), &self.proxies))
+        network(client_address(
+            peer,
+            request.headers(),
+            &self.proxies,
+            self.forwarded_header,
+        ))
     }
 }
 
@@ -804,11 +836,17 @@ pub fn network(address: IpAddr) -> IpAddr {
 }
 
 /// The client's address: the connection's `peer`, unless it is a trusted proxy; then the
-/// hops of `Forwarded: for=` (RFC 7239; else of `X-Forwarded-For`) are walked from the right,
+/// hops of the proxy's `header` (`X-Forwarded-For`, or `Forwarded: for=` of RFC 7239; the
+/// other header is ignored) are walked from the right,
 /// past trusted ones, to the first that is not trusted. A hop that is not an address
 /// (`unknown`, an obfuscated name) stops the walk at the trusted hop before it; when every hop
 /// is trusted, the leftmost is the client.
-pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_address(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ForwardedHeader,
+) -> IpAddr {
     let is_trusted = |ip: IpAddr| {
         let ip = ip.to_canonical();
         trusted.iter().any(|net| net.contains(&ip))
@@ -816,10 +854,9 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     if trusted.is_empty() || !is_trusted(peer) {
         return peer;
     }
-    let hops = if headers.contains_key(header::FORWARDED) {
-        forwarded_for(headers)
-    } else {
-        x_forwarded_for(headers)
+    let hops = match header {
+        ForwardedHeader::Forwarded => forwarded_for(headers),
+        ForwardedHeader::XForwardedFor => x_forwarded_for(headers),
     };
     let mut client = peer;
     for hop in hops.into_iter().rev() {
@@ -1142,6 +1179,7 @@ mod tests {
 
     #[test]
     fn the_client_is_found_walking_from_the_right_past_trusted_proxies_only() {
+        const XFF: ForwardedHeader = ForwardedHeader::XForwardedFor;
         let trusted: Vec<IpNet> = vec![
             "10.0.0.0/8".parse().unwrap(),
             "127.0.0.1/32".parse().unwrap(),
@@ -1149,35 +1187,42 @@ mod tests {
         let xff = |v: &str| headers(&[("x-forwarded-for", v)]);
         let peer = ip("127.0.0.1");
         // Off (no trusted proxies): the peer, whatever the headers say.
-        assert_eq!(client_address(peer, &xff("198.51.100.1"), &[]), peer);
+        assert_eq!(client_address(peer, &xff("198.51.100.1"), &[], XFF), peer);
         // An untrusted peer's headers are ignored.
         assert_eq!(
-            client_address(ip("192.0.2.1"), &xff("198.51.100.1"), &trusted),
+            client_address(ip("192.0.2.1"), &xff("198.51.100.1"), &trusted, XFF),
             ip("192.0.2.1")
         );
         // The rightmost untrusted hop; what it claims to its left is not believed.
         assert_eq!(
-            client_address(peer, &xff("1.1.1.1, 198.51.100.1, 10.0.0.3"), &trusted),
+            client_address(peer, &xff("1.1.1.1, 198.51.100.1, 10.0.0.3"), &trusted, XFF),
             ip("198.51.100.1")
         );
         // Every hop trusted: the leftmost.
         assert_eq!(
-            client_address(peer, &xff("10.0.0.9, 10.0.0.3"), &trusted),
+            client_address(peer, &xff("10.0.0.9, 10.0.0.3"), &trusted, XFF),
             ip("10.0.0.9")
         );
         // An unusable hop stops the walk at the trusted hop before it.
         assert_eq!(
-            client_address(peer, &xff("198.51.100.1, unknown, 10.0.0.3"), &trusted),
+            client_address(peer, &xff("198.51.100.1, unknown, 10.0.0.3"), &trusted, XFF),
             ip("10.0.0.3")
         );
         // No header: the peer.
-        assert_eq!(client_address(peer, &HeaderMap::new(), &trusted), peer);
-        // Forwarded wins over X-Forwarded-For.
+        assert_eq!(client_address(peer, &HeaderMap::new(), &trusted, XFF), peer);
+        // Only the configured header is read: the other one is the client's own.
         let both = headers(&[
             ("forwarded", "for=198.51.100.2"),
             ("x-forwarded-for", "198.51.100.3"),
         ]);
-        assert_eq!(client_address(peer, &both, &trusted), ip("198.51.100.2"));
+        assert_eq!(
+            client_address(peer, &both, &trusted, XFF),
+            ip("198.51.100.3")
+        );
+        assert_eq!(
+            client_address(peer, &both, &trusted, ForwardedHeader::Forwarded),
+            ip("198.51.100.2")
+        );
     }
 
     #[test]
