@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use serde_json::json;
 
@@ -91,21 +91,15 @@ async fn client(
     report
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index].as_secs_f64() * 1000.0
+/// A latency in milliseconds (0 when there is none).
+fn ms(latency: Option<Duration>) -> f64 {
+    latency.map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
-    let host = args.url.split("://").nth(1).unwrap_or_default();
-    if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
-        bail!("the load generator only targets loopback addresses");
-    }
+    bench::require_loopback(&args.url)?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients)
         .build()
@@ -131,8 +125,8 @@ async fn main() -> anyhow::Result<()> {
             "errors": errors,
             "seconds": elapsed,
             "commands_per_second": latencies.len() as f64 / elapsed,
-            "p50_ms": percentile(&latencies, 0.50),
-            "p99_ms": percentile(&latencies, 0.99),
+            "p50_ms": ms(bench::percentile(&latencies, 0.50)),
+            "p99_ms": ms(bench::percentile(&latencies, 0.99)),
         })
     );
     Ok(())

@@ -239,6 +239,11 @@ impl TestApp {
         let stored = add_user(self.storage.pool(), &username, role, password)
             .await
             .unwrap();
+        self.login(stored.id.to_string(), &username, password).await
+    }
+
+    /// Logs `username` (whose id is `id`) in over HTTP; returns the user with its tokens.
+    pub async fn login(&self, id: String, username: &str, password: &str) -> User {
         let response = self
             .client
             .post(self.url("/v1/auth/login"))
@@ -249,8 +254,8 @@ impl TestApp {
         assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.unwrap();
         User {
-            id: stored.id.to_string(),
-            username,
+            id,
+            username: username.to_owned(),
             token: body["access_token"].as_str().unwrap().to_owned(),
             refresh: body["refresh_token"].as_str().unwrap().to_owned(),
         }

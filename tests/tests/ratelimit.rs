@@ -122,25 +122,6 @@ async fn register(app: &TestApp, user: &User) -> reqwest::Response {
     app.post(user, "/v1/batches", &batch_body()).await
 }
 
-/// Logs `username` in over HTTP and returns the user with its tokens.
-async fn login(app: &TestApp, id: String, username: &str, password: &str) -> User {
-    let response = app
-        .client
-        .post(app.url("/v1/auth/login"))
-        .json(&json!({ "username": username, "password": password }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    User {
-        id,
-        username: username.to_owned(),
-        token: body["access_token"].as_str().unwrap().to_owned(),
-        refresh: body["refresh_token"].as_str().unwrap().to_owned(),
-    }
-}
-
 async fn budgets_are_per_user_with_the_fields_on_every_answer(engine: Engine) {
     let app = TestApp::spawn_with(engine, |s| standard(s, "5/minute", "3/minute")).await;
     let ada = app.user(Role::Teacher).await;
@@ -429,7 +410,7 @@ async fn tiers_set_by_admins_choose_the_budgets(engine: Engine) {
         .execute(app.storage.pool())
         .await
         .unwrap();
-    let retired = login(&app, stored.id.to_string(), &username, password).await;
+    let retired = app.login(stored.id.to_string(), &username, password).await;
     let response = app.get(&retired, "/v1/batches").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(fields(&response).unwrap().quota, 100);

@@ -38,14 +38,6 @@ struct Args {
     duration: u64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
 /// GETs the batch with `readers` clients until `stop`; the latencies in milliseconds.
 async fn read_until(
     http: &reqwest::Client,
@@ -171,13 +163,13 @@ async fn main() -> anyhow::Result<()> {
             "logins_per_second": logins as f64 / seconds,
             "logins": logins,
             "logins_refused": refused.load(Ordering::Relaxed),
-            "login_p50_ms": percentile(&login_times, 0.5),
-            "login_p99_ms": percentile(&login_times, 0.99),
-            "get_alone_p50_ms": percentile(&alone, 0.5),
-            "get_alone_p99_ms": percentile(&alone, 0.99),
+            "login_p50_ms": bench::percentile(&login_times, 0.5).unwrap_or(0.0),
+            "login_p99_ms": bench::percentile(&login_times, 0.99).unwrap_or(0.0),
+            "get_alone_p50_ms": bench::percentile(&alone, 0.5).unwrap_or(0.0),
+            "get_alone_p99_ms": bench::percentile(&alone, 0.99).unwrap_or(0.0),
             "get_alone_count": alone.len(),
-            "get_beside_p50_ms": percentile(&beside, 0.5),
-            "get_beside_p99_ms": percentile(&beside, 0.99),
+            "get_beside_p50_ms": bench::percentile(&beside, 0.5).unwrap_or(0.0),
+            "get_beside_p99_ms": bench::percentile(&beside, 0.99).unwrap_or(0.0),
             "get_beside_count": beside.len(),
         })
     );

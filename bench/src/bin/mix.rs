@@ -684,14 +684,6 @@ async fn run_client(
 
 // ---- figures --------------------------------------------------------------------------------
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[index.min(sorted.len() - 1)]) / 1000.0
-}
-
 /// `<prefix>p50_ms`, `p95`, `p99`, `max` and `<prefix>count` (`answered` without a prefix)
 /// into `out`.
 fn latency_figures(out: &mut serde_json::Map<String, Value>, prefix: &str, mut all: Vec<u32>) {
@@ -703,7 +695,10 @@ fn latency_figures(out: &mut serde_json::Map<String, Value>, prefix: &str, mut a
     };
     out.insert(count, json!(all.len()));
     for (name, p) in [("p50", 0.50), ("p95", 0.95), ("p99", 0.99)] {
-        out.insert(format!("{prefix}{name}_ms"), json!(percentile(&all, p)));
+        out.insert(
+            format!("{prefix}{name}_ms"),
+            json!(bench::percentile(&all, p).map_or(0.0, |us| f64::from(us) / 1000.0)),
+        );
     }
     out.insert(
         format!("{prefix}max_ms"),
@@ -747,10 +742,7 @@ fn server_port(url: &str) -> Option<u16> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
-    let host = args.url.split("://").nth(1).unwrap_or_default();
-    if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
-        bail!("the load generator only targets loopback addresses");
-    }
+    bench::require_loopback(&args.url)?;
     if args.clients == 0 {
         bail!("--clients must be at least 1");
     }

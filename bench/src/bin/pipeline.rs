@@ -85,21 +85,6 @@ enum Command {
     },
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn loopback(url: &str) -> anyhow::Result<()> {
-    let host = url.split("://").nth(1).unwrap_or_default();
-    if !(host.starts_with("127.") || host.starts_with("localhost")) {
-        bail!("the benchmark only targets loopback addresses");
-    }
-    Ok(())
-}
-
 async fn post(
     http: &reqwest::Client,
     url: &str,
@@ -153,7 +138,7 @@ async fn run(
     concurrency: usize,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
-    loopback(url)?;
+    bench::require_loopback(url)?;
     let http = reqwest::Client::new();
     let text = "An essay long enough to look like one. ".repeat(20);
     // Set-up (not timed): the batches and their essays.
@@ -255,8 +240,8 @@ async fn run(
         "essay_phases": essay_phases,
         "seconds": span,
         "essay_phases_per_second": essay_phases as f64 / span,
-        "p50_ms": percentile(&latencies, 0.50),
-        "p99_ms": percentile(&latencies, 0.99),
+        "p50_ms": bench::percentile(&latencies, 0.50).unwrap_or(0.0),
+        "p99_ms": bench::percentile(&latencies, 0.99).unwrap_or(0.0),
         "max_ms": latencies.last().copied().unwrap_or(0.0),
     }))
 }
@@ -288,7 +273,7 @@ fn essay_text(seed: usize, words: usize) -> String {
 }
 
 async fn class_setup(url: &str, token: &str, essays: usize, words: usize) -> anyhow::Result<Value> {
-    loopback(url)?;
+    bench::require_loopback(url)?;
     let http = reqwest::Client::new();
     let batch = post(
         &http,
@@ -332,7 +317,7 @@ async fn class_run(
     pipeline: &str,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
-    loopback(url)?;
+    bench::require_loopback(url)?;
     let http = reqwest::Client::new();
     let started = Instant::now();
     post(
@@ -395,9 +380,9 @@ async fn class_run(
     Ok(json!({
         "seconds": seconds,
         "accepted_ms": accepted * 1e3,
-        "get_ms": percentile(&full, 0.5),
+        "get_ms": bench::percentile(&full, 0.5).unwrap_or(0.0),
         "get_bytes": bytes,
-        "get_304_ms": percentile(&conditional, 0.5),
+        "get_304_ms": bench::percentile(&conditional, 0.5).unwrap_or(0.0),
     }))
 }
 

@@ -578,13 +578,6 @@ fn since(later: Instant, earlier: Instant) -> Option<f64> {
     later.checked_duration_since(earlier).map(millis)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn sorted(mut values: Vec<f64>) -> Vec<f64> {
     values.sort_by(f64::total_cmp);
     values
@@ -1243,7 +1236,7 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<Outcome> {
     if !server_errors.is_empty() {
         problems.push(format!("server errors: {server_errors:?}"));
     }
-    let p = |v: &[f64], q: f64| round2(percentile(v, q));
+    let p = |v: &[f64], q: f64| round2(bench::percentile(v, q).unwrap_or(0.0));
     let lines = vec![
         format!(
             "latency: {k} connections, each on its own batch; {} of {} commands accepted in {seconds:.1} s: \
@@ -1475,10 +1468,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<Outcome> {
             "version": version,
             "received": times.len(),
             "expected": expected_receivers,
-            "first_ms": round2(percentile(&times, 0.0)),
-            "p50_ms": round2(percentile(&times, 0.5)),
-            "p99_ms": round2(percentile(&times, 0.99)),
-            "last_ms": round2(percentile(&times, 1.0)),
+            "first_ms": round2(bench::percentile(&times, 0.0).unwrap_or(0.0)),
+            "p50_ms": round2(bench::percentile(&times, 0.5).unwrap_or(0.0)),
+            "p99_ms": round2(bench::percentile(&times, 0.99).unwrap_or(0.0)),
+            "last_ms": round2(bench::percentile(&times, 1.0).unwrap_or(0.0)),
             "http_ms": http_ms.map(round2),
             "before_reference": early,
             "stray": stray,
@@ -1530,7 +1523,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<Outcome> {
 
     let median = |key: &str| {
         let values = sorted(rounds.iter().filter_map(|r| r[key].as_f64()).collect());
-        round2(percentile(&values, 0.5))
+        round2(bench::percentile(&values, 0.5).unwrap_or(0.0))
     };
     let worst = rounds
         .iter()
