@@ -188,7 +188,7 @@ impl Application {
                     .with_context(|| format!("binding the operations listener {bind}"))?,
             ),
         };
-        let state = AppState {
+        let state = AppState::new(crate::state::Services {
             breaker,
             ops,
             commands,
@@ -207,7 +207,7 @@ impl Application {
             settings,
             connections: Arc::default(),
             limits,
-        };
+        });
         let router = crate::edge::apply(crate::routes::router(), state.clone());
         let listener = TcpListener::bind(&state.settings.bind)
             .await

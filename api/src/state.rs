@@ -11,8 +11,27 @@ use crate::identity::Identity;
 use crate::pipeline::PipelineStatus;
 use crate::settings::Settings;
 
+/// Handed to every handler and middleware: one `Arc`, so that a request's clones (one per
+/// stateful layer and for the handler) cost one reference count each, not one per service.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// Everything the handlers share (reached through [`AppState`]).
+pub struct Services {
     pub storage: Storage,
     pub commands: CommandService,
     pub reads: ReadModels,

@@ -91,59 +91,62 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
         )
     });
     let cors = cors(&state.settings.http);
-    routes
+    let routes = routes
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(body::refuse_oversized))
+        .with_state(state.clone());
+    // Around the whole router once (not `Router::layer`, which wraps every route on its own and
+    // re-boxes it between layers): a request crosses one stack, whose layers hold each other
+    // by value.
+    let stack = ServiceBuilder::new()
+        .layer(axum::middleware::map_request(drop_unusable_request_id))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            breaker::guard,
+            crate::telemetry::correlate,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            ratelimit::rate_limit,
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
-        ))
-        .layer(shed)
-        .layer(axum::middleware::from_fn(body::linger))
-        .layer(axum::middleware::from_fn(problem::problemize))
-        .layer(compression)
-        .layer(SetResponseHeaderLayer::overriding(
-            header::ETAG,
-            weak_etag_when_encoded,
-        ))
+        .option_layer(cors)
+        .option_layer(hsts)
         .layer(SetResponseHeaderLayer::if_not_present(
-            header::CACHE_CONTROL,
-            cache_control,
-        ))
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(API_CSP),
-        ))
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
         ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
         ))
         .layer(SetResponseHeaderLayer::if_not_present(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("no-referrer"),
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
         ))
-        .layer(tower::util::option_layer(hsts))
-        .layer(tower::util::option_layer(cors))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(API_CSP),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            cache_control,
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::ETAG,
+            weak_etag_when_encoded,
+        ))
+        .layer(compression)
+        .layer(axum::middleware::from_fn(problem::problemize))
+        .layer(axum::middleware::from_fn(body::linger))
+        .layer(shed)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::telemetry::correlate,
+            ratelimit::rate_limit,
         ))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(axum::middleware::map_request(drop_unusable_request_id))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state, breaker::guard))
+        .layer(axum::middleware::from_fn(body::refuse_oversized))
+        .service(routes);
+    Router::new().fallback_service(stack)
 }
 
 /// `Cache-Control` for an answer that did not set one: `private, no-cache` when it has an
