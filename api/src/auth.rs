@@ -25,6 +25,12 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
+/// Whether the request presents a credential in its headers (`Authorization` or `X-API-Key`),
+/// valid or not.
+pub fn has_credential(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key")
+}
+
 /// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive,
 /// RFC 9110 section 11.1; spaces after it are skipped); `None` without the header, an error
 /// for another scheme or an empty token.

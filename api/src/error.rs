@@ -132,11 +132,6 @@ impl ApiError {
         })
     }
 
-    /// The problem of an error status that a layer answered without a body.
-    pub fn from_status(status: StatusCode) -> Self {
-        Self::Status(status)
-    }
-
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json"),

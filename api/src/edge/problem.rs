@@ -19,7 +19,7 @@ pub async fn problemize(request: Request, next: Next) -> Response {
         return response;
     }
     let (parts, _) = response.into_parts();
-    let mut problem = ApiError::from_status(status).into_response();
+    let mut problem = ApiError::Status(status).into_response();
     for (name, value) in &parts.headers {
         if name != header::CONTENT_LENGTH && !problem.headers().contains_key(name) {
             problem.headers_mut().insert(name.clone(), value.clone());

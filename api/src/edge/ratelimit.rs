@@ -721,8 +721,7 @@ fn websocket_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
 /// not `Sync`, and this future must be `Send`.)
 async fn caller(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Caller {
     let identity = &state.identity;
-    let presented =
-        headers.contains_key("x-api-key") || headers.contains_key(header::AUTHORIZATION);
+    let presented = crate::auth::has_credential(headers);
     let websocket = || {
         if uri.path() == "/v1/ws" {
             websocket_token(headers, uri)

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
@@ -29,10 +29,6 @@ pub(super) async fn healthz() -> impl IntoResponse {
 
 /// Whether a request carries credentials (then `/readyz` answers the detailed document, to
 /// an admin only).
-fn has_credentials(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key")
-}
-
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -47,7 +43,7 @@ fn has_credentials(headers: &HeaderMap) -> bool {
     )
 )]
 pub(super) async fn readyz(State(state): State<AppState>, request: Request) -> Response {
-    if has_credentials(request.headers()) {
+    if crate::auth::has_credential(request.headers()) {
         let (mut parts, _) = request.into_parts();
         if let Err(refused) = Admin::from_request_parts(&mut parts, &state).await {
             return refused.into_response();
