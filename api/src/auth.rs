@@ -9,6 +9,7 @@ pub use crate::identity::users::{User, UserError, add_user, find_user};
 pub use crate::identity::{AuthUser, Claims, Credential, Role, TokenKeys};
 
 use crate::error::ApiError;
+use crate::identity::audit::CallerSlot;
 use crate::state::AppState;
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -17,11 +18,18 @@ impl FromRequestParts<AppState> for AuthUser {
     /// An `X-API-Key`, or an `Authorization: Bearer` access token; 401 otherwise. The rate
     /// limit ([`crate::edge::ratelimit`]) has usually authenticated the request already and
     /// left the caller in the request's extensions: then that one, without checking again.
+    ///
+    /// The caller is also left in the audit layer's slot, so that a refusal later in the
+    /// request names who was refused ([`crate::identity::audit::note_refusals`]).
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if let Some(user) = parts.extensions.get::<AuthUser>() {
-            return Ok(user.clone());
+        let user = match parts.extensions.get::<AuthUser>() {
+            Some(user) => user.clone(),
+            None => state.identity.authenticate(&parts.headers).await?,
+        };
+        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
+            slot.fill(user.id.to_string(), user.username.clone());
         }
-        state.identity.authenticate(&parts.headers).await
+        Ok(user)
     }
 }
 

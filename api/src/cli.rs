@@ -84,11 +84,21 @@ enum Command {
         /// Only this action (for example login.failed, user.update, key.revoke).
         #[arg(long)]
         action: Option<String>,
-        /// Only this actor (a username, cli:<user>).
+        /// Only this actor (a username, cli:<user>, anonymous, system).
         #[arg(long)]
         actor: Option<String>,
+        /// Only this outcome: ok, refused or failed.
+        #[arg(long, value_parser = ["ok", "refused", "failed"])]
+        outcome: Option<String>,
+        /// Only records at or after this instant (RFC 3339).
+        #[arg(long, value_parser = parse_rfc3339_ms)]
+        since: Option<i64>,
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// One JSON object per line (the `GET /v1/admin/audit` item schema) instead of
+        /// tab-separated columns.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a signed access token for a user, in a new session (for local use and scripts).
     Token {
@@ -98,6 +108,13 @@ enum Command {
         #[arg(long)]
         ttl_secs: Option<u64>,
     },
+}
+
+/// An RFC 3339 instant, as milliseconds since the Unix epoch.
+fn parse_rfc3339_ms(value: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("not an RFC 3339 date-time ({e})"))
 }
 
 #[derive(Subcommand)]
@@ -455,6 +472,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .run(None, |p| progress_bar(&projection, p), &cancel)
                 .await?;
             eprintln!();
+            audit::record_alone(
+                storage.pool(),
+                &audit::Record {
+                    actor: &Actor::cli(),
+                    action: "projection.rebuild",
+                    target: Some(&projection),
+                    outcome: "ok",
+                    detail: serde_json::json!({
+                        "events": report.done,
+                        "seconds": report.elapsed.as_secs_f64(),
+                    }),
+                },
+            )
+            .await?;
             println!(
                 "replayed {} events into {projection} in {:.2} s ({:.0} events/s) and swapped it in",
                 report.done,
@@ -492,6 +523,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if std::io::stderr().is_terminal() {
                     eprintln!();
                 }
+                audit::record_alone(
+                    storage.pool(),
+                    &audit::Record {
+                        actor: &Actor::cli(),
+                        action: "projection.verify",
+                        target: Some(named.name()),
+                        outcome: "ok",
+                        detail: serde_json::json!({
+                            "rows_compared": report.rows_compared,
+                            "rows_differing": report.rows_differing,
+                        }),
+                    },
+                )
+                .await?;
                 println!(
                     "{}: {} rows compared with a fold of {} events (to position {}): {} differ, {} skipped (changed meanwhile)",
                     named.name(),
@@ -522,7 +567,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit {
             action,
             actor,
+            outcome,
+            since,
             limit,
+            json,
         } => {
             let storage = connect(&settings).await?;
             let entries = audit::list(
@@ -530,12 +578,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 &audit::Filter {
                     action,
                     actor,
+                    outcome,
+                    since,
                     before: None,
                     limit: limit.clamp(1, 10_000),
                 },
             )
             .await?;
             for e in entries {
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                    continue;
+                }
                 println!(
                     "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     e.id,

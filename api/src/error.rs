@@ -9,6 +9,8 @@ use domain::BatchError;
 use domain::values::ValidationError;
 use serde::Serialize;
 
+use crate::identity::audit::Refusal;
+
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
@@ -41,6 +43,11 @@ pub enum ApiError {
     /// 404: missing, or someone else's.
     #[error("not found")]
     NotFound,
+    /// 404, answered exactly like [`ApiError::NotFound`] (a caller cannot tell that the
+    /// resource exists), for a resource that exists but is someone else's: audited as
+    /// `access.denied` with this reason.
+    #[error("not found")]
+    Hidden(&'static str),
     /// 404: no such route.
     #[error("no such resource")]
     NoRoute,
@@ -138,7 +145,7 @@ impl ApiError {
             Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "invalid-query"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            Self::NotFound => (StatusCode::NOT_FOUND, "not-found"),
+            Self::NotFound | Self::Hidden(_) => (StatusCode::NOT_FOUND, "not-found"),
             Self::NoRoute => (StatusCode::NOT_FOUND, "no-route"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             Self::Rejected(BatchError::NotFound) => (StatusCode::NOT_FOUND, "not-found"),
@@ -244,6 +251,24 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        let refusal = match &self {
+            Self::Unauthorized(reason) => Some(Refusal {
+                action: "auth.refused",
+                reason,
+            }),
+            Self::Forbidden(role) => Some(Refusal {
+                action: "access.denied",
+                reason: role,
+            }),
+            Self::Hidden(reason) => Some(Refusal {
+                action: "access.denied",
+                reason,
+            }),
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            response.extensions_mut().insert(refusal);
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

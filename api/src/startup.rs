@@ -130,6 +130,9 @@ impl Application {
         feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
         let identity = identity(&settings, &storage, &secret)?;
         identity.spawn_poller(cancel.child_token(), &tracker);
+        identity
+            .refusals()
+            .spawn_flusher(storage.pool().clone(), cancel.child_token(), &tracker);
         let settings = Arc::new(settings);
         let live = Arc::new(Live {
             identity: identity.clone(),

@@ -22,6 +22,9 @@
 //! 9. Rate limiting ([`ratelimit`]) and the database circuit breaker ([`breaker`]).
 //! 10. [`body::refuse_oversized`]: a `Content-Length` over the limit is refused with 413
 //!     before the body is read (no `100 Continue`).
+//! 11. The audit of refusals ([`crate::identity::audit::note_refusals`]): an answer that
+//!     refused a credential (401) or an access (403, or a 404 for someone else's batch) is
+//!     tallied for the audit log.
 //!
 //! Between 6 and 7, [`body::linger`] drains (within a bound) the unread body of any request
 //! refused by an inner layer, so that a client still sending reads its answer instead of a
@@ -143,8 +146,15 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
             state.clone(),
             ratelimit::rate_limit,
         ))
-        .layer(axum::middleware::from_fn_with_state(state, breaker::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            breaker::guard,
+        ))
         .layer(axum::middleware::from_fn(body::refuse_oversized))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::identity::audit::note_refusals,
+        ))
         .service(routes);
     Router::new().fallback_service(stack)
 }

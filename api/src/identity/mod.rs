@@ -231,6 +231,8 @@ struct Inner {
     invalidations: AtomicU64,
     watchers: Watchers,
     stats: IdentityStats,
+    /// Refused requests, tallied for the audit log.
+    refusals: Arc<audit::Refusals>,
 }
 
 /// Counters for `/metrics`.
@@ -270,6 +272,7 @@ impl Identity {
                 invalidations: AtomicU64::new(0),
                 watchers: Watchers::default(),
                 stats: IdentityStats::default(),
+                refusals: Arc::default(),
             }),
         })
     }
@@ -292,6 +295,11 @@ impl Identity {
 
     pub fn stats(&self) -> &IdentityStats {
         &self.inner.stats
+    }
+
+    /// Refused requests waiting to be written to the audit log ([`audit::Refusals`]).
+    pub fn refusals(&self) -> &Arc<audit::Refusals> {
+        &self.inner.refusals
     }
 
     pub fn engine(&self) -> Engine {

@@ -4,7 +4,9 @@
 //! (`POST .../{name}/verify`), both run in the background and followed on the first.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,6 +16,8 @@ use serde::Serialize;
 
 use crate::auth::{AuthUser, Role};
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::identity::Actor;
+use crate::identity::audit;
 use crate::jobs::JobError;
 use crate::state::AppState;
 
@@ -79,11 +83,14 @@ fn job_error(error: JobError) -> ApiError {
         (status = 409, description = "A rebuild of it is already running", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn rebuild(
     State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     user: AuthUser,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     user.require(&[Role::Admin], "admin")?;
-    let started = state.jobs.rebuild(&name).await.map_err(job_error)?;
+    let started = state.jobs.rebuild(&name).await;
+    audit_job(&state, &user, client, "projection.rebuild", &name, &started).await?;
+    let started = started.map_err(job_error)?;
     tracing::info!(projection = started.projection, resumed_from = started.resumed_from, user = %user.id, "rebuild requested");
     Ok(accepted(JobAccepted {
         projection: started.projection.to_owned(),
@@ -103,11 +110,22 @@ pub(super) async fn rebuild(
         (status = 409, description = "A verification of it is already running", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn verify(
     State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     user: AuthUser,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     user.require(&[Role::Admin], "admin")?;
-    let projection = state.jobs.verify(&name).map_err(job_error)?;
+    let projection = state.jobs.verify(&name);
+    audit_job(
+        &state,
+        &user,
+        client,
+        "projection.verify",
+        &name,
+        &projection,
+    )
+    .await?;
+    let projection = projection.map_err(job_error)?;
     tracing::info!(projection, user = %user.id, "verification requested");
     Ok(accepted(JobAccepted {
         projection: projection.to_owned(),
@@ -115,6 +133,37 @@ pub(super) async fn verify(
         resumed_from: None,
         status: "/v1/admin/projections".to_owned(),
     }))
+}
+
+/// Audits a rebuild or verification request: `ok` when it started, `refused` when it could
+/// not (unknown projection, one already running), with the reason.
+async fn audit_job<T>(
+    state: &AppState,
+    user: &AuthUser,
+    client: SocketAddr,
+    action: &str,
+    projection: &str,
+    started: &Result<T, JobError>,
+) -> ApiResult<()> {
+    let (outcome, detail) = match started {
+        Ok(_) => ("ok", serde_json::json!({})),
+        Err(error) => (
+            "refused",
+            serde_json::json!({ "reason": error.to_string() }),
+        ),
+    };
+    audit::record_alone(
+        state.identity.pool(),
+        &audit::Record {
+            actor: &Actor::user(user, Some(client.ip())),
+            action,
+            target: Some(projection.get(..64).unwrap_or(projection)),
+            outcome,
+            detail,
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 pub fn router() -> Router<AppState> {

@@ -371,7 +371,8 @@ async fn visible_summary(state: &AppState, user: &AuthUser, id: &str) -> ApiResu
     let id = batch_id(id)?;
     match state.reads.batch_summary(&id.to_string()).await? {
         Some(summary) if user.may_read(&summary.owner_id) => Ok(summary),
-        _ => Err(ApiError::NotFound),
+        Some(_) => Err(ApiError::Hidden(SOMEONE_ELSES)),
+        None => Err(ApiError::NotFound),
     }
 }
 
@@ -425,7 +426,8 @@ pub(super) async fn get_batch(
     let batch_id = batch_id(&id)?;
     let (summary, json) = match state.reads.batch_json(&batch_id.to_string()).await? {
         Some((summary, json)) if user.may_read(&summary.owner_id) => (summary, json),
-        _ => return Err(ApiError::NotFound),
+        Some(_) => return Err(ApiError::Hidden(SOMEONE_ELSES)),
+        None => return Err(ApiError::NotFound),
     };
     let etag = etag_of(summary.version);
     let response = (
@@ -447,9 +449,13 @@ pub(super) async fn get_batch(
 async fn check_owner(state: &AppState, user: &AuthUser, batch_id: BatchId) -> ApiResult<()> {
     match state.log.batch_owner(batch_id).await? {
         Some(owner) if user.may_read(&owner.to_string()) => Ok(()),
-        _ => Err(ApiError::NotFound),
+        Some(_) => Err(ApiError::Hidden(SOMEONE_ELSES)),
+        None => Err(ApiError::NotFound),
     }
 }
+
+/// The audit reason of a 404 for a batch that exists but is someone else's.
+const SOMEONE_ELSES: &str = "another user's batch";
 
 /// The batch as it was after event `version`, folded from the event log.
 async fn batch_at_version(

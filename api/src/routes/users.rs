@@ -394,13 +394,39 @@ pub(super) async fn revoke_key(
 pub(super) struct AuditQuery {
     /// Only this action (for example `login.failed`, `user.update`).
     action: Option<String>,
-    /// Only this actor (a username, `cli:<user>`, `session:<id>`).
+    /// Only this actor (a username, `cli:<user>`, `anonymous` for refused requests without
+    /// a valid credential, `system`).
     actor: Option<String>,
+    /// Only this outcome.
+    #[param(inline)]
+    outcome: Option<AuditOutcome>,
+    /// Only records at or after this instant (RFC 3339, for example `2026-11-30T08:00:00Z`).
+    #[param(format = DateTime)]
+    since: Option<String>,
     /// Records older than this id (the last id of the previous page).
     before: Option<i64>,
     /// 1 to 500 (default 100).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+}
+
+/// An audit record's outcome.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum AuditOutcome {
+    Ok,
+    Refused,
+    Failed,
+}
+
+impl AuditOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// A page of the audit log, newest first.
@@ -430,11 +456,27 @@ pub(super) async fn audit_log(
             next_cursor: None,
         }));
     }
+    let since = query
+        .since
+        .as_deref()
+        .map(|since| {
+            chrono::DateTime::parse_from_rfc3339(since)
+                .map(|t| t.timestamp_millis())
+                .map_err(|_| {
+                    ApiError::bad_query(
+                        "since",
+                        "must be an RFC 3339 date-time, like 2026-11-30T08:00:00Z",
+                    )
+                })
+        })
+        .transpose()?;
     let mut items = audit::list(
         state.storage.pool(),
         &audit::Filter {
             action: query.action,
             actor: query.actor,
+            outcome: query.outcome.map(|o| o.as_str().to_owned()),
+            since,
             before: query.before,
             limit: limit + 1,
         },
