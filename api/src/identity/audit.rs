@@ -4,8 +4,7 @@
 //! `key.create`, `key.rotate`, `key.revoke`, `projection.rebuild`, `projection.verify`), and
 //! per refused request (`auth.refused`: 401, no valid credential; `access.denied`: 403, or a
 //! 404 answered for someone else's batch), the refusals tallied (see [`Refusals`]). Read with
-//! `GET /v1/admin/audit` or `essayflow audit`; the record schema is in
-//! docs/operations-endpoints.md.
+//! `GET /v1/admin/audit` or `essayflow audit`; the record schema is in docs/audit-log.md.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
