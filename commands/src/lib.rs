@@ -11,12 +11,13 @@
 //!   (records processors' results). All three follow the log or a topic with a checkpoint
 //!   ([`follower`]) and are idempotent, so that at-least-once delivery is exactly once in
 //!   effect. [`messages`] is the Kafka contract; [`simulator`] a development stand-in for the
-//!   processing services.
+//!   processing services; [`deadletters`] lists and replays the results dead-letter topic.
 
 mod appender;
 pub mod bus;
 pub mod checkpoint;
 pub mod conductor;
+pub mod deadletters;
 pub mod follower;
 pub mod ingress;
 pub mod leadership;
