@@ -10,6 +10,7 @@ PG_PORT=5432
 export ESSAYFLOW_TEST_PG_URL="${ESSAYFLOW_TEST_PG_URL:-postgres://postgres@${PG_HOST}:${PG_PORT}}"
 
 step() { printf '\n==> %s\n' "$*"; }
+CARGO_DENY_VERSION=0.20.2
 
 ensure_postgres() {
   if pg_isready -h "$PG_HOST" -p "$PG_PORT" -q 2>/dev/null; then return; fi
@@ -51,6 +52,20 @@ cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo deny (licences, bans, sources; deny.toml)"
+if ! cargo deny --version 2>/dev/null | grep -q "^cargo-deny $CARGO_DENY_VERSION"; then
+  step "installing cargo-deny $CARGO_DENY_VERSION (first run only)"
+  cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked
+fi
+cargo deny --offline check licenses bans sources
+# Advisories need the RustSec database, fetched from GitHub: checked when it can be reached,
+# reported as skipped when it cannot (never passed silently).
+if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+  cargo deny check advisories
+else
+  echo "cargo deny check advisories: SKIPPED (the RustSec advisory database on GitHub cannot be reached from here)"
+fi
 
 step "tests"
 # Tests that run the binary as separate server processes (two nodes, the CLI) use this build.
