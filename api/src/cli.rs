@@ -386,7 +386,9 @@ fn print_config(
                     match &entry.origin {
                         Origin::Default => {}
                         Origin::File(path) => line["path"] = path.display().to_string().into(),
-                        Origin::Env(name) | Origin::Flag(name) => line["name"] = name.clone().into(),
+                        Origin::Env(name) | Origin::Flag(name) => {
+                            line["name"] = name.clone().into()
+                        }
                     }
                     line
                 })
@@ -411,8 +413,17 @@ fn print_config(
                 })
                 .collect();
             let key_width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(3);
-            let value_width = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).clamp(5, 40);
-            writeln!(out, "{:key_width$}  {:value_width$}  SOURCE", "KEY", "VALUE")?;
+            let value_width = rows
+                .iter()
+                .map(|r| r.1.len())
+                .max()
+                .unwrap_or(0)
+                .clamp(5, 40);
+            writeln!(
+                out,
+                "{:key_width$}  {:value_width$}  SOURCE",
+                "KEY", "VALUE"
+            )?;
             for (key, value, source) in rows {
                 writeln!(out, "{key:key_width$}  {value:value_width$}  {source}")?;
             }

@@ -442,7 +442,9 @@ impl Settings {
             bail!("rebuild_lease_secs must be at least 2");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            bail!("tls_cert and tls_key (ESSAYFLOW_TLS_CERT, ESSAYFLOW_TLS_KEY) must be set together");
+            bail!(
+                "tls_cert and tls_key (ESSAYFLOW_TLS_CERT, ESSAYFLOW_TLS_KEY) must be set together"
+            );
         }
         let auth = &self.auth;
         if self.token_ttl_secs == 0 || self.token_ttl_secs > 86_400 {
@@ -723,7 +725,10 @@ mod tests {
             layers::ambiguous_names(keys())
         );
         for (_, new) in layers::renamed() {
-            assert!(keys().iter().any(|k| &k.env == new), "{new} names a setting");
+            assert!(
+                keys().iter().any(|k| &k.env == new),
+                "{new} names a setting"
+            );
         }
     }
 
@@ -739,7 +744,9 @@ mod tests {
         });
         assert!(error.contains(&file.0.display().to_string()), "{error}");
         assert!(
-            error.contains("unknown key `ws.ping_interval_sec`; did you mean `ws.ping_interval_secs`?"),
+            error.contains(
+                "unknown key `ws.ping_interval_sec`; did you mean `ws.ping_interval_secs`?"
+            ),
             "{error}"
         );
         assert!(error.contains("unknown key `nonsense`"), "{error}");
@@ -800,14 +807,23 @@ mod tests {
             env: env(&[("ESSAYFLOW_TOKEN_TTL_SECS", "soon")]),
             ..Default::default()
         });
-        for part in ["token_ttl_secs", "env ESSAYFLOW_TOKEN_TTL_SECS", "u64", "soon"] {
+        for part in [
+            "token_ttl_secs",
+            "env ESSAYFLOW_TOKEN_TTL_SECS",
+            "u64",
+            "soon",
+        ] {
             assert!(error.contains(part), "{part} in {error}");
         }
         let error = load_error(&Inputs {
             flags: vec![("http.compression_min_bytes".to_owned(), "70000".to_owned())],
             ..Default::default()
         });
-        for part in ["http.compression_min_bytes", "flag --http.compression-min-bytes", "70000"] {
+        for part in [
+            "http.compression_min_bytes",
+            "flag --http.compression-min-bytes",
+            "70000",
+        ] {
             assert!(error.contains(part), "{part} in {error}");
         }
         let file = TempFile::new("secret", "jwt_secret = 98765432109876543210\n");
@@ -835,7 +851,10 @@ mod tests {
     fn lists_options_and_booleans_are_read_from_text() {
         let loaded = layers::load(&Inputs {
             env: env(&[
-                ("ESSAYFLOW_HTTP_CORS_ORIGINS", "https://a.example, https://b.example,"),
+                (
+                    "ESSAYFLOW_HTTP_CORS_ORIGINS",
+                    "https://a.example, https://b.example,",
+                ),
                 ("ESSAYFLOW_TLS_CERT", ""),
                 ("ESSAYFLOW_TLS_KEY", ""),
                 ("ESSAYFLOW_PIPELINES", "config/pipelines.toml"),
@@ -923,7 +942,10 @@ mod tests {
         assert_eq!(entries.len(), keys().len(), "every setting");
         let unset = layers::load(&Inputs::default()).expect("valid");
         let entries = unset.entries().expect("entries");
-        let jwt = entries.iter().find(|e| e.key == "jwt_secret").expect("listed");
+        let jwt = entries
+            .iter()
+            .find(|e| e.key == "jwt_secret")
+            .expect("listed");
         assert_eq!(jwt.value, serde_json::Value::Null, "unset is not hidden");
         assert_eq!(layers::redact_url("sqlite:data/x.db"), "sqlite:data/x.db");
         assert_eq!(
@@ -937,10 +959,7 @@ mod tests {
     fn docs_configuration_lists_every_setting_with_its_names_and_default() {
         let doc = include_str!("../../docs/configuration.md");
         for key in keys() {
-            let row = format!(
-                "| `{}` | `{}` | `--{}` |",
-                key.path, key.env, key.flag
-            );
+            let row = format!("| `{}` | `{}` | `--{}` |", key.path, key.env, key.flag);
             let line = doc
                 .lines()
                 .find(|line| line.starts_with(&row))

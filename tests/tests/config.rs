@@ -2,6 +2,8 @@
 //! (file, environment, flags over the defaults), the sources printed, secrets redacted, and a
 //! bad configuration refused before anything starts.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -109,26 +111,47 @@ fn config_prints_every_setting_with_its_value_and_source_in_text() {
         line.split_whitespace().map(str::to_owned).collect()
     };
     let file = file.display().to_string();
-    assert_eq!(row("ws.ping_interval_secs"), ["ws.ping_interval_secs", "5", "file", &file]);
+    assert_eq!(
+        row("ws.ping_interval_secs"),
+        ["ws.ping_interval_secs", "5", "file", &file]
+    );
     assert_eq!(
         row("rate_limit.anonymous.read"),
         ["rate_limit.anonymous.read", "10/second", "file", &file]
     );
     assert_eq!(
         row("http.write_timeout_secs"),
-        ["http.write_timeout_secs", "7", "env", "ESSAYFLOW_HTTP_WRITE_TIMEOUT_SECS"]
+        [
+            "http.write_timeout_secs",
+            "7",
+            "env",
+            "ESSAYFLOW_HTTP_WRITE_TIMEOUT_SECS"
+        ]
     );
     assert_eq!(
         row("ws.idle_timeout_secs"),
-        ["ws.idle_timeout_secs", "60", "flag", "--ws.idle-timeout-secs"],
+        [
+            "ws.idle_timeout_secs",
+            "60",
+            "flag",
+            "--ws.idle-timeout-secs"
+        ],
         "the flag wins over the environment"
     );
     assert_eq!(
         row("simulate_processors"),
-        ["simulate_processors", "true", "flag", "--simulate-processors"]
+        [
+            "simulate_processors",
+            "true",
+            "flag",
+            "--simulate-processors"
+        ]
     );
     assert_eq!(row("bind"), ["bind", "127.0.0.1:8080", "default"]);
-    assert_eq!(row("jwt_secret"), ["jwt_secret", "<redacted>", "file", &file]);
+    assert_eq!(
+        row("jwt_secret"),
+        ["jwt_secret", "<redacted>", "file", &file]
+    );
     assert_eq!(
         row("database_url")[1],
         "postgres://essayflow:<redacted>@127.0.0.1:1/essayflow"
@@ -193,7 +216,9 @@ fn config_exits_with_an_error_naming_an_unknown_variable_or_a_bad_value() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("ESSAYFLOW_WS_PING_INTERVAL_SEC; did you mean ESSAYFLOW_WS_PING_INTERVAL_SECS?"),
+        stderr.contains(
+            "ESSAYFLOW_WS_PING_INTERVAL_SEC; did you mean ESSAYFLOW_WS_PING_INTERVAL_SECS?"
+        ),
         "{stderr}"
     );
     assert!(output.stdout.is_empty(), "nothing printed as if valid");
@@ -213,7 +238,10 @@ fn config_exits_with_an_error_naming_an_unknown_variable_or_a_bad_value() {
 
     let output = essayflow(&["config"])
         .env("ESSAYFLOW_JWT_SECRET", "short-secret-value")
-        .env("ESSAYFLOW_DATABASE_URL", format!("postgres://u:{PASSWORD}@127.0.0.1:1/x"))
+        .env(
+            "ESSAYFLOW_DATABASE_URL",
+            format!("postgres://u:{PASSWORD}@127.0.0.1:1/x"),
+        )
         .env("ESSAYFLOW_TOKEN_TTL_SECS", "0")
         .output()
         .unwrap();

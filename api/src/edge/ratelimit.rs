@@ -1085,10 +1085,11 @@ mod tests {
             ["gold"],
             "the table replaces the built-in tiers"
         );
-        let error = crate::settings::layers::load(&env(&[("ESSAYFLOW_RATE_LIMIT_ENABLED", "maybe")]))
-            .err()
-            .unwrap()
-            .to_string();
+        let error =
+            crate::settings::layers::load(&env(&[("ESSAYFLOW_RATE_LIMIT_ENABLED", "maybe")]))
+                .err()
+                .unwrap()
+                .to_string();
         assert!(error.contains("ESSAYFLOW_RATE_LIMIT_ENABLED"), "{error}");
         assert!(error.contains("rate_limit.enabled"), "{error}");
     }

@@ -50,31 +50,83 @@ pub const NOT_SETTINGS: &[&str] = &[CONFIG_ENV, "ESSAYFLOW_LOG", "ESSAYFLOW_LOG_
 
 /// Prefixes of `ESSAYFLOW_*` variables that belong to the test and benchmark tools (the test
 /// databases and broker, the benchmark's targets), never read by the server.
-pub const NOT_SETTINGS_PREFIXES: &[&str] = &["ESSAYFLOW_TEST_", "ESSAYFLOW_BENCH_", "ESSAYFLOW_TANSU_"];
+pub const NOT_SETTINGS_PREFIXES: &[&str] =
+    &["ESSAYFLOW_TEST_", "ESSAYFLOW_BENCH_", "ESSAYFLOW_TANSU_"];
 
 /// Variables renamed when every name became derived from the key path: only to say so when
 /// an old one is set.
 const RENAMED: &[(&str, &str)] = &[
-    ("ESSAYFLOW_SHUTDOWN_DRAIN_SECS", "ESSAYFLOW_HTTP_DRAIN_TIMEOUT_SECS"),
+    (
+        "ESSAYFLOW_SHUTDOWN_DRAIN_SECS",
+        "ESSAYFLOW_HTTP_DRAIN_TIMEOUT_SECS",
+    ),
     ("ESSAYFLOW_CORS_ORIGINS", "ESSAYFLOW_HTTP_CORS_ORIGINS"),
-    ("ESSAYFLOW_CORS_MAX_AGE_SECS", "ESSAYFLOW_HTTP_CORS_MAX_AGE_SECS"),
-    ("ESSAYFLOW_COMPRESSION_MIN_BYTES", "ESSAYFLOW_HTTP_COMPRESSION_MIN_BYTES"),
-    ("ESSAYFLOW_HSTS_MAX_AGE_SECS", "ESSAYFLOW_HTTP_HSTS_MAX_AGE_SECS"),
-    ("ESSAYFLOW_TRUSTED_PROXIES", "ESSAYFLOW_RATE_LIMIT_TRUSTED_PROXIES"),
-    ("ESSAYFLOW_FORWARDED_HEADER", "ESSAYFLOW_RATE_LIMIT_FORWARDED_HEADER"),
-    ("ESSAYFLOW_DB_ACQUIRE_TIMEOUT_MS", "ESSAYFLOW_OPS_DB_ACQUIRE_TIMEOUT_MS"),
-    ("ESSAYFLOW_DB_PROBE_INTERVAL_MS", "ESSAYFLOW_OPS_DB_PROBE_INTERVAL_MS"),
-    ("ESSAYFLOW_DB_PROBE_TIMEOUT_MS", "ESSAYFLOW_OPS_DB_PROBE_TIMEOUT_MS"),
-    ("ESSAYFLOW_REFRESH_IDLE_SECS", "ESSAYFLOW_AUTH_REFRESH_IDLE_SECS"),
-    ("ESSAYFLOW_REFRESH_ABSOLUTE_SECS", "ESSAYFLOW_AUTH_REFRESH_ABSOLUTE_SECS"),
-    ("ESSAYFLOW_KEY_ROTATION_GRACE_SECS", "ESSAYFLOW_AUTH_KEY_ROTATION_GRACE_SECS"),
-    ("ESSAYFLOW_IDENTITY_POLL_INTERVAL_MS", "ESSAYFLOW_AUTH_IDENTITY_POLL_INTERVAL_MS"),
-    ("ESSAYFLOW_IDENTITY_CACHE_TTL_SECS", "ESSAYFLOW_AUTH_IDENTITY_CACHE_TTL_SECS"),
+    (
+        "ESSAYFLOW_CORS_MAX_AGE_SECS",
+        "ESSAYFLOW_HTTP_CORS_MAX_AGE_SECS",
+    ),
+    (
+        "ESSAYFLOW_COMPRESSION_MIN_BYTES",
+        "ESSAYFLOW_HTTP_COMPRESSION_MIN_BYTES",
+    ),
+    (
+        "ESSAYFLOW_HSTS_MAX_AGE_SECS",
+        "ESSAYFLOW_HTTP_HSTS_MAX_AGE_SECS",
+    ),
+    (
+        "ESSAYFLOW_TRUSTED_PROXIES",
+        "ESSAYFLOW_RATE_LIMIT_TRUSTED_PROXIES",
+    ),
+    (
+        "ESSAYFLOW_FORWARDED_HEADER",
+        "ESSAYFLOW_RATE_LIMIT_FORWARDED_HEADER",
+    ),
+    (
+        "ESSAYFLOW_DB_ACQUIRE_TIMEOUT_MS",
+        "ESSAYFLOW_OPS_DB_ACQUIRE_TIMEOUT_MS",
+    ),
+    (
+        "ESSAYFLOW_DB_PROBE_INTERVAL_MS",
+        "ESSAYFLOW_OPS_DB_PROBE_INTERVAL_MS",
+    ),
+    (
+        "ESSAYFLOW_DB_PROBE_TIMEOUT_MS",
+        "ESSAYFLOW_OPS_DB_PROBE_TIMEOUT_MS",
+    ),
+    (
+        "ESSAYFLOW_REFRESH_IDLE_SECS",
+        "ESSAYFLOW_AUTH_REFRESH_IDLE_SECS",
+    ),
+    (
+        "ESSAYFLOW_REFRESH_ABSOLUTE_SECS",
+        "ESSAYFLOW_AUTH_REFRESH_ABSOLUTE_SECS",
+    ),
+    (
+        "ESSAYFLOW_KEY_ROTATION_GRACE_SECS",
+        "ESSAYFLOW_AUTH_KEY_ROTATION_GRACE_SECS",
+    ),
+    (
+        "ESSAYFLOW_IDENTITY_POLL_INTERVAL_MS",
+        "ESSAYFLOW_AUTH_IDENTITY_POLL_INTERVAL_MS",
+    ),
+    (
+        "ESSAYFLOW_IDENTITY_CACHE_TTL_SECS",
+        "ESSAYFLOW_AUTH_IDENTITY_CACHE_TTL_SECS",
+    ),
     ("ESSAYFLOW_HASH_WORKERS", "ESSAYFLOW_AUTH_HASH_WORKERS"),
     ("ESSAYFLOW_HASH_QUEUE", "ESSAYFLOW_AUTH_HASH_QUEUE"),
-    ("ESSAYFLOW_HASH_DEADLINE_MS", "ESSAYFLOW_AUTH_HASH_DEADLINE_MS"),
-    ("ESSAYFLOW_HASH_MEMORY_KIB", "ESSAYFLOW_AUTH_HASH_MEMORY_KIB"),
-    ("ESSAYFLOW_HASH_ITERATIONS", "ESSAYFLOW_AUTH_HASH_ITERATIONS"),
+    (
+        "ESSAYFLOW_HASH_DEADLINE_MS",
+        "ESSAYFLOW_AUTH_HASH_DEADLINE_MS",
+    ),
+    (
+        "ESSAYFLOW_HASH_MEMORY_KIB",
+        "ESSAYFLOW_AUTH_HASH_MEMORY_KIB",
+    ),
+    (
+        "ESSAYFLOW_HASH_ITERATIONS",
+        "ESSAYFLOW_AUTH_HASH_ITERATIONS",
+    ),
     ("ESSAYFLOW_HASH_LANES", "ESSAYFLOW_AUTH_HASH_LANES"),
     (
         "ESSAYFLOW_LOGIN_FREE_FAILURES_PER_ACCOUNT",
@@ -88,9 +140,18 @@ const RENAMED: &[(&str, &str)] = &[
         "ESSAYFLOW_LOGIN_FREE_FAILURES_PER_ADDRESS",
         "ESSAYFLOW_AUTH_LOGIN_FREE_FAILURES_PER_ADDRESS",
     ),
-    ("ESSAYFLOW_LOGIN_BASE_DELAY_MS", "ESSAYFLOW_AUTH_LOGIN_BASE_DELAY_MS"),
-    ("ESSAYFLOW_LOGIN_MAX_DELAY_SECS", "ESSAYFLOW_AUTH_LOGIN_MAX_DELAY_SECS"),
-    ("ESSAYFLOW_LOGIN_FORGET_SECS", "ESSAYFLOW_AUTH_LOGIN_FORGET_SECS"),
+    (
+        "ESSAYFLOW_LOGIN_BASE_DELAY_MS",
+        "ESSAYFLOW_AUTH_LOGIN_BASE_DELAY_MS",
+    ),
+    (
+        "ESSAYFLOW_LOGIN_MAX_DELAY_SECS",
+        "ESSAYFLOW_AUTH_LOGIN_MAX_DELAY_SECS",
+    ),
+    (
+        "ESSAYFLOW_LOGIN_FORGET_SECS",
+        "ESSAYFLOW_AUTH_LOGIN_FORGET_SECS",
+    ),
 ];
 
 /// What `essayflow config` prints instead of a secret.
@@ -151,7 +212,7 @@ pub mod mark {
     }
 
     /// `value` serialized with every marked field replaced by its marker.
-    pub(super) fn probe<T: Serialize>(value: &T) -> Result<figment::value::Value, figment::Error> {
+    pub(super) fn probe<T: Serialize>(value: &T) -> anyhow::Result<figment::value::Value> {
         struct Reset;
         impl Drop for Reset {
             fn drop(&mut self) {
@@ -160,7 +221,7 @@ pub mod mark {
         }
         PROBING.set(true);
         let _reset = Reset;
-        figment::value::Value::serialize(value)
+        Ok(figment::value::Value::serialize(value)?)
     }
 }
 
@@ -221,7 +282,10 @@ impl Key {
 /// The environment variable of the setting at `path`: `ESSAYFLOW_` + the path in upper case,
 /// `.` → `_`.
 pub fn env_name(path: &str) -> String {
-    format!("{ENV_PREFIX}{}", path.to_ascii_uppercase().replace('.', "_"))
+    format!(
+        "{ENV_PREFIX}{}",
+        path.to_ascii_uppercase().replace('.', "_")
+    )
 }
 
 /// The flag of the setting at `path`, without the leading `--`: `_` → `-`.
@@ -242,7 +306,7 @@ pub fn key(path: &str) -> Option<&'static Key> {
     keys().iter().find(|k| k.path == path)
 }
 
-fn derive_keys(defaults: &Settings) -> Result<Vec<Key>, figment::Error> {
+fn derive_keys(defaults: &Settings) -> anyhow::Result<Vec<Key>> {
     let probed = mark::probe(defaults)?;
     let plain = Value::serialize(defaults)?;
     let mut keys = Vec::new();
@@ -553,18 +617,16 @@ pub fn load(inputs: &Inputs) -> anyhow::Result<Loaded> {
         match keys().iter().find(|k| &k.env == name) {
             Some(key) => match text_value(key, text) {
                 Ok(value) => insert(&mut env, &key.path, value),
-                Err(why) => problems.push(format!(
-                    "{}: bad value from env {name}: {why}",
-                    key.path
-                )),
+                Err(why) => {
+                    problems.push(format!("{}: bad value from env {name}: {why}", key.path))
+                }
             },
             None => problems.push(unknown_env(name)),
         }
     }
     layers.push(Layer {
-        metadata: Metadata::named(ENV_LAYER).interpolater(|_: &Profile, path: &[&str]| {
-            env_name(&path.join("."))
-        }),
+        metadata: Metadata::named(ENV_LAYER)
+            .interpolater(|_: &Profile, path: &[&str]| env_name(&path.join("."))),
         dict: env,
     });
     let mut flags = Dict::new();
@@ -582,9 +644,8 @@ pub fn load(inputs: &Inputs) -> anyhow::Result<Loaded> {
         }
     }
     layers.push(Layer {
-        metadata: Metadata::named(FLAG_LAYER).interpolater(|_: &Profile, path: &[&str]| {
-            format!("--{}", flag_name(&path.join(".")))
-        }),
+        metadata: Metadata::named(FLAG_LAYER)
+            .interpolater(|_: &Profile, path: &[&str]| format!("--{}", flag_name(&path.join(".")))),
         dict: flags,
     });
     if !problems.is_empty() {
@@ -910,9 +971,6 @@ pub fn default_text(key: &Key) -> String {
         Value::Dict(..) => "built-in".to_owned(),
         Value::String(_, s) if s.is_empty() => "empty".to_owned(),
         Value::String(_, s) => format!("`{s}`"),
-        value => format!(
-            "`{}`",
-            serde_json::to_string(value).unwrap_or_default()
-        ),
+        value => format!("`{}`", serde_json::to_string(value).unwrap_or_default()),
     }
 }
