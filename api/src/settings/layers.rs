@@ -398,7 +398,7 @@ impl fmt::Display for Origin {
 /// What the layers above the defaults hold, as read from the process (or made by a test).
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
-    /// The configuration file (`--config`, else `ESSAYFLOW_CONFIG`).
+    /// The configuration file (`--config`, else `ESSAYFLOW_CONFIG` unless empty).
     pub file: Option<PathBuf>,
     /// The `ESSAYFLOW_*` environment variables (others are ignored).
     pub env: Vec<(String, String)>,
@@ -424,7 +424,7 @@ impl Inputs {
         }
         let file = flags.config.clone().or_else(|| {
             env.iter()
-                .find(|(name, _)| name == CONFIG_ENV)
+                .find(|(name, path)| name == CONFIG_ENV && !path.is_empty())
                 .map(|(_, path)| PathBuf::from(path))
         });
         Ok(Self {
@@ -665,9 +665,10 @@ pub fn load(inputs: &Inputs) -> anyhow::Result<Loaded> {
     let figment = layers
         .into_iter()
         .fold(Figment::new(), |figment, layer| figment.merge(layer));
-    let settings: Settings = figment
-        .extract_lossy()
-        .map_err(|error| anyhow::anyhow!("invalid configuration: {}", describe(error)))?;
+    let settings: Settings = figment.extract_lossy().map_err(|errors| {
+        let lines: Vec<String> = errors.into_iter().map(describe).collect();
+        anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
+    })?;
     settings
         .check()
         .map_err(|error| anyhow::anyhow!("invalid configuration: {error:#}"))?;
@@ -892,7 +893,11 @@ impl clap::Args for SettingArgs {
                 .value_name("PATH")
                 .value_parser(clap::value_parser!(PathBuf))
                 .global(true)
-                .help("The TOML configuration file (default: ESSAYFLOW_CONFIG; none: defaults)"),
+                .help(
+                    "The TOML configuration file (default: ESSAYFLOW_CONFIG). Every setting is \
+                     also a flag, --<key> with `_` as `-` (--ws.ping-interval-secs 10): listed \
+                     by --help, and in docs/configuration.md",
+                ),
         );
         keys().iter().fold(command, |command, key| {
             let arg = clap::Arg::new(key.path.as_str())
@@ -900,7 +905,12 @@ impl clap::Args for SettingArgs {
                 .global(true)
                 .hide_short_help(true)
                 .help_heading(HEADING)
-                .help(format!("{} ({})", key.path, key.env));
+                .help(format!(
+                    "{} (env {}; default {})",
+                    key.path,
+                    key.env,
+                    default_text(key).replace('`', "")
+                ));
             let arg = match key.default {
                 Value::Bool(..) => arg
                     .value_name("BOOL")
