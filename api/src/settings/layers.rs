@@ -260,7 +260,9 @@ pub struct Key {
     pub env: String,
     /// The flag without its leading `--`: `ws.ping-interval-secs`.
     pub flag: String,
+    /// Whether its value is shown ([`mark`]).
     pub secrecy: Secrecy,
+    /// How a text value becomes its value.
     pub shape: Shape,
     /// The built-in default.
     pub default: Value,
@@ -356,6 +358,7 @@ fn shape_of(default: &Value) -> Shape {
 /// Where a setting's effective value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
+    /// The built-in default.
     Default,
     /// The configuration file, by its path.
     File(PathBuf),
@@ -437,6 +440,7 @@ impl Inputs {
 
 /// The settings with the layers they were made of: where each value came from.
 pub struct Loaded {
+    /// The effective settings, checked.
     pub settings: Settings,
     /// The configuration file read, if any.
     pub file: Option<PathBuf>,
@@ -446,9 +450,11 @@ pub struct Loaded {
 /// One line of `essayflow config`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Entry {
+    /// The key path.
     pub key: &'static str,
     /// The effective value, secrets redacted.
     pub value: serde_json::Value,
+    /// The layer it came from.
     pub origin: Origin,
 }
 
