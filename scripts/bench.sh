@@ -482,12 +482,12 @@ MIX_ARGS=${MIX_ARGS:-}                    # more essayflow-mix-bench options, e.
 # one access token each (valid a day: the default is 900 s), one per line, into FILE.
 mix_tokens() {
   local n=$1 file=$2
-  export ESSAYFLOW_HASH_MEMORY_KIB=1024 ESSAYFLOW_HASH_ITERATIONS=1
+  export ESSAYFLOW_AUTH_HASH_MEMORY_KIB=1024 ESSAYFLOW_AUTH_HASH_ITERATIONS=1
   # The first alone: it migrates the fresh database.
   echo benchpassword | "$BIN" users add --username mix1 --role teacher --password-stdin >/dev/null
   seq 2 "$n" | xargs -P 4 -I{} sh -c \
     'echo benchpassword | "$0" users add --username "mix$1" --role teacher --password-stdin >/dev/null' "$BIN" {}
-  unset ESSAYFLOW_HASH_MEMORY_KIB ESSAYFLOW_HASH_ITERATIONS
+  unset ESSAYFLOW_AUTH_HASH_MEMORY_KIB ESSAYFLOW_AUTH_HASH_ITERATIONS
   # Each token is one line, written at once into the pipe: lines do not interleave.
   seq 1 "$n" | xargs -P 4 -I{} "$BIN" token --username "mix{}" --ttl-secs 86400 | cat > "$file"
   if [ "$(wc -l < "$file")" != "$n" ]; then

@@ -26,18 +26,33 @@ use crate::startup::{Application, connect, pipelines, retention, shutdown_signal
     about = "Event-sourced backbone of the essay-processing platform"
 )]
 pub struct Cli {
+    /// `--config <path>` and a flag per setting, for every subcommand.
+    #[command(flatten)]
+    settings: crate::settings::SettingArgs,
     #[command(subcommand)]
     command: Command,
 }
 
+/// How `essayflow config` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ConfigFormat {
+    /// An aligned table: key, value, source.
+    Text,
+    /// `{"file": path or null, "settings": [{"key", "value", "source", "name"?, "path"?}]}`.
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the API and run the workers (SQLite under ./data unless ESSAYFLOW_DATABASE_URL is set).
-    Serve {
-        /// DEVELOPMENT ONLY: also run the processor simulator in this process, so that
-        /// pipelines complete without real processing services.
-        #[arg(long)]
-        simulate_processors: bool,
+    /// Serve the API and run the workers (SQLite under ./data unless ESSAYFLOW_DATABASE_URL is
+    /// set; `--simulate-processors`: DEVELOPMENT ONLY, also run the processor simulator).
+    Serve,
+    /// Print the effective configuration: every setting, its value (secrets redacted) and where
+    /// it came from (default, file, env, flag). Connects to nothing; exits with 1 and the
+    /// error on an invalid configuration, so it doubles as a configuration check.
+    Config {
+        #[arg(long, value_enum, default_value_t = ConfigFormat::Text)]
+        format: ConfigFormat,
     },
     /// Run only the workers: projections, conductor, relay, results ingress (scale-out).
     Worker,
@@ -104,7 +119,7 @@ enum Command {
     Token {
         #[arg(long)]
         username: String,
-        /// Lifetime in seconds (default: ESSAYFLOW_TOKEN_TTL_SECS, 900).
+        /// Lifetime in seconds (default: the setting token_ttl_secs, 900).
         #[arg(long)]
         ttl_secs: Option<u64>,
     },
@@ -180,7 +195,7 @@ enum KeysCommand {
     },
     /// List keys (never their secrets).
     List,
-    /// Replace a key; the old one works for ESSAYFLOW_KEY_ROTATION_GRACE_SECS more.
+    /// Replace a key; the old one works for auth.key_rotation_grace_secs more.
     Rotate {
         #[arg(long)]
         id: String,
@@ -367,14 +382,82 @@ async fn run_keys(settings: &Settings, command: KeysCommand) -> anyhow::Result<(
     Ok(())
 }
 
+/// Prints `loaded` as `essayflow config` does.
+fn print_config(
+    loaded: &crate::settings::Loaded,
+    format: ConfigFormat,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use crate::settings::Origin;
+    let entries = loaded.entries()?;
+    match format {
+        ConfigFormat::Json => {
+            let settings: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|entry| {
+                    let mut line = serde_json::json!({
+                        "key": entry.key,
+                        "value": entry.value,
+                        "source": entry.origin.layer(),
+                    });
+                    match &entry.origin {
+                        Origin::Default => {}
+                        Origin::File(path) => line["path"] = path.display().to_string().into(),
+                        Origin::Env(name) | Origin::Flag(name) => {
+                            line["name"] = name.clone().into()
+                        }
+                    }
+                    line
+                })
+                .collect();
+            let document = serde_json::json!({
+                "file": loaded.file.as_ref().map(|p| p.display().to_string()),
+                "settings": settings,
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+        }
+        ConfigFormat::Text => {
+            let rows: Vec<(&str, String, String)> = entries
+                .iter()
+                .map(|entry| {
+                    let value = match &entry.value {
+                        serde_json::Value::String(s) if s.is_empty() => "\"\"".to_owned(),
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => "(none)".to_owned(),
+                        other => other.to_string(),
+                    };
+                    (entry.key, value, entry.origin.to_string())
+                })
+                .collect();
+            let key_width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(3);
+            let value_width = rows
+                .iter()
+                .map(|r| r.1.len())
+                .max()
+                .unwrap_or(0)
+                .clamp(5, 40);
+            writeln!(
+                out,
+                "{:key_width$}  {:value_width$}  SOURCE",
+                "KEY", "VALUE"
+            )?;
+            for (key, value, source) in rows {
+                writeln!(out, "{key:key_width$}  {value:value_width$}  {source}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load()?;
+    let loaded = Settings::load(&cli.settings)?;
+    if let Command::Config { format } = cli.command {
+        return print_config(&loaded, format, &mut std::io::stdout().lock());
+    }
+    let settings = loaded.settings;
     match cli.command {
-        Command::Serve {
-            simulate_processors,
-        } => {
-            let mut settings = settings;
-            settings.simulate_processors |= simulate_processors;
+        Command::Config { .. } => Ok(()), // printed above
+        Command::Serve => {
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await
         }

@@ -246,7 +246,7 @@ async fn sigterm_with_the_database_unreachable_exits_within_the_drain_bound() {
         .env("ESSAYFLOW_DATABASE_URL", proxy.postgres_url(&db.url))
         .env("ESSAYFLOW_JWT_SECRET", JWT_SECRET)
         .env("ESSAYFLOW_BIND", format!("127.0.0.1:{port}"))
-        .env("ESSAYFLOW_SHUTDOWN_DRAIN_SECS", drain_secs.to_string())
+        .env("ESSAYFLOW_HTTP_DRAIN_TIMEOUT_SECS", drain_secs.to_string())
         .env("ESSAYFLOW_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

@@ -603,9 +603,7 @@ async fn forwarded_addresses_count_only_behind_a_trusted_proxy(engine: Engine) {
 async fn turned_off_there_are_no_budgets_and_no_fields(engine: Engine) {
     let app = TestApp::spawn_with(engine, |s| {
         s.rate_limit.anonymous.read = "1/minute".parse().unwrap();
-        s.rate_limit
-            .apply_env(&|name| (name == "ESSAYFLOW_RATE_LIMIT_ENABLED").then(|| "false".into()))
-            .unwrap();
+        s.rate_limit.enabled = false;
     })
     .await;
     for _ in 0..3 {

@@ -32,7 +32,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use commands::Storage;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,7 @@ use crate::state::AppState;
 
 /// The operations settings: the database's fail-fast bounds and the operations endpoints
 /// (`[ops]` in the configuration file; environment variables named on each field).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpsSettings {
     /// `ESSAYFLOW_OPS_BIND`: an address (`127.0.0.1:9090`) on which a second, plain-HTTP
@@ -56,13 +56,13 @@ pub struct OpsSettings {
     /// between share the last reading. 0: read on every scrape (concurrent scrapes still share
     /// one reading).
     pub cache_ms: u64,
-    /// `ESSAYFLOW_DB_ACQUIRE_TIMEOUT_MS`: the longest a request waits for a database
+    /// `ESSAYFLOW_OPS_DB_ACQUIRE_TIMEOUT_MS`: the longest a request waits for a database
     /// connection (1 000 ms by default); past it, 503 `database-unavailable`.
     pub db_acquire_timeout_ms: u64,
-    /// `ESSAYFLOW_DB_PROBE_INTERVAL_MS`: how often an open breaker checks the database
+    /// `ESSAYFLOW_OPS_DB_PROBE_INTERVAL_MS`: how often an open breaker checks the database
     /// (500 ms by default).
     pub db_probe_interval_ms: u64,
-    /// `ESSAYFLOW_DB_PROBE_TIMEOUT_MS`: how long a probe (connect and `SELECT 1`) may take
+    /// `ESSAYFLOW_OPS_DB_PROBE_TIMEOUT_MS`: how long a probe (connect and `SELECT 1`) may take
     /// before it counts as failed (1 000 ms by default).
     pub db_probe_timeout_ms: u64,
 }
@@ -80,36 +80,6 @@ impl Default for OpsSettings {
 }
 
 impl OpsSettings {
-    /// Reads the `ESSAYFLOW_*` variables of these settings through `var`.
-    pub fn apply_env(&mut self, var: &impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-        if let Some(bind) = var("ESSAYFLOW_OPS_BIND") {
-            self.bind = bind.trim().to_owned();
-        }
-        for (name, slot) in [
-            ("ESSAYFLOW_OPS_CACHE_MS", &mut self.cache_ms),
-            (
-                "ESSAYFLOW_DB_ACQUIRE_TIMEOUT_MS",
-                &mut self.db_acquire_timeout_ms,
-            ),
-            (
-                "ESSAYFLOW_DB_PROBE_INTERVAL_MS",
-                &mut self.db_probe_interval_ms,
-            ),
-            (
-                "ESSAYFLOW_DB_PROBE_TIMEOUT_MS",
-                &mut self.db_probe_timeout_ms,
-            ),
-        ] {
-            if let Some(value) = var(name) {
-                *slot = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("{name} must be a whole number"))?;
-            }
-        }
-        Ok(())
-    }
-
     /// Refuses values that cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
         for (name, value) in [

@@ -48,7 +48,7 @@ use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,7 +79,7 @@ const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(1);
 /// ```toml
 /// [rate_limit]
 /// enabled = true                      # ESSAYFLOW_RATE_LIMIT_ENABLED
-/// trusted_proxies = ["10.0.0.0/8"]    # ESSAYFLOW_TRUSTED_PROXIES (comma list); none by default
+/// trusted_proxies = ["10.0.0.0/8"]    # ESSAYFLOW_RATE_LIMIT_TRUSTED_PROXIES (comma list)
 /// default_tier = "standard"           # ESSAYFLOW_RATE_LIMIT_DEFAULT_TIER
 ///
 /// [rate_limit.anonymous]              # per client address
@@ -94,7 +94,7 @@ const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(1);
 ///
 /// Errors ([`RateLimitSettings::check`], a [`Budget`] that does not parse) name the setting
 /// and stop the start-up.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitSettings {
     /// Limit at all (`false`: no budgets, no `RateLimit` fields).
@@ -112,12 +112,14 @@ pub struct RateLimitSettings {
     /// Budgets of requests without a valid credential, per client address (and of every login
     /// and refresh).
     pub anonymous: AnonymousBudgets,
-    /// Tiers by name (1 to 64 of `a-z 0-9 _ -`): budgets per user or API key.
+    /// Tiers by name (1 to 64 of `a-z 0-9 _ -`): budgets per user or API key. One setting: a
+    /// `tiers` table replaces the built-in one.
+    #[serde(serialize_with = "crate::settings::mark::table")]
     pub tiers: BTreeMap<String, TierBudgets>,
 }
 
 /// Budgets per client address.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnonymousBudgets {
     /// `POST /v1/auth/login` and `POST /v1/auth/refresh`, whoever sends them.
@@ -129,7 +131,7 @@ pub struct AnonymousBudgets {
 }
 
 /// The budgets of a tier, per user or API key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierBudgets {
     /// `GET` and `HEAD`.
@@ -212,6 +214,13 @@ impl FromStr for Budget {
     }
 }
 
+impl Serialize for Budget {
+    /// As written in the configuration (`"100/hour"`, `"unlimited"`).
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl TryFrom<String> for Budget {
     type Error = anyhow::Error;
 
@@ -266,7 +275,7 @@ impl Default for RateLimitSettings {
 }
 
 /// The header a trusted proxy names the client in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum ForwardedHeader {
     /// `X-Forwarded-For: client, proxy1, ...`.
     #[serde(rename = "x-forwarded-for")]
@@ -285,37 +294,6 @@ pub fn valid_tier_name(name: &str) -> bool {
 }
 
 impl RateLimitSettings {
-    /// Applies `ESSAYFLOW_RATE_LIMIT_ENABLED` (`true`/`false`), `ESSAYFLOW_RATE_LIMIT_DEFAULT_TIER`
-    /// and `ESSAYFLOW_TRUSTED_PROXIES` (a comma-separated list; empty: none).
-    pub fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-        if let Some(v) = var("ESSAYFLOW_RATE_LIMIT_ENABLED") {
-            self.enabled = match v.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => bail!("ESSAYFLOW_RATE_LIMIT_ENABLED must be true or false"),
-            };
-        }
-        if let Some(v) = var("ESSAYFLOW_RATE_LIMIT_DEFAULT_TIER") {
-            self.default_tier = v.trim().to_owned();
-        }
-        if let Some(v) = var("ESSAYFLOW_FORWARDED_HEADER") {
-            self.forwarded_header = match v.trim().to_ascii_lowercase().as_str() {
-                "x-forwarded-for" => ForwardedHeader::XForwardedFor,
-                "forwarded" => ForwardedHeader::Forwarded,
-                _ => bail!("ESSAYFLOW_FORWARDED_HEADER must be x-forwarded-for or forwarded"),
-            };
-        }
-        if let Some(v) = var("ESSAYFLOW_TRUSTED_PROXIES") {
-            self.trusted_proxies = v
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(str::to_owned)
-                .collect();
-        }
-        Ok(())
-    }
-
     /// Refuses what cannot work, naming the setting: a trusted proxy that is not an IP address
     /// or CIDR network, a tier name of the wrong shape, a default tier that is not configured.
     pub fn check(&self) -> anyhow::Result<()> {
@@ -345,7 +323,8 @@ impl RateLimitSettings {
                     .map(|net| net.trunc())
                     .with_context(|| {
                         format!(
-                            "rate_limit.trusted_proxies (ESSAYFLOW_TRUSTED_PROXIES): {p:?} is \
+                            "rate_limit.trusted_proxies (ESSAYFLOW_RATE_LIMIT_TRUSTED_PROXIES): \
+                             {p:?} is \
                              not an IP address or CIDR network"
                         )
                     })
@@ -1075,23 +1054,44 @@ mod tests {
     }
 
     #[test]
-    fn the_environment_sets_enabled_default_tier_and_proxies() {
-        let mut settings = RateLimitSettings::default();
-        settings
-            .apply_env(&|name| match name {
-                "ESSAYFLOW_RATE_LIMIT_ENABLED" => Some("false".into()),
-                "ESSAYFLOW_RATE_LIMIT_DEFAULT_TIER" => Some("free".into()),
-                "ESSAYFLOW_TRUSTED_PROXIES" => Some("10.0.0.1, 192.168.0.0/16,".into()),
-                _ => None,
-            })
-            .unwrap();
+    fn the_environment_sets_enabled_default_tier_proxies_and_tiers() {
+        let env = |pairs: &[(&str, &str)]| crate::settings::Inputs {
+            env: pairs
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let settings = crate::settings::layers::load(&env(&[
+            ("ESSAYFLOW_RATE_LIMIT_ENABLED", "false"),
+            ("ESSAYFLOW_RATE_LIMIT_DEFAULT_TIER", "gold"),
+            (
+                "ESSAYFLOW_RATE_LIMIT_TRUSTED_PROXIES",
+                "10.0.0.1, 192.168.0.0/16,",
+            ),
+            (
+                "ESSAYFLOW_RATE_LIMIT_TIERS",
+                r#"{ gold = { read = "5/minute", command = "unlimited" } }"#,
+            ),
+        ]))
+        .unwrap()
+        .settings
+        .rate_limit;
         assert!(!settings.enabled);
-        assert_eq!(settings.default_tier, "free");
+        assert_eq!(settings.default_tier, "gold");
         assert_eq!(settings.proxies().unwrap().len(), 2);
-        let error = RateLimitSettings::default()
-            .apply_env(&|name| (name == "ESSAYFLOW_RATE_LIMIT_ENABLED").then(|| "maybe".into()))
-            .unwrap_err();
-        assert!(error.to_string().contains("ESSAYFLOW_RATE_LIMIT_ENABLED"));
+        assert_eq!(
+            settings.tiers.keys().collect::<Vec<_>>(),
+            ["gold"],
+            "the table replaces the built-in tiers"
+        );
+        let error =
+            crate::settings::layers::load(&env(&[("ESSAYFLOW_RATE_LIMIT_ENABLED", "maybe")]))
+                .err()
+                .unwrap()
+                .to_string();
+        assert!(error.contains("ESSAYFLOW_RATE_LIMIT_ENABLED"), "{error}");
+        assert!(error.contains("rate_limit.enabled"), "{error}");
     }
 
     #[test]
