@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Read, Write};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use commands::CommandService;
-use commands::bus::Topics;
+use commands::bus::{Bus, Topics};
 use commands::simulator::{self, SimulatorOptions};
 use domain::BatchServices;
 use projections::rebuild::{Rebuild, RebuildProgress};
@@ -115,6 +115,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The results dead-letter topic (`<prefix>.results.v1.dlq`, Kafka only): list it, or
+    /// replay it to the results topic once the cause is fixed (docs/RUNBOOK.md).
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
     /// Print a signed access token for a user, in a new session (for local use and scripts).
     Token {
         #[arg(long)]
@@ -130,6 +136,24 @@ fn parse_rfc3339_ms(value: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(value)
         .map(|t| t.timestamp_millis())
         .map_err(|e| format!("not an RFC 3339 date-time ({e})"))
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// Print dead letters from the beginning, one JSON object per line (partition, offset,
+    /// key, headers with `x-error`, payload); consumes nothing.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Publish dead letters not replayed before back to the results topic (their key,
+    /// payload and headers, without the dead-letter headers, with `x-replayed-from`); progress
+    /// is committed in the group `<prefix>.dlq-replay`, so it can be run again. Results already
+    /// recorded change nothing.
+    Replay {
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -684,6 +708,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     e.client.as_deref().unwrap_or("-"),
                     e.detail
                 );
+            }
+            Ok(())
+        }
+        Command::DeadLetters { command } => {
+            let Bus::Kafka(bus) = crate::pipeline::bus(&settings)? else {
+                bail!(
+                    "dead letters are kept on Kafka only: set ESSAYFLOW_KAFKA_BROKERS (the \
+                     in-process bus logs and counts them, and keeps none)"
+                );
+            };
+            let topics = Topics::new(&settings.topic_prefix);
+            let wait = std::time::Duration::from_secs(30);
+            match command {
+                DeadLettersCommand::List { limit } => {
+                    for letter in
+                        commands::deadletters::list(bus.options(), &topics, limit, wait).await?
+                    {
+                        println!("{}", serde_json::to_string(&letter)?);
+                    }
+                }
+                DeadLettersCommand::Replay { limit } => {
+                    let replayed =
+                        commands::deadletters::replay(&bus, &topics, limit, wait).await?;
+                    println!(
+                        "replayed {replayed} dead letters from {} to {}",
+                        topics.dead_letters(),
+                        topics.results()
+                    );
+                }
             }
             Ok(())
         }

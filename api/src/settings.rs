@@ -34,6 +34,11 @@ pub struct Settings {
     /// once and kept in `data_dir` (SQLite only; required with PostgreSQL).
     #[serde(serialize_with = "mark::secret")]
     pub jwt_secret: Option<String>,
+    /// More secrets accepted on access tokens (each at least 32 characters), never used to
+    /// sign: a JWT secret rotation in progress (docs/RUNBOOK.md, "Rotate the JWT secret").
+    /// Tokens name their secret in `kid`, so each is checked with one secret.
+    #[serde(serialize_with = "mark::secret")]
+    pub jwt_verify_secrets: Vec<String>,
     /// The `iss` claim of the access tokens issued and required.
     pub jwt_issuer: String,
     /// The `aud` claim of the access tokens issued and required.
@@ -318,6 +323,7 @@ impl Default for Settings {
             bind: "127.0.0.1:8080".to_owned(),
             data_dir: PathBuf::from("data"),
             jwt_secret: None,
+            jwt_verify_secrets: Vec::new(),
             jwt_issuer: "essayflow".to_owned(),
             jwt_audience: "essayflow-api".to_owned(),
             token_ttl_secs: 900,
@@ -405,6 +411,16 @@ impl Settings {
 
     /// Refuses values that cannot work, with the setting's name.
     pub fn check(&self) -> anyhow::Result<()> {
+        if self.jwt_verify_secrets.iter().any(|s| s.len() < 32) {
+            bail!(
+                "jwt_verify_secrets (ESSAYFLOW_JWT_VERIFY_SECRETS): each must be at least 32 characters"
+            );
+        }
+        if self.jwt_verify_secrets.len() > 4 {
+            bail!(
+                "jwt_verify_secrets (ESSAYFLOW_JWT_VERIFY_SECRETS): at most 4 (a rotation needs one)"
+            );
+        }
         if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal") {
             bail!("sqlite_synchronous must be \"full\" or \"normal\"");
         }

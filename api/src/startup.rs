@@ -311,8 +311,14 @@ pub fn identity(
     storage: &Storage,
     secret: &[u8],
 ) -> anyhow::Result<crate::identity::Identity> {
-    let tokens = crate::identity::TokenKeys::new(
+    let verify: Vec<&[u8]> = settings
+        .jwt_verify_secrets
+        .iter()
+        .map(|s| s.as_bytes())
+        .collect();
+    let tokens = crate::identity::TokenKeys::with_verify_secrets(
         secret,
+        &verify,
         &settings.jwt_issuer,
         &settings.jwt_audience,
         settings.token_ttl_secs,

@@ -10,7 +10,7 @@ use commands::Engine;
 use commands::bus::{KafkaBus, KafkaOptions, Topics};
 use commands::deadletters;
 use integration_tests::kafka::{TestProducer, test_brokers, unique_prefix};
-use integration_tests::{TestApp, wait_until};
+use integration_tests::{TestApp, essayflow_binary, wait_until};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
