@@ -71,15 +71,15 @@ st_run() {
     --phases examples,coverage,fuzzing \
     --max-examples "$EXAMPLES" \
     --seed "$SEED" \
-    --workers 2 \
+    --workers 1 \
     --header "Authorization: Bearer $token" \
     --request-timeout 30 \
-    --report junit,ndjson --report-dir "$dir" \
+    --report junit,ndjson --report-junit-path "$dir/junit.xml" --report-ndjson-path "$dir/events.ndjson" \
     --no-color \
     "$@" >"$dir/output.txt" 2>&1 || status=$?
   # The summary (the last lines name every failure and the reproducing curl commands).
   sed -n '/SUMMARY\|FAILURES\|Failures:/,$p' "$dir/output.txt" | tail -n 60
-  echo "report: $dir/output.txt, $dir/junit.xml"
+  echo "report: $dir/output.txt ($dir/junit.xml, $dir/events.ndjson)"
   return "$status"
 }
 
@@ -102,10 +102,12 @@ run_engine() {
     echo "essayflow did not start:" >&2; cat "$WORK/server-$engine.log" >&2; exit 1
   fi
   local started=$SECONDS
+  # GET /v1/ws is left out: it is a WebSocket handshake (docs/websocket.md, tests/tests/live.rs),
+  # and an HTTP client cannot read past its 101.
   step "contract ($engine): as an admin, every operation but logout"
-  st_run "$engine-admin" "$admin" --exclude-path /v1/auth/logout || failed=1
+  st_run "$engine-admin" "$admin" --exclude-path /v1/auth/logout --exclude-path /v1/ws || failed=1
   step "contract ($engine): as a teacher"
-  st_run "$engine-teacher" "$teacher" --exclude-path /v1/auth/logout || failed=1
+  st_run "$engine-teacher" "$teacher" --exclude-path /v1/auth/logout --exclude-path /v1/ws || failed=1
   # Last: logout ends the session the tokens above belong to.
   step "contract ($engine): logout"
   st_run "$engine-logout" "$admin" --include-path /v1/auth/logout || failed=1

@@ -39,6 +39,7 @@ pub(super) struct RegisterBatchRequest {
     #[schema(min_length = 1, max_length = 32, pattern = "^[A-Za-z0-9_-]+$")]
     course_code: String,
     #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "crate::json::integer")]
     expected_essay_count: i64,
     #[schema(min_length = 1, max_length = 64)]
     class_designation: Option<String>,

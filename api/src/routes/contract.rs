@@ -303,6 +303,22 @@ fn specialise(doc: &mut Value, runtime: &Runtime) {
             name["schema"] = json!({"type": "string", "enum": runtime.projections});
         }
     }
+    // The WebSocket handshake (RFC 6455 section 4.1): without these headers the answer is 426.
+    if let Some(Value::Array(params)) = doc.pointer_mut("/paths/~1v1~1ws/get/parameters") {
+        let header = |name: &str, schema: Value, description: &str| {
+            json!({"name": name, "in": "header", "required": true, "schema": schema,
+                "description": description})
+        };
+        params.extend([
+            header("Connection", json!({"type": "string", "enum": ["Upgrade"]}), "An upgrade (RFC 9110 section 7.6.1)."),
+            header("Upgrade", json!({"type": "string", "enum": ["websocket"]}), "To the WebSocket protocol."),
+            header("Sec-WebSocket-Version", json!({"type": "string", "enum": ["13"]}), "RFC 6455."),
+            header("Sec-WebSocket-Key", json!({"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"}), "16 random bytes, base64 (RFC 6455)."),
+        ]);
+        params.push(json!({"name": "Sec-WebSocket-Protocol", "in": "header", "required": false,
+            "schema": {"type": "string", "maxLength": 8192},
+            "description": "`essayflow.v1` (selected when offered), and `bearer.<token>` for browsers, which cannot set `Authorization`."}));
+    }
     let status = doc
         .pointer_mut("/paths/~1v1~1batches/get/parameters")
         .and_then(Value::as_array_mut)
@@ -391,6 +407,7 @@ impl Kind {
 }
 
 fn operation_conventions(path: &str, operation: &mut Map<String, Value>) {
+    optional_body(operation);
     let kind = Kind::of(path, operation);
     let responses = object_at(operation, "responses");
     for status in COMMON_STATUSES.iter().copied().filter(|s| kind.answers(*s)) {
@@ -413,6 +430,35 @@ fn operation_conventions(path: &str, operation: &mut Map<String, Value>) {
             problem_content(status, response);
         }
         response_headers(status, &kind, response);
+    }
+}
+
+/// An optional body (`Option<T>` in utoipa: `oneOf: [null, T]`) is a body that may be left
+/// out, not one that may be `null`: every body is a JSON object (a `null` one is refused, 422).
+fn optional_body(operation: &mut Map<String, Value>) {
+    let Some(Value::Object(body)) = operation.get_mut("requestBody") else {
+        return;
+    };
+    let optional = body.get("required") != Some(&Value::Bool(true));
+    let Some(Value::Object(content)) = body.get_mut("content") else {
+        return;
+    };
+    for media in content.values_mut() {
+        let Some(schema) = media.get_mut("schema") else {
+            continue;
+        };
+        let alternatives = schema
+            .get("oneOf")
+            .and_then(Value::as_array)
+            .map(|a| a.as_slice())
+            .unwrap_or_default();
+        if optional
+            && alternatives.len() == 2
+            && alternatives.iter().any(|a| a == &json!({"type": "null"}))
+            && let Some(object) = alternatives.iter().find(|a| a.get("$ref").is_some())
+        {
+            *schema = object.clone();
+        }
     }
 }
 
