@@ -136,10 +136,10 @@ pub const DOCS_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'se
      frame-ancestors 'none'";
 
 /// The content security policy of `/redoc`: its two module scripts from this origin, the
-/// styles it injects, `data:` images (its icons), the document fetched from this origin;
+/// styles it injects, `data:` images and fonts (its icons), the document fetched from this origin;
 /// nothing else (no fonts, no frames, no other origin: telemetry is off and would be refused).
 pub const REDOC_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+     img-src 'self' data:; font-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
 /// The vendored Redoc's version: part of its bundle's path, so that the bundle can be cached
@@ -161,6 +161,17 @@ const REDOC_PAGE: &str = r#"<!DOCTYPE html>
 </body>
 </html>
 "#;
+
+/// The vendored bundle as served: unchanged but for the two Redocly logos it would load from
+/// their CDN (refused by the policy, and a request to another origin), which become an empty
+/// image.
+fn redoc_bundle() -> String {
+    const BLANK: &str =
+        "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' width='1' height='1'/%3E";
+    REDOC_BUNDLE
+        .replace("https://cdn.redoc.ly/redoc/logo-mini-full.svg", BLANK)
+        .replace("https://cdn.redoc.ly/redoc/logo-mini.svg", BLANK)
+}
 
 /// Starts Redoc on the document, without its telemetry (which would call another origin).
 fn redoc_start() -> String {
@@ -227,6 +238,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
     let published = Published::new(&document(state));
     let bundle_path = format!("/redoc/redoc.standalone-{REDOC_VERSION}.js");
     let start = redoc_start();
+    let bundle = Bytes::from(redoc_bundle());
     let javascript = HeaderValue::from_static("text/javascript; charset=utf-8");
     let redoc = Router::new()
         .route(
@@ -259,7 +271,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
                             HeaderValue::from_static("public, max-age=31536000, immutable"),
                         ),
                     ],
-                    REDOC_BUNDLE,
+                    bundle,
                 )
             }),
         );
