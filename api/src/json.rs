@@ -107,7 +107,9 @@ pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64,
     }
     // Within i64 (2^63 is exactly representable, so `<` excludes it), and whole.
     match number.as_f64() {
-        Some(value) if value.fract() == 0.0 && value >= -(2f64.powi(63)) && value < 2f64.powi(63) => {
+        Some(value)
+            if value.fract() == 0.0 && value >= -(2f64.powi(63)) && value < 2f64.powi(63) =>
+        {
             Ok(value as i64)
         }
         _ => Err(D::Error::custom(format!(

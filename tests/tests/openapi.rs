@@ -74,7 +74,9 @@ fn check_request_schema(doc: &Value, schema: &Value, at: &str, problems: &mut Ve
         };
         if types.contains(&"object") && schema.get("properties").is_some() {
             if schema["additionalProperties"] != Value::Bool(false) {
-                problems.push(format!("{at}: an object without additionalProperties: false"));
+                problems.push(format!(
+                    "{at}: an object without additionalProperties: false"
+                ));
             }
             for (name, property) in schema["properties"].as_object().unwrap() {
                 check_request_schema(doc, property, &format!("{at}.{name}"), problems);
@@ -125,7 +127,10 @@ async fn every_operation_declares_its_problems_security_and_constraints() {
         let at = format!("{} {path}", method.to_uppercase());
         let responses = operation["responses"].as_object().unwrap();
         let statuses: BTreeSet<u16> = responses.keys().map(|k| k.parse().unwrap()).collect();
-        let params = operation["parameters"].as_array().cloned().unwrap_or_default();
+        let params = operation["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let has_in = |place: &str| params.iter().any(|p| p["in"] == place);
         let body = operation.get("requestBody");
 
@@ -186,7 +191,9 @@ async fn every_operation_declares_its_problems_security_and_constraints() {
                 if response["content"]["application/json"]["schema"]["$ref"]
                     == "#/components/schemas/Problem"
                 {
-                    problems.push(format!("{at} {code}: a problem declared as application/json"));
+                    problems.push(format!(
+                        "{at} {code}: a problem declared as application/json"
+                    ));
                 }
                 let narrowed = resolve(&doc, schema);
                 let types = narrowed["allOf"][1]["properties"]["type"]["enum"]
@@ -225,7 +232,10 @@ async fn every_operation_declares_its_problems_security_and_constraints() {
                 && schema.get("pattern").is_none()
                 && schema.get("enum").is_none()
             {
-                problems.push(format!("{at}: path parameter {} unconstrained", param["name"]));
+                problems.push(format!(
+                    "{at}: path parameter {} unconstrained",
+                    param["name"]
+                ));
             }
         }
 
@@ -250,8 +260,8 @@ async fn every_operation_declares_its_problems_security_and_constraints() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 
     // The configured pipelines and tiers are the document's enumerations.
-    let pipelines = &doc["components"]["schemas"]["RequestPipelineRequest"]["properties"]
-        ["pipeline"]["enum"];
+    let pipelines =
+        &doc["components"]["schemas"]["RequestPipelineRequest"]["properties"]["pipeline"]["enum"];
     assert!(
         pipelines
             .as_array()
@@ -317,7 +327,12 @@ async fn redoc_is_served_offline_compressed_and_cached() {
     assert!(!csp.contains("http"), "no other origin: {csp}");
     let html = page.text().await.unwrap();
     assert!(html.contains("/redoc/start.js"), "{html}");
-    let start = app.get_public("/redoc/start.js").await.text().await.unwrap();
+    let start = app
+        .get_public("/redoc/start.js")
+        .await
+        .text()
+        .await
+        .unwrap();
     let bundle = start
         .split('\'')
         .find(|s| s.starts_with("/redoc/redoc.standalone-"))

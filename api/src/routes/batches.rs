@@ -673,13 +673,11 @@ impl EventsQuery {
                 })?,
         };
         // The cursor is the last sequence of the previous page; clients treat it as opaque.
-        let after =
-            match &self.after {
-                None => 0,
-                Some(raw) => parse_cursor(raw).ok_or_else(|| {
-                    ApiError::bad_query("after", "not a cursor from a previous page")
-                })?,
-            };
+        let after = match &self.after {
+            None => 0,
+            Some(raw) => parse_cursor(raw)
+                .ok_or_else(|| ApiError::bad_query("after", "not a cursor from a previous page"))?,
+        };
         Ok((after, limit))
     }
 }

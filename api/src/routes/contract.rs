@@ -51,44 +51,188 @@ const fn problem(code: &'static str, status: u16, meaning: &'static str) -> Prob
 /// Every problem type the service answers with (500 `internal` included, which the document
 /// declares nowhere: it is a bug, never a contract).
 pub const PROBLEM_TYPES: &[ProblemType] = &[
-    problem("malformed-json", 400, "The body is not JSON (syntax, not UTF-8, trailing characters)."),
-    problem("invalid-query", 400, "A query parameter is invalid or unknown; `errors` names it."),
-    problem("bad-request", 400, "The request was refused before routing (for example a path that is not valid UTF-8 once decoded)."),
-    problem("unauthorized", 401, "No credential, or one that is forged, expired, revoked or of a disabled user; also a wrong login or refresh token. `WWW-Authenticate: Bearer`."),
-    problem("forbidden", 403, "The credential's role may not use this operation."),
-    problem("not-found", 404, "The resource does not exist, or belongs to someone else (the same answer)."),
+    problem(
+        "malformed-json",
+        400,
+        "The body is not JSON (syntax, not UTF-8, trailing characters).",
+    ),
+    problem(
+        "invalid-query",
+        400,
+        "A query parameter is invalid or unknown; `errors` names it.",
+    ),
+    problem(
+        "bad-request",
+        400,
+        "The request was refused before routing (for example a path that is not valid UTF-8 once decoded).",
+    ),
+    problem(
+        "unauthorized",
+        401,
+        "No credential, or one that is forged, expired, revoked or of a disabled user; also a wrong login or refresh token. `WWW-Authenticate: Bearer`.",
+    ),
+    problem(
+        "forbidden",
+        403,
+        "The credential's role may not use this operation.",
+    ),
+    problem(
+        "not-found",
+        404,
+        "The resource does not exist, or belongs to someone else (the same answer).",
+    ),
     problem("no-route", 404, "No such path."),
-    problem("method-not-allowed", 405, "The path exists, the method does not (`Allow` lists the methods)."),
-    problem("batch-exists", 409, "A batch with this `batch_id` is already registered (by anyone)."),
-    problem("batch-cancelled", 409, "The batch is cancelled: it takes no more commands."),
-    problem("no-essays", 409, "The pipeline needs essays and the batch has none."),
-    problem("too-many-essays", 409, "Adding these essays would exceed the batch's expected essay count."),
-    problem("duplicate-essay", 409, "An essay with this `essay_id` is already in the batch (or twice in the request)."),
-    problem("essays-incomplete", 409, "Fewer essays than expected are added: the pipeline cannot start."),
-    problem("pipeline-in-progress", 409, "Another pipeline request of the batch is still running."),
+    problem(
+        "method-not-allowed",
+        405,
+        "The path exists, the method does not (`Allow` lists the methods).",
+    ),
+    problem(
+        "batch-exists",
+        409,
+        "A batch with this `batch_id` is already registered (by anyone).",
+    ),
+    problem(
+        "batch-cancelled",
+        409,
+        "The batch is cancelled: it takes no more commands.",
+    ),
+    problem(
+        "no-essays",
+        409,
+        "The pipeline needs essays and the batch has none.",
+    ),
+    problem(
+        "too-many-essays",
+        409,
+        "Adding these essays would exceed the batch's expected essay count.",
+    ),
+    problem(
+        "duplicate-essay",
+        409,
+        "An essay with this `essay_id` is already in the batch (or twice in the request).",
+    ),
+    problem(
+        "essays-incomplete",
+        409,
+        "Fewer essays than expected are added: the pipeline cannot start.",
+    ),
+    problem(
+        "pipeline-in-progress",
+        409,
+        "Another pipeline request of the batch is still running.",
+    ),
     problem("unknown-pipeline", 409, "The pipeline is not configured."),
-    problem("unknown-essay", 409, "The result names an essay that is not in the batch."),
-    problem("result-not-expected", 409, "No result of this phase for this essay is expected now (phase not running, or already answered)."),
-    problem("concurrent-modification", 409, "Other commands kept changing the resource; read it again and retry."),
-    problem("job-running", 409, "A rebuild or verification of this projection is already running."),
-    problem("already-exists", 409, "A user of that name already exists (deleted users included)."),
-    problem("conflict", 409, "The resource's state does not allow this (a deleted user, a revoked key, the last admin)."),
-    problem("body-too-large", 413, "The body is over the 4 MiB limit; refused before it is read when `Content-Length` says so."),
-    problem("unsupported-media-type", 415, "The body is not declared as JSON (`application/json` or any `application/*+json`)."),
-    problem("validation", 422, "The body has the wrong shape or values out of range; `errors` lists every field with its reason."),
-    problem("websocket-upgrade-required", 426, "`GET /v1/ws` without a WebSocket upgrade."),
-    problem("rate-limited", 429, "Over a rate-limit budget (docs/rate-limits.md); `Retry-After` says when to retry."),
-    problem("login-throttled", 429, "Too many failed logins for this account or from this address; `Retry-After`."),
-    problem("too-many-websockets", 429, "This user has as many WebSocket connections open on this node as allowed."),
-    problem("internal", 500, "A bug: the cause is logged with the request's ids, never shown. Never part of the contract."),
-    problem("overloaded", 503, "The node is handling as many requests as it may (`max_in_flight`); `Retry-After: 1`."),
-    problem("timeout", 503, "The request was not answered within the request timeout; a command may still have been appended."),
-    problem("database-unavailable", 503, "The database cannot be reached (the circuit breaker is open, or this request failed to reach it)."),
-    problem("too-many-connections", 503, "The node has as many connections open as it may; the connection is closed after this answer."),
-    problem("busy", 503, "The password-hashing queue is full (login, user creation, password reset)."),
-    problem("not-yet-consistent", 503, "The read model did not reach `min_position` within the consistency wait."),
-    problem("too-many-websockets", 503, "The node has as many WebSocket connections open as it may."),
-    problem("unavailable", 503, "Another server error answered by a layer without a body."),
+    problem(
+        "unknown-essay",
+        409,
+        "The result names an essay that is not in the batch.",
+    ),
+    problem(
+        "result-not-expected",
+        409,
+        "No result of this phase for this essay is expected now (phase not running, or already answered).",
+    ),
+    problem(
+        "concurrent-modification",
+        409,
+        "Other commands kept changing the resource; read it again and retry.",
+    ),
+    problem(
+        "job-running",
+        409,
+        "A rebuild or verification of this projection is already running.",
+    ),
+    problem(
+        "already-exists",
+        409,
+        "A user of that name already exists (deleted users included).",
+    ),
+    problem(
+        "conflict",
+        409,
+        "The resource's state does not allow this (a deleted user, a revoked key, the last admin).",
+    ),
+    problem(
+        "body-too-large",
+        413,
+        "The body is over the 4 MiB limit; refused before it is read when `Content-Length` says so.",
+    ),
+    problem(
+        "unsupported-media-type",
+        415,
+        "The body is not declared as JSON (`application/json` or any `application/*+json`).",
+    ),
+    problem(
+        "validation",
+        422,
+        "The body has the wrong shape or values out of range; `errors` lists every field with its reason.",
+    ),
+    problem(
+        "websocket-upgrade-required",
+        426,
+        "`GET /v1/ws` without a WebSocket upgrade.",
+    ),
+    problem(
+        "rate-limited",
+        429,
+        "Over a rate-limit budget (docs/rate-limits.md); `Retry-After` says when to retry.",
+    ),
+    problem(
+        "login-throttled",
+        429,
+        "Too many failed logins for this account or from this address; `Retry-After`.",
+    ),
+    problem(
+        "too-many-websockets",
+        429,
+        "This user has as many WebSocket connections open on this node as allowed.",
+    ),
+    problem(
+        "internal",
+        500,
+        "A bug: the cause is logged with the request's ids, never shown. Never part of the contract.",
+    ),
+    problem(
+        "overloaded",
+        503,
+        "The node is handling as many requests as it may (`max_in_flight`); `Retry-After: 1`.",
+    ),
+    problem(
+        "timeout",
+        503,
+        "The request was not answered within the request timeout; a command may still have been appended.",
+    ),
+    problem(
+        "database-unavailable",
+        503,
+        "The database cannot be reached (the circuit breaker is open, or this request failed to reach it).",
+    ),
+    problem(
+        "too-many-connections",
+        503,
+        "The node has as many connections open as it may; the connection is closed after this answer.",
+    ),
+    problem(
+        "busy",
+        503,
+        "The password-hashing queue is full (login, user creation, password reset).",
+    ),
+    problem(
+        "not-yet-consistent",
+        503,
+        "The read model did not reach `min_position` within the consistency wait.",
+    ),
+    problem(
+        "too-many-websockets",
+        503,
+        "The node has as many WebSocket connections open as it may.",
+    ),
+    problem(
+        "unavailable",
+        503,
+        "Another server error answered by a layer without a body.",
+    ),
 ];
 
 /// The paths that are never rate limited (`api::edge::ratelimit`, `Class::of`).
@@ -239,21 +383,57 @@ pub const NOT_BLANK: &str = "^[^\\u0000]*[^\\u0000\\t\\n\\u000b\\f\\r \\u0085\\u
 /// property.
 fn field_rules() -> Vec<(&'static str, &'static str, Value)> {
     vec![
-        ("RegisterBatchRequest", "title", json!({"pattern": NOT_BLANK})),
-        ("RegisterBatchRequest", "class_designation", json!({"pattern": NOT_BLANK})),
+        (
+            "RegisterBatchRequest",
+            "title",
+            json!({"pattern": NOT_BLANK}),
+        ),
+        (
+            "RegisterBatchRequest",
+            "class_designation",
+            json!({"pattern": NOT_BLANK}),
+        ),
         ("EssayInput", "title", json!({"pattern": NOT_BLANK})),
         ("EssayInput", "text", json!({"pattern": NOT_BLANK})),
         ("CancelRequest", "reason", json!({"pattern": NO_NUL})),
         ("NewKey", "name", json!({"pattern": NOT_BLANK})),
         // `role` and `status` may be left out, not removed (`null` is refused); a deleted
         // status is made with DELETE.
-        ("UserPatch", "role", json!({"$ref": "#/components/schemas/Role"})),
-        ("UserPatch", "status", json!({"type": "string", "enum": ["active", "disabled"]})),
-        ("ResultMessage", "message_id", json!({"minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"})),
-        ("ResultMessage", "essay_id", json!({"minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.:-]+$"})),
-        ("ResultMessage", "phase", json!({"minLength": 1, "maxLength": 32, "pattern": "^[a-z0-9_]+$"})),
-        ("ResultMessage", "outcome", json!({"type": "string", "enum": ["succeeded", "failed"]})),
-        ("ResultMessage", "error", json!({"maxLength": commands::messages::MAX_ERROR_CHARS, "pattern": NO_NUL})),
+        (
+            "UserPatch",
+            "role",
+            json!({"$ref": "#/components/schemas/Role"}),
+        ),
+        (
+            "UserPatch",
+            "status",
+            json!({"type": "string", "enum": ["active", "disabled"]}),
+        ),
+        (
+            "ResultMessage",
+            "message_id",
+            json!({"minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"}),
+        ),
+        (
+            "ResultMessage",
+            "essay_id",
+            json!({"minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.:-]+$"}),
+        ),
+        (
+            "ResultMessage",
+            "phase",
+            json!({"minLength": 1, "maxLength": 32, "pattern": "^[a-z0-9_]+$"}),
+        ),
+        (
+            "ResultMessage",
+            "outcome",
+            json!({"type": "string", "enum": ["succeeded", "failed"]}),
+        ),
+        (
+            "ResultMessage",
+            "error",
+            json!({"maxLength": commands::messages::MAX_ERROR_CHARS, "pattern": NO_NUL}),
+        ),
     ]
 }
 
@@ -310,10 +490,26 @@ fn specialise(doc: &mut Value, runtime: &Runtime) {
                 "description": description})
         };
         params.extend([
-            header("Connection", json!({"type": "string", "enum": ["Upgrade"]}), "An upgrade (RFC 9110 section 7.6.1)."),
-            header("Upgrade", json!({"type": "string", "enum": ["websocket"]}), "To the WebSocket protocol."),
-            header("Sec-WebSocket-Version", json!({"type": "string", "enum": ["13"]}), "RFC 6455."),
-            header("Sec-WebSocket-Key", json!({"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"}), "16 random bytes, base64 (RFC 6455)."),
+            header(
+                "Connection",
+                json!({"type": "string", "enum": ["Upgrade"]}),
+                "An upgrade (RFC 9110 section 7.6.1).",
+            ),
+            header(
+                "Upgrade",
+                json!({"type": "string", "enum": ["websocket"]}),
+                "To the WebSocket protocol.",
+            ),
+            header(
+                "Sec-WebSocket-Version",
+                json!({"type": "string", "enum": ["13"]}),
+                "RFC 6455.",
+            ),
+            header(
+                "Sec-WebSocket-Key",
+                json!({"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"}),
+                "16 random bytes, base64 (RFC 6455).",
+            ),
         ]);
         params.push(json!({"name": "Sec-WebSocket-Protocol", "in": "header", "required": false,
             "schema": {"type": "string", "maxLength": 8192},
@@ -388,7 +584,9 @@ impl Kind {
             }
             403 => "The credential's role may not use this operation (`forbidden`).",
             404 => "No such resource, or another user's (`not-found`).",
-            413 => "The body is over the 4 MiB limit (`body-too-large`), refused before it is read.",
+            413 => {
+                "The body is over the 4 MiB limit (`body-too-large`), refused before it is read."
+            }
             415 => {
                 "The body is not declared as JSON (`unsupported-media-type`): send `Content-Type: application/json` (or the operation's `+json` type)."
             }
@@ -572,8 +770,10 @@ mod tests {
         let doc = serde_json::to_value(crate::routes::docs::ApiDoc::openapi()).unwrap();
         for (schema, property, _) in field_rules() {
             assert!(
-                doc.pointer(&format!("/components/schemas/{schema}/properties/{property}"))
-                    .is_some(),
+                doc.pointer(&format!(
+                    "/components/schemas/{schema}/properties/{property}"
+                ))
+                .is_some(),
                 "{schema}.{property} is not in the document"
             );
         }

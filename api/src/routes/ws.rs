@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::State;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
