@@ -3,7 +3,8 @@
 # requests from the published OpenAPI document (`/openapi.json`) and checks every answer
 # against it (status declared, content type, headers, schema; schema-valid input accepted,
 # invalid input refused; a 5xx is always a failure). It runs against the debug binary on SQLite,
-# then on PostgreSQL (a fresh database), as an admin (every operation) and as a teacher; any
+# then on PostgreSQL (a fresh database), as an admin (every operation), as a teacher and as a
+# service (its API key, on the results operation); any
 # failure makes the script exit non-zero. Called by scripts/test.sh after the Rust tests;
 # runnable on its own:
 #
@@ -57,9 +58,10 @@ export ESSAYFLOW_RATE_LIMIT_ENABLED=false
 export ESSAYFLOW_HASH_MEMORY_KIB=1024 ESSAYFLOW_HASH_ITERATIONS=1
 unset ESSAYFLOW_KAFKA_BROKERS ESSAYFLOW_OPS_BIND
 
-# st_run NAME TOKEN ARGS...: one Schemathesis run; its reports in $REPORTS/NAME.
+# st_run NAME HEADER ARGS...: one Schemathesis run sending HEADER (the credential) with every
+# request; its reports in $REPORTS/NAME.
 st_run() {
-  local name=$1 token=$2
+  local name=$1 credential=$2
   shift 2
   local dir="$REPORTS/$name"
   rm -rf "$dir"
@@ -72,7 +74,7 @@ st_run() {
     --max-examples "$EXAMPLES" \
     --seed "$SEED" \
     --workers 1 \
-    --header "Authorization: Bearer $token" \
+    --header "$credential" \
     --request-timeout 30 \
     --report junit,ndjson --report-junit-path "$dir/junit.xml" --report-ndjson-path "$dir/events.ndjson" \
     --no-color \
@@ -88,9 +90,11 @@ run_engine() {
   export ESSAYFLOW_DATABASE_URL=$url ESSAYFLOW_DATA_DIR=$WORK/data-$engine
   echo "contract-admin-password" | "$BIN" users add --username contract_admin --role admin --password-stdin >/dev/null
   echo "contract-teacher-password" | "$BIN" users add --username contract_teacher --role teacher --password-stdin >/dev/null
-  local admin teacher
+  echo "contract-service-password" | "$BIN" users add --username contract_service --role service --password-stdin >/dev/null
+  local admin teacher key
   admin=$("$BIN" token --username contract_admin --ttl-secs 7200)
   teacher=$("$BIN" token --username contract_teacher --ttl-secs 7200)
+  key=$("$BIN" keys create --username contract_service --name contract 2>/dev/null | tail -n 1)
   "$BIN" serve >"$WORK/server-$engine.log" 2>&1 &
   SERVER=$!
   local up=
@@ -105,12 +109,16 @@ run_engine() {
   # GET /v1/ws is left out: it is a WebSocket handshake (docs/websocket.md, tests/tests/live.rs),
   # and an HTTP client cannot read past its 101.
   step "contract ($engine): as an admin, every operation but logout"
-  st_run "$engine-admin" "$admin" --exclude-path /v1/auth/logout --exclude-path /v1/ws || failed=1
+  st_run "$engine-admin" "Authorization: Bearer $admin" \
+    --exclude-path /v1/auth/logout --exclude-path /v1/ws || failed=1
   step "contract ($engine): as a teacher"
-  st_run "$engine-teacher" "$teacher" --exclude-path /v1/auth/logout --exclude-path /v1/ws || failed=1
+  st_run "$engine-teacher" "Authorization: Bearer $teacher" \
+    --exclude-path /v1/auth/logout --exclude-path /v1/ws || failed=1
+  step "contract ($engine): as a service (API key), the results operation"
+  st_run "$engine-service" "X-API-Key: $key" --include-path /v1/internal/results || failed=1
   # Last: logout ends the session the tokens above belong to.
   step "contract ($engine): logout"
-  st_run "$engine-logout" "$admin" --include-path /v1/auth/logout || failed=1
+  st_run "$engine-logout" "Authorization: Bearer $admin" --include-path /v1/auth/logout || failed=1
   echo "contract ($engine): $((SECONDS - started)) s"
   kill "$SERVER"; wait "$SERVER" 2>/dev/null || true
   SERVER=
