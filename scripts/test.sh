@@ -71,3 +71,6 @@ step "tests"
 # Tests that run the binary as separate server processes (two nodes, the CLI) use this build.
 cargo build --quiet -p api --bin essayflow
 cargo nextest run --workspace --no-fail-fast
+
+step "contract test (Schemathesis against /openapi.json, both engines; docs/api-contract.md)"
+scripts/contract.sh

@@ -107,6 +107,11 @@ pub enum ApiError {
     /// timeout): the problem of that status.
     #[error("{}", status_detail(*.0))]
     Status(StatusCode),
+    /// An error status answered with a plain-text reason (one of axum's extractor rejections,
+    /// for example a path that is not UTF-8 once decoded): the problem of that status, the
+    /// reason as `detail`.
+    #[error("{1}")]
+    Refused(StatusCode, String),
     /// 429 `rate-limited`: over a rate-limit budget of this node (`api::edge::ratelimit`,
     /// docs/rate-limits.md): `detail` names the budget's class (`login`, `read`, `command`),
     /// what it is counted against (`user`, `API key`, `address`) and its size (`100/hour`);
@@ -169,7 +174,7 @@ impl ApiError {
             Self::TooManyWebSockets(false) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too-many-websockets")
             }
-            Self::Status(status) => (*status, status_code(*status)),
+            Self::Status(status) | Self::Refused(status, _) => (*status, status_code(*status)),
             Self::DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database-unavailable"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
             Self::UpgradeRequired(_) => {

@@ -94,6 +94,30 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// Deserialises a JSON number whose value is an integer, however it is spelled (`25`, `25.0`,
+/// `2.5e1`): JSON Schema's `integer` (draft 2020-12, section 6.1.1) is any number with a zero
+/// fractional part, and the published contract says `integer`. Anything else is refused with
+/// serde's error (a 422 naming the field).
+pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    use serde::Deserialize;
+    use serde::de::Error;
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(value) = number.as_i64() {
+        return Ok(value);
+    }
+    // Within i64 (2^63 is exactly representable, so `<` excludes it), and whole.
+    match number.as_f64() {
+        Some(value)
+            if value.fract() == 0.0 && value >= -(2f64.powi(63)) && value < 2f64.powi(63) =>
+        {
+            Ok(value as i64)
+        }
+        _ => Err(D::Error::custom(format!(
+            "invalid value: {number}, expected an integer"
+        ))),
+    }
+}
+
 /// A query-string extractor whose failures are problem+json 400s.
 pub struct Query<T>(pub T);
 
@@ -126,6 +150,29 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
 #[cfg(test)]
 mod tests {
     use super::is_json_media_type;
+
+    #[test]
+    fn integers_may_be_spelled_as_whole_floats() {
+        #[derive(serde::Deserialize)]
+        struct Count {
+            #[serde(deserialize_with = "super::integer")]
+            n: i64,
+        }
+        let parse = |text: &str| serde_json::from_str::<Count>(text).map(|c| c.n);
+        assert_eq!(parse(r#"{"n": 25}"#).ok(), Some(25));
+        assert_eq!(parse(r#"{"n": 25.0}"#).ok(), Some(25));
+        assert_eq!(parse(r#"{"n": 2.5e1}"#).ok(), Some(25));
+        assert_eq!(parse(r#"{"n": -3.0}"#).ok(), Some(-3));
+        for bad in [
+            r#"{"n": 2.5}"#,
+            r#"{"n": "25"}"#,
+            r#"{"n": 1e300}"#,
+            r#"{"n": 9223372036854775808}"#,
+            r#"{"n": null}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn json_media_types_match_without_regard_to_case() {

@@ -211,7 +211,7 @@ impl Application {
             connections: Arc::default(),
             limits,
         });
-        let router = crate::edge::apply(crate::routes::router(), state.clone());
+        let router = crate::edge::apply(crate::routes::router(&state), state.clone());
         let listener = TcpListener::bind(&state.settings.bind)
             .await
             .with_context(|| format!("binding {}", state.settings.bind))?;

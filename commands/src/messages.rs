@@ -88,6 +88,7 @@ pub struct PhaseRequest {
 /// What processors send back, on `essayflow.results.v1` or to `POST /v1/internal/results`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"message_id": "spellcheck-7f3a-0001", "batch_id": "9d7c1a52-3b8e-4f6a-9c1d-2e5f7a8b9c0d", "essay_id": "ada-1", "phase": "spellcheck", "outcome": "succeeded", "result": {"errors": 3}, "pipeline_request_id": "1f2e3d4c-5b6a-4978-8a9b-0c1d2e3f4a5b"}))]
 pub struct ResultMessage {
     /// The processor's id for this message: a redelivered message keeps it, and is recorded once.
     pub message_id: String,

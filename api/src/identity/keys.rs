@@ -156,7 +156,8 @@ pub async fn create(
     user_id: &str,
     name: &str,
 ) -> Result<NewApiKey, KeyError> {
-    if name.trim().is_empty() || name.chars().count() > 100 || !users::is_storable(name) {
+    // 1 to 100 characters, not blank, no U+0000 (the published schema says the same).
+    if name.trim().is_empty() || name.chars().count() > 100 || name.contains('\0') {
         return Err(KeyError::BadName);
     }
     let user = users::get(pool, user_id).await?.ok_or(KeyError::NoUser)?;

@@ -260,6 +260,7 @@ pub async fn list(pool: &AnyPool, after: Option<&str>, limit: i64) -> anyhow::Re
 /// A change to a user (JSON Merge Patch, RFC 7386, of `{role, status, tier}`).
 #[derive(Debug, Default, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"status": "disabled"}))]
 pub struct UserPatch {
     pub role: Option<Role>,
     /// `active` or `disabled` (deleting is `DELETE`).

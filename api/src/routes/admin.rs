@@ -22,6 +22,7 @@ use crate::jobs::JobError;
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/v1/admin/projections", tag = "admin",
+    description = "Admin role.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Each projection's checkpoint, lag, state, current or last rebuild (progress, events/s, time left) and last verification", body = Vec<ProjectionStatus>),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -74,7 +75,8 @@ fn job_error(error: JobError) -> ApiError {
 }
 
 #[utoipa::path(post, path = "/v1/admin/projections/{name}/rebuild", tag = "admin",
-    params(("name" = String, Path, description = "batch_state or dashboard")),
+    description = "Admin role.",
+    params(("name" = String, Path, description = "The projection: `batch_state` or `dashboard` (the `enum`)")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "The rebuild runs beside the live model and swaps it in when caught up; follow it on GET /v1/admin/projections", body = JobAccepted, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -101,7 +103,8 @@ pub(super) async fn rebuild(
 }
 
 #[utoipa::path(post, path = "/v1/admin/projections/{name}/verify", tag = "admin",
-    params(("name" = String, Path, description = "batch_state or dashboard")),
+    description = "Admin role.",
+    params(("name" = String, Path, description = "The projection: `batch_state` or `dashboard` (the `enum`)")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "The live model is compared, row by row, with a fold of the log; the result appears on GET /v1/admin/projections", body = JobAccepted, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),

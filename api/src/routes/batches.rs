@@ -25,40 +25,65 @@ use crate::telemetry::CorrelationId;
 
 // ---- request bodies -------------------------------------------------------------------------
 
+/// A batch to register. Text fields may not hold U+0000 and may not be blank (the `pattern`s
+/// say both).
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"title": "Persuasive essays", "course_code": "EN-101", "expected_essay_count": 25, "class_designation": "9B"}))]
 pub(super) struct RegisterBatchRequest {
+    /// The batch's id, if the client chooses it (a retry with the same id is answered 409
+    /// `batch-exists`); a new one otherwise.
     batch_id: Option<Uuid>,
+    #[schema(min_length = 1, max_length = 200)]
     title: String,
+    #[schema(min_length = 1, max_length = 32, pattern = "^[A-Za-z0-9_-]+$")]
     course_code: String,
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "crate::json::integer")]
     expected_essay_count: i64,
+    #[schema(min_length = 1, max_length = 64)]
     class_designation: Option<String>,
 }
 
+/// One essay. `title` and `text` may not hold U+0000 and may not be blank.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EssayInput {
+    /// Unique within the batch; a UUID is made when absent.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.:-]+$")]
     essay_id: Option<String>,
+    #[schema(min_length = 1, max_length = 200)]
     title: String,
+    #[schema(min_length = 1, max_length = 100000)]
     text: String,
 }
 
+/// Essays to add, at most the batch's expected count in all.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"essays": [{"essay_id": "ada-1", "title": "On rhetoric", "text": "Persuasion is ..."}]}))]
 pub(super) struct AddEssaysRequest {
+    #[schema(min_items = 1, max_items = 1000)]
     essays: Vec<EssayInput>,
 }
 
+/// A pipeline to run: one of the configured pipelines (the `enum`).
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"pipeline": "spellcheck"}))]
 pub(super) struct RequestPipelineRequest {
     pipeline: String,
+    /// The request's id (idempotency: the same id again is not a second run); a new one
+    /// otherwise.
     request_id: Option<Uuid>,
 }
 
+/// Why the batch is cancelled (optional; the body may be left out).
 #[derive(Deserialize, utoipa::ToSchema, Default)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"reason": "uploaded to the wrong course"}))]
 pub(super) struct CancelRequest {
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
@@ -91,7 +116,9 @@ impl Fields {
 
 // ---- responses ------------------------------------------------------------------------------
 
+/// A command accepted: its events are durable.
 #[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"batch_id": "9d7c1a52-3b8e-4f6a-9c1d-2e5f7a8b9c0d", "correlation_id": "0e8f6c3a-1b2d-4e5f-8a9b-7c6d5e4f3a2b", "position": 1042, "version": 3}))]
 pub(super) struct AcceptedResponse {
     batch_id: String,
     correlation_id: String,
@@ -161,10 +188,11 @@ fn batch_id(raw: &str) -> ApiResult<BatchId> {
 // ---- commands -------------------------------------------------------------------------------
 
 #[utoipa::path(post, path = "/v1/batches", tag = "batches", request_body = RegisterBatchRequest,
+    description = "Registers a batch owned by the caller (teacher or admin role).",
     security(("bearer" = []), ("api_key" = [])),
-    responses((status = 202, description = "Registered; the event is durable", body = AcceptedResponse, headers(("Location" = String))),
-        (status = 409, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 202, description = "Registered; the event is durable", body = AcceptedResponse, headers(("Location" = String, description = "The batch: `/v1/batches/{id}`"))),
+        (status = 409, description = "`batch-exists`: the `batch_id` is taken (by anyone)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation`: a field out of range; `errors` lists each", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn register_batch(
     State(state): State<AppState>,
     user: AuthUser,
@@ -196,11 +224,12 @@ pub(super) async fn register_batch(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/essays", tag = "batches", request_body = AddEssaysRequest,
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
-    responses((status = 202, body = AcceptedResponse),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Too many or duplicate essays, or cancelled", body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json")))]
+    description = "Adds essays to the caller's batch (all or none).",
+    params(("id" = Uuid, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 202, description = "Added; the event is durable", body = AcceptedResponse, headers(("Location" = String, description = "The batch"))),
+        (status = 404, description = "`not-found`: no such batch, or another user's", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`too-many-essays`, `duplicate-essay`, `batch-cancelled`, `pipeline-in-progress`, `concurrent-modification`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation`: a field out of range; `errors` lists each (`essays[3].text`)", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn add_essays(
     State(state): State<AppState>,
     user: AuthUser,
@@ -245,11 +274,12 @@ pub(super) async fn add_essays(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/pipelines", tag = "batches", request_body = RequestPipelineRequest,
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
-    responses((status = 202, body = AcceptedResponse),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json")))]
+    description = "Requests a pipeline for the caller's batch: its phases run in dependency order, processors answer through the results topic or POST /v1/internal/results.",
+    params(("id" = Uuid, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 202, description = "Requested; the event is durable", body = AcceptedResponse, headers(("Location" = String, description = "The batch"))),
+        (status = 404, description = "`not-found`: no such batch, or another user's", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`no-essays`, `essays-incomplete`, `pipeline-in-progress`, `unknown-pipeline`, `batch-cancelled`, `concurrent-modification`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation`: `pipeline` is not configured, or a field has the wrong type", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn request_pipeline(
     State(state): State<AppState>,
     user: AuthUser,
@@ -287,10 +317,11 @@ pub(super) async fn request_pipeline(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", request_body(content = Option<CancelRequest>),
-    params(("id" = String, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
-    responses((status = 202, body = AcceptedResponse),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already cancelled", body = Problem, content_type = "application/problem+json")))]
+    description = "Cancels the caller's batch; the body is optional.",
+    params(("id" = Uuid, Path, description = "Batch id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 202, description = "Cancelled; the event is durable", body = AcceptedResponse, headers(("Location" = String, description = "The batch"))),
+        (status = 404, description = "`not-found`: no such batch, or another user's", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`batch-cancelled`: already cancelled; `concurrent-modification`", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn cancel_batch(
     State(state): State<AppState>,
     user: AuthUser,
@@ -389,13 +420,16 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches",
-    params(("id" = String, Path, description = "Batch id"),
-        ("at_version" = Option<i64>, Query, description = "The batch as it was after this event, rebuilt from the log"),
-        ("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position")),
+    description = "The whole batch: summary, essays and outcomes. Answers `If-None-Match` with 304.",
+    params(("id" = Uuid, Path, description = "Batch id"),
+        ("at_version" = Option<i64>, Query, minimum = 1, description = "The batch as it was after this event, rebuilt from the log (400 `invalid-query` past the batch's latest version)"),
+        ("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position (a command's `position`); 400 for a position no event has, 503 `not-yet-consistent` if not reached in time"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` of an earlier answer: 304 if the batch is unchanged")),
     security(("bearer" = []), ("api_key" = [])),
-    responses((status = 200, body = BatchView, headers(("ETag" = String))), (status = 304, description = "Unchanged since If-None-Match"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "min_position not reached in time", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The batch", body = BatchView, headers(("ETag" = String, description = "The batch's version, `\"<version>\"` (weak, `W/`, when compressed)"))),
+        (status = 304, description = "Unchanged since If-None-Match", headers(("ETag" = String))),
+        (status = 404, description = "`not-found`: no such batch, or another user's", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`not-yet-consistent`: `min_position` not reached in time; or the edge's 503s", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn get_batch(
     State(state): State<AppState>,
     user: AuthUser,
@@ -511,9 +545,11 @@ pub(super) struct BatchStatusResponse {
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}/status", tag = "batches",
-    params(("id" = String, Path, description = "Batch id"), ("min_position" = Option<i64>, Query)),
+    description = "The batch's status and per-phase counts, without essays.",
+    params(("id" = Uuid, Path, description = "Batch id"), ("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position")),
     security(("bearer" = []), ("api_key" = [])),
-    responses((status = 200, body = BatchStatusResponse), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The batch's status", body = BatchStatusResponse),
+        (status = 404, description = "`not-found`: no such batch, or another user's", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn get_status(
     State(state): State<AppState>,
     user: AuthUser,
@@ -544,10 +580,12 @@ pub(super) struct ListQuery {
 }
 
 #[utoipa::path(get, path = "/v1/batches", tag = "batches",
-    params(("status" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("min_position" = Option<i64>, Query)),
+    description = "The caller's batches (every batch for an admin), newest first, in pages.",
+    params(("status" = Option<String>, Query, description = "Only batches in this status"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, max_length = 18, pattern = "^[0-9]+$", description = "next_cursor of the previous page"), ("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position")),
     security(("bearer" = []), ("api_key" = [])),
-    responses((status = 200, description = "Batch summaries (no essays or outcomes: GET /v1/batches/{id} has them)", body = Page<BatchSummary>), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Batch summaries (no essays or outcomes: GET /v1/batches/{id} has them)", body = Page<BatchSummary>),
+        (status = 400, description = "`invalid-query`: a bad `status`, `limit`, `cursor` or `min_position`", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn list_batches(
     State(state): State<AppState>,
     user: AuthUser,
@@ -565,8 +603,7 @@ pub(super) async fn list_batches(
     }
     let cursor = match &query.cursor {
         Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| bad("cursor", "not a cursor from a previous page"))?,
+            parse_cursor(c).ok_or_else(|| bad("cursor", "not a cursor from a previous page"))?,
         ),
         None => None,
     };
@@ -578,6 +615,16 @@ pub(super) async fn list_batches(
             .list_batches(owner.as_deref(), query.status.as_deref(), limit, cursor)
             .await?,
     ))
+}
+
+/// A cursor as the service makes them: 1 to 18 ASCII digits (the published `pattern`), so
+/// that a cursor is never refused for its size and nothing else (a sign, spaces) passes.
+fn parse_cursor(raw: &str) -> Option<i64> {
+    if (1..=18).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit()) {
+        raw.parse().ok()
+    } else {
+        None
+    }
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -632,21 +679,20 @@ impl EventsQuery {
                 })?,
         };
         // The cursor is the last sequence of the previous page; clients treat it as opaque.
-        let after =
-            match &self.after {
-                None => 0,
-                Some(raw) => raw.parse::<i64>().ok().filter(|a| *a >= 0).ok_or_else(|| {
-                    ApiError::bad_query("after", "not a cursor from a previous page")
-                })?,
-            };
+        let after = match &self.after {
+            None => 0,
+            Some(raw) => parse_cursor(raw)
+                .ok_or_else(|| ApiError::bad_query("after", "not a cursor from a previous page"))?,
+        };
         Ok((after, limit))
     }
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}/events", tag = "batches",
-    params(("id" = String, Path, description = "Batch id"),
-        ("after" = Option<String>, Query, description = "next_cursor of the previous page; absent for the first page"),
-        ("limit" = Option<u32>, Query, description = "Events per page, 1 to 1000, default 100. A page also ends early once its payloads reach 4 MiB (always at least one event)")),
+    description = "The batch's events, oldest first, in pages.",
+    params(("id" = Uuid, Path, description = "Batch id"),
+        ("after" = Option<String>, Query, max_length = 18, pattern = "^[0-9]+$", description = "next_cursor of the previous page; absent for the first page"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Events per page, 1 to 1000, default 100. A page also ends early once its payloads reach 4 MiB (always at least one event)")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "One page of the batch's events, oldest first", body = EventPage),
         (status = 400, description = "Bad limit or after", body = Problem, content_type = "application/problem+json"),

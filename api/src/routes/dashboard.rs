@@ -1,18 +1,20 @@
 //! `GET /v1/dashboard`: the caller's totals by status, active batches and recent activity.
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use projections::Dashboard;
 
 use crate::auth::AuthUser;
 use crate::error::ApiResult;
+use crate::json::Query;
 use crate::routes::batches::{Consistency, wait_until_applied};
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/v1/dashboard", tag = "dashboard",
-    params(("min_position" = Option<i64>, Query)), security(("bearer" = []), ("api_key" = [])),
-    responses((status = 200, body = Dashboard)))]
+    description = "The caller's own dashboard (whatever the role).",
+    params(("min_position" = Option<i64>, Query, description = "Wait until the read model has applied this position")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, description = "The caller's totals by status, active batches and recent activity", body = Dashboard)))]
 pub(super) async fn dashboard(
     State(state): State<AppState>,
     user: AuthUser,

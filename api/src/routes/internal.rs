@@ -28,12 +28,13 @@ pub(super) struct ResultAccepted {
 }
 
 #[utoipa::path(post, path = "/v1/internal/results", tag = "internal", request_body = ResultMessage,
+    description = "Records a processor's result for one essay in one phase (service role; an API key usually). A redelivered message (same `message_id`) is recognised and changes nothing.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, description = "Recorded (or recognised as a duplicate); durable", body = ResultAccepted),
         (status = 403, description = "Not the service role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such batch", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The batch refuses it (unknown essay, phase not running)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json")))]
+        (status = 409, description = "The batch refuses it: `unknown-essay`, `result-not-expected`, `batch-cancelled`, `concurrent-modification`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation`: a field out of range (`result` over `max_result_bytes`, for example); `errors` lists each", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn post_result(
     State(state): State<AppState>,
     user: AuthUser,

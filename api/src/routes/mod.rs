@@ -3,6 +3,7 @@
 mod admin;
 mod auth;
 mod batches;
+pub mod contract;
 mod dashboard;
 mod docs;
 mod health;
@@ -17,7 +18,8 @@ use crate::state::AppState;
 
 pub(crate) use health::ops_router;
 
-pub fn router() -> Router<AppState> {
+/// Every route; the OpenAPI document is built here, from the configuration in `state`.
+pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .merge(auth::router())
         .merge(batches::router())
@@ -27,7 +29,7 @@ pub fn router() -> Router<AppState> {
         .merge(health::router())
         .merge(internal::router())
         .merge(ws::router())
-        .merge(docs::router())
+        .merge(docs::router(state))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }

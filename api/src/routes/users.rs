@@ -119,6 +119,7 @@ fn limit(value: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
 }
 
 #[utoipa::path(get, path = "/v1/admin/users", tag = "admin", params(UserListQuery),
+    description = "Admin role.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Users in username order, deleted ones included", body = UserPage),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -142,6 +143,7 @@ pub(super) async fn list_users(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"username": "ada", "role": "teacher", "password": "correct horse battery staple"}))]
 pub(super) struct NewUser {
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     username: String,
@@ -151,6 +153,7 @@ pub(super) struct NewUser {
 }
 
 #[utoipa::path(post, path = "/v1/admin/users", tag = "admin", request_body = NewUser,
+    description = "Admin role.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, description = "Created (audited as user.create)", body = User, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -179,7 +182,7 @@ pub(super) async fn create_user(
 }
 
 #[utoipa::path(get, path = "/v1/admin/users/{id}", tag = "admin",
-    params(("id" = String, Path, description = "the user's id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "the user's id")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = User),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -197,7 +200,7 @@ pub(super) async fn get_user(
 }
 
 #[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin",
-    params(("id" = String, Path, description = "the user's id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "the user's id")),
     request_body(content = UserPatch, content_type = "application/merge-patch+json",
         description = "JSON Merge Patch (RFC 7386): `role` and/or `status` (`active` or `disabled`) and/or `tier` (a configured rate-limit tier, or `null` for the default tier; docs/rate-limits.md). A role change or a disable takes effect on the user's next request and closes their WebSocket connections (4403); a tier change keeps sessions and applies from the next request."),
     security(("bearer" = []), ("api_key" = [])),
@@ -244,7 +247,7 @@ pub(super) async fn patch_user(
 }
 
 #[utoipa::path(delete, path = "/v1/admin/users/{id}", tag = "admin",
-    params(("id" = String, Path, description = "the user's id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "the user's id")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 204, description = "Deleted (audited as user.delete): the user can no longer log in, their sessions and keys are revoked, their batches stay readable by admins"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -262,13 +265,14 @@ pub(super) async fn delete_user(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"password": "another long passphrase"}))]
 pub(super) struct NewPassword {
     #[schema(min_length = 8, max_length = 1024)]
     password: String,
 }
 
 #[utoipa::path(post, path = "/v1/admin/users/{id}/password", tag = "admin",
-    params(("id" = String, Path, description = "the user's id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "the user's id")),
     request_body = NewPassword,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 204, description = "Set (audited as user.password); every session and token of the user stops working"),
@@ -303,6 +307,7 @@ pub(super) struct KeyList {
 }
 
 #[utoipa::path(get, path = "/v1/admin/keys", tag = "admin",
+    description = "Admin role.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "API keys, newest first (at most 1 000)", body = KeyList),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -316,10 +321,14 @@ pub(super) async fn list_keys(
     }))
 }
 
+/// A key to make. `name` may not hold U+0000 and may not be blank.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user_id": "0b0d7e8a-4f5e-4f53-9a43-8f7d0c1e2a3b", "name": "spellcheck processor"}))]
 pub(super) struct NewKey {
-    /// A user of the service role (UUID).
+    /// A user of the service role (422 naming `user_id` for a user that does not exist or is
+    /// not of the service role).
+    #[schema(format = Uuid)]
     user_id: String,
     /// What the key is for.
     #[schema(min_length = 1, max_length = 100)]
@@ -327,6 +336,7 @@ pub(super) struct NewKey {
 }
 
 #[utoipa::path(post, path = "/v1/admin/keys", tag = "admin", request_body = NewKey,
+    description = "Admin role.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, description = "The key, shown this once (audited as key.create)", body = NewApiKey, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -348,7 +358,7 @@ pub(super) async fn create_key(
 }
 
 #[utoipa::path(post, path = "/v1/admin/keys/{id}/rotate", tag = "admin",
-    params(("id" = String, Path, description = "the key's id (the 16 hex characters after `efk_`)")),
+    params(("id" = String, Path, pattern = "^[0-9A-Fa-f]{16}$", description = "the key's id (the 16 hex characters after `efk_`)")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, description = "The new key, shown this once; the old one works until its `expires_at` (the grace period) (audited as key.rotate)", body = NewApiKey, headers(("Location" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -372,7 +382,7 @@ pub(super) async fn rotate_key(
 }
 
 #[utoipa::path(delete, path = "/v1/admin/keys/{id}", tag = "admin",
-    params(("id" = String, Path, description = "the key's id")),
+    params(("id" = String, Path, pattern = "^[0-9A-Fa-f]{16}$", description = "the key's id (the 16 hex characters after `efk_`)")),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 204, description = "Revoked at once (audited as key.revoke); revoking a revoked key changes nothing"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -438,6 +448,7 @@ pub(super) struct AuditPage {
 }
 
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", params(AuditQuery),
+    description = "Admin role.",
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Audit records, newest first", body = AuditPage),
         (status = 400, body = Problem, content_type = "application/problem+json"),

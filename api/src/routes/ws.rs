@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::auth::{bearer_token, subprotocol_token};
 use crate::error::{ApiError, ApiResult};
+use crate::json::Query;
 use crate::live::{PROTOCOL, session};
 use crate::state::AppState;
 
@@ -57,7 +58,7 @@ fn presented_token(headers: &HeaderMap, query: &WsQuery) -> Result<String, ApiEr
         (status = 401, description = "missing, forged, expired or revoked credential", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 429, description = "this user has `ws.max_connections_per_user` WebSocket connections open on this node (`too-many-websockets`)", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "this node has `ws.max_connections` WebSocket connections open (`too-many-websockets`), with Retry-After", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = 426, description = "not a WebSocket upgrade", body = crate::error::Problem)))]
+        (status = 426, description = "not a WebSocket upgrade (`websocket-upgrade-required`)", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub(super) async fn ws(
     State(state): State<AppState>,
     Query(query): Query<WsQuery>,
