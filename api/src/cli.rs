@@ -350,8 +350,8 @@ async fn run_keys(settings: &Settings, command: KeysCommand) -> anyhow::Result<(
     Ok(())
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load()?;
+/// Runs the command with `settings` ([`Settings::load`]).
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             simulate_processors,

@@ -76,6 +76,8 @@ pub struct Settings {
     /// The database circuit breaker's bounds and the operations endpoints (`[ops]`;
     /// docs/operations-endpoints.md).
     pub ops: crate::edge::breaker::OpsSettings,
+    /// Trace export over OTLP (`[telemetry]`; docs/tracing.md).
+    pub telemetry: crate::telemetry::TelemetrySettings,
 }
 
 /// The HTTP edge's settings (see `api::edge` and `api::server`).
@@ -314,6 +316,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             rate_limit: Default::default(),
             ops: Default::default(),
+            telemetry: Default::default(),
         }
     }
 }
@@ -339,6 +342,7 @@ impl std::fmt::Debug for Settings {
             .field("auth", &self.auth)
             .field("http", &self.http)
             .field("ops", &self.ops)
+            .field("telemetry", &self.telemetry)
             .finish_non_exhaustive()
     }
 }
@@ -623,6 +627,7 @@ impl Settings {
         }
         self.rate_limit.apply_env(&var)?;
         self.ops.apply_env(&var)?;
+        self.telemetry.apply_env(&var)?;
         self.check()
     }
 
@@ -730,6 +735,7 @@ impl Settings {
         crate::edge::cors_origins(&http.cors_origins)?;
         self.rate_limit.check()?;
         self.ops.check()?;
+        self.telemetry.check()?;
         Ok(())
     }
 

@@ -12,6 +12,8 @@
 //!   ([`follower`]) and are idempotent, so that at-least-once delivery is exactly once in
 //!   effect. [`messages`] is the Kafka contract; [`simulator`] a development stand-in for the
 //!   processing services.
+//! - [`trace`] carries the W3C trace context (and with it the correlation id) from a request
+//!   through the event store, the bus and the processors' results.
 
 mod appender;
 pub mod bus;
@@ -27,6 +29,7 @@ mod repository;
 mod service;
 pub mod simulator;
 mod storage;
+pub mod trace;
 
 pub use appender::{AppendError, Appender};
 pub use log::{
@@ -35,6 +38,7 @@ pub use log::{
 };
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};
+pub use trace::TraceContext;
 pub use storage::{
     CheckpointBoard, Engine, Storage, StorageError, StorageOptions, normalize_scheme,
 };

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures::SinkExt;
+use tracing::Instrument;
 use projections::Change;
 use serde::Deserialize;
 use serde_json::json;
@@ -604,6 +605,7 @@ impl Session {
             version,
             generation,
             frame,
+            trace,
         } in drained.items
         {
             let Some((last, of)) = self.subs.get(&topic).map(|s| (s.last, s.generation)) else {
@@ -618,7 +620,23 @@ impl Session {
                 self.catch_up(socket, &topic).await?;
                 continue;
             }
-            feed_frame(socket, Message::Text(frame)).await?;
+            if commands::trace::spans_for(trace.as_ref()) {
+                let span = tracing::info_span!(
+                    "ws.change",
+                    "otel.kind" = "producer",
+                    topic = visible_topic(&topic),
+                    version,
+                    connection = self.id,
+                );
+                if let Some(trace) = &trace {
+                    trace.adopt(&span);
+                }
+                feed_frame(socket, Message::Text(frame))
+                    .instrument(span)
+                    .await?;
+            } else {
+                feed_frame(socket, Message::Text(frame)).await?;
+            }
             if let Some(sub) = self.subs.get_mut(&topic) {
                 sub.last = version;
             }
