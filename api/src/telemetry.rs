@@ -24,7 +24,9 @@ use axum::response::Response;
 use commands::TraceContext;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
 use serde::Deserialize;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -168,7 +170,11 @@ pub fn traces_endpoint(
     if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return None;
     }
-    let nonempty = |name: &str| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let nonempty = |name: &str| {
+        var(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
     if let Some(url) = nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
         return Some(url);
     }
@@ -222,7 +228,11 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let json = std::env::var("ESSAYFLOW_LOG_FORMAT").is_ok_and(|f| f == "json");
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    let fmt = if json {
+        fmt.json().boxed()
+    } else {
+        fmt.boxed()
+    };
     // Only essayflow's own spans (and its warnings and errors, as span events) become trace
     // spans, whatever the log filter: a library's spans would cost without telling more.
     let otel = tracing_opentelemetry::layer()
@@ -332,9 +342,9 @@ pub async fn correlate(
         path = %request.uri().path(),
     );
     // W3C Trace Context: continue the client's trace, else start one.
-    if let Some(parent) = TraceContext::extract(|name| {
-        request.headers().get(name).and_then(|v| v.to_str().ok())
-    }) {
+    if let Some(parent) =
+        TraceContext::extract(|name| request.headers().get(name).and_then(|v| v.to_str().ok()))
+    {
         parent.adopt(&span);
     }
     if !span.is_disabled() {

@@ -38,10 +38,10 @@ pub use log::{
 };
 pub use repository::EventRepository;
 pub use service::{Accepted, CommandContext, CommandError, CommandService};
-pub use trace::TraceContext;
 pub use storage::{
     CheckpointBoard, Engine, Storage, StorageError, StorageOptions, normalize_scheme,
 };
+pub use trace::TraceContext;
 
 /// The upcasters applied to stored events before they are deserialised. Empty while every
 /// event is at its first version; a changed event shape adds one here.

@@ -101,7 +101,13 @@ impl Relay {
                 ],
             };
             let id = envelope.event_id.to_string();
-            self.trace(&mut message, &id, &correlation_id, trace.as_ref(), &mut spans);
+            self.trace(
+                &mut message,
+                &id,
+                &correlation_id,
+                trace.as_ref(),
+                &mut spans,
+            );
             messages.push(message);
             let BatchEvent::PhaseStarted {
                 request_id,
@@ -134,7 +140,13 @@ impl Relay {
                     payload: json(&request)?,
                     headers: vec![("request_id".to_owned(), id.clone())],
                 };
-                self.trace(&mut message, &id, &correlation_id, trace.as_ref(), &mut spans);
+                self.trace(
+                    &mut message,
+                    &id,
+                    &correlation_id,
+                    trace.as_ref(),
+                    &mut spans,
+                );
                 messages.push(message);
             }
         }

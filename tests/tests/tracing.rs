@@ -118,7 +118,12 @@ impl Drop for Receiver {
 }
 
 fn attribute(span: &Span, key: &str) -> Option<String> {
-    let value = span.attributes.iter().find(|a| a.key == key)?.value.as_ref()?;
+    let value = span
+        .attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .as_ref()?;
     match value.value.as_ref()? {
         AnyValue::StringValue(s) => Some(s.clone()),
         AnyValue::IntValue(i) => Some(i.to_string()),
@@ -400,7 +405,10 @@ async fn a_teachers_command_is_one_trace_from_its_request_to_the_websocket_chang
         attribute(request, "http.request.method").as_deref(),
         Some("POST")
     );
-    assert_eq!(attribute(request, "correlation_id"), Some(correlation.clone()));
+    assert_eq!(
+        attribute(request, "correlation_id"),
+        Some(correlation.clone())
+    );
     let command = named(&spans, "command.execute")[0];
     assert_eq!(command.parent_span_id, request.span_id);
     assert_eq!(attribute(command, "batch_id"), Some(batch_id.clone()));
@@ -565,8 +573,7 @@ async fn a_pipelines_results_continue_the_trace_and_the_correlation_id_of_its_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_export_the_client_trace_and_correlation_id_still_reach_the_events_and_the_logs()
-{
+async fn without_export_the_client_trace_and_correlation_id_still_reach_the_events_and_the_logs() {
     let (db, teacher) = seeded(Role::Teacher).await;
     let service = add_user(&db, Role::Service).await;
     let server = Server::start(&db, &[]).await;
@@ -665,4 +672,101 @@ async fn a_dead_collector_neither_slows_nor_fails_commands_and_shutdown_stays_bo
     // SIGTERM: drain, then at most the 1 s flush bound.
     let took = server.terminate_within(Duration::from_secs(20));
     assert!(took < Duration::from_secs(20), "stopping took {took:?}");
+}
+
+/// On Kafka (`ESSAYFLOW_TEST_KAFKA`), in process: a phase request carries the correlation id
+/// and the trace context of the request that started the pipeline, and a result that echoes
+/// them (with the processor's own span as `traceparent`) is recorded in that correlation id,
+/// stamped with the processor's context (export is off here: it is passed on as it came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_result_with_the_headers_continues_the_correlation_id_and_the_trace() {
+    use commands::bus::Topics;
+    use domain::values::Phase;
+    use integration_tests::kafka::{TestConsumer, TestProducer, test_brokers, unique_prefix};
+    // The subscriber with the OpenTelemetry layer, as the binary has it (export off).
+    let _ = api::telemetry::init(&Default::default());
+    let (brokers, prefix) = (test_brokers(), unique_prefix());
+    let app = integration_tests::TestApp::spawn_with(Engine::Sqlite, {
+        let (brokers, prefix) = (brokers.clone(), prefix.clone());
+        move |s| {
+            s.kafka_brokers = brokers;
+            s.topic_prefix = prefix;
+            s.kafka_message_timeout_ms = 2000;
+        }
+    })
+    .await;
+    let topics = Topics::new(&prefix);
+    let requests = TestConsumer::new(
+        &brokers,
+        &[topics.phase_requested(&Phase::parse("spellcheck").unwrap())],
+    );
+    let teacher = app.user(Role::Teacher).await;
+    let batch_id = app.ready_batch(&teacher, &["e1"]).await;
+    let (traceparent, trace_id, _) = client_trace();
+    let correlation = Uuid::new_v4();
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/batches/{batch_id}/pipelines")))
+        .bearer_auth(&teacher.token)
+        .header("traceparent", &traceparent)
+        .header("x-correlation-id", correlation.to_string())
+        .json(&json!({"pipeline": "spellcheck"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+
+    let received = requests
+        .receive_until(Duration::from_secs(30), |seen| !seen.is_empty())
+        .await;
+    let request = &received[0];
+    assert_eq!(
+        request.headers.get("x-correlation-id"),
+        Some(&correlation.to_string())
+    );
+    let sent = commands::TraceContext::parse(&request.headers["traceparent"], None)
+        .expect("a valid traceparent");
+    assert_eq!(sent.trace_id(), trace_id);
+
+    // The processor answers in a span of its own, a child of the request's.
+    let processor_span = &Uuid::new_v4().simple().to_string()[..16];
+    let processor = format!("00-{trace_id}-{processor_span}-01");
+    let result = json!({
+        "message_id": format!("proc-{}", request.payload["request_id"].as_str().unwrap()),
+        "batch_id": batch_id,
+        "essay_id": "e1",
+        "phase": "spellcheck",
+        "outcome": "succeeded",
+        "result": {"ok": true},
+        "pipeline_request_id": request.payload["pipeline_request_id"],
+    });
+    TestProducer::new(&brokers)
+        .send_with_headers(
+            &topics.results(),
+            &batch_id,
+            &serde_json::to_vec(&result).unwrap(),
+            &[
+                ("traceparent", &processor),
+                ("x-correlation-id", &correlation.to_string()),
+            ],
+        )
+        .await;
+    app.wait_for_status(&teacher, &batch_id, "completed").await;
+    let events = EventLog::new(app.storage.clone())
+        .read_batch(batch_id.parse().unwrap(), None)
+        .await
+        .unwrap();
+    let recorded = events
+        .iter()
+        .find(|e| e.event_type == "EssayPhaseCompleted")
+        .expect("the result was recorded");
+    assert_eq!(recorded.metadata.correlation_id, correlation);
+    assert_eq!(
+        recorded.metadata.traceparent.as_deref(),
+        Some(processor.as_str())
+    );
+    let completed = events.last().unwrap();
+    assert_eq!(completed.event_type, "PipelineCompleted");
+    assert_eq!(completed.metadata.correlation_id, correlation);
+    assert_eq!(completed.metadata.trace().unwrap().trace_id(), trace_id);
 }

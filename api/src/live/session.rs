@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures::SinkExt;
-use tracing::Instrument;
 use projections::Change;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
 
 use super::{Hub, Item, Live, LiveMetrics, Outbox, change_frame, snapshot_frame, visible_topic};
 use crate::auth::AuthUser;

@@ -68,7 +68,10 @@ async fn count(State(counts): State<Arc<Counts>>) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let address: std::net::SocketAddr = args.bind.parse()?;
-    anyhow::ensure!(address.ip().is_loopback(), "the sink listens on loopback only");
+    anyhow::ensure!(
+        address.ip().is_loopback(),
+        "the sink listens on loopback only"
+    );
     let app = Router::new()
         .route("/v1/traces", post(traces))
         .route("/count", get(count))
