@@ -239,6 +239,10 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
         .with_tracer(provider.tracer("essayflow"))
         .with_tracked_inactivity(false)
         .with_threads(false)
+        // Contexts are taken from the spans themselves (`OpenTelemetrySpanExt::context`), not
+        // from OpenTelemetry's thread-local current context: no attach and detach on every
+        // poll of an entered span.
+        .with_context_activation(false)
         .with_filter(filter_fn(|metadata| {
             let target = metadata.target();
             let krate = target.split("::").next().unwrap_or(target);
