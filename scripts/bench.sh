@@ -25,6 +25,7 @@
 #   ONLY=mix scripts/bench.sh        # a realistic mix of teachers at 64 and 1 000 clients (PostgreSQL)
 #   ONLY=mix BASELINE_REV=e4515ae scripts/bench.sh   # ... and the edge layers' overhead (below)
 #   ONLY=edge BASELINE_REV=e4515ae scripts/bench.sh  # only the edge layers' overhead
+#   ONLY=tracing scripts/bench.sh    # commands/s with trace export on (to a local OTLP sink) and off
 #
 # The mix (ONLY=mix, essayflow-mix-bench, PostgreSQL): MIX_CLIENTS (64, then 1 000) concurrent
 # clients, each its own teacher (created with `essayflow users add`, a token each from
@@ -45,6 +46,11 @@
 # file whose `standard` tier allows 4 294 967 295 reads and commands a second, so that the
 # limiter still runs on every request but never refuses; ESSAYFLOW_RATE_LIMIT_ENABLED=false
 # would take it out of the path).
+# Trace export's cost (ONLY=tracing, PostgreSQL): commands/s at 64 clients (essayflow-bench)
+# with every span exported over OTLP/HTTP (protobuf, batch processor) to a local receiver
+# (essayflow-otlp-sink, which decodes and counts them) and with export off, alternately,
+# TRACING_ROUNDS (2) times each, each on a fresh database; also the spans the sink received.
+# Target: export on at most 10 % lower.
 # The class run (ONLY=class): a batch of 1 000 essays of about 500 words, ai_feedback with the
 # development processor at 0 ms: seconds from the request to `completed`, the database's growth
 # over the run, and the bytes the live feed stored; a class of 100 as the same run's scaling
@@ -88,6 +94,7 @@ LOGIN=target/release/essayflow-login-bench
 PIPE=target/release/essayflow-pipeline-bench
 WS=target/release/essayflow-ws-bench
 MIX=target/release/essayflow-mix-bench
+SINK=target/release/essayflow-otlp-sink
 OUT="$WORK/results.md"
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
@@ -597,6 +604,50 @@ print(f'This build: {t:.0f} commands/s at 64 clients, {sys.argv[3]}: {b:.0f} (me
 " "${this[*]}" "${baseline[*]}" "$BASELINE_REV" > "$OUT.edge-summary"
 }
 
+# ---- Trace export's cost (ONLY=tracing, PostgreSQL) ----
+run_tracing() {
+  local sink_port=${OTLP_SINK_PORT:-18190}
+  "$SINK" --bind "127.0.0.1:$sink_port" & local sink=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$sink_port/count" >/dev/null && break; sleep 0.05; done
+  local round label on=() off=()
+  for round in $(seq 1 "${TRACING_ROUNDS:-2}"); do
+    for label in off on; do
+      psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_tracing" -c "CREATE DATABASE ${DB}_tracing" >/dev/null
+      export ESSAYFLOW_DATABASE_URL="$PG/${DB}_tracing?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+      export ESSAYFLOW_BIND=127.0.0.1:$PORT
+      echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
+      local token server spans_before spans_after
+      token=$("$BIN" token --username bench --ttl-secs 86400)
+      spans_before=$(field "$(curl -sf "http://127.0.0.1:$sink_port/count")" spans)
+      if [ "$label" = on ]; then
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" "$BIN" serve & server=$!
+      else
+        "$BIN" serve & server=$!
+      fi
+      wait_healthy
+      "$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 16 --duration 2 >/dev/null
+      local r
+      r=$("$LOAD" --url "http://127.0.0.1:$PORT" --token "$token" --clients 64 --duration "$DURATION")
+      # SIGTERM: the server drains, then flushes the spans still queued.
+      kill "$server"; wait "$server" 2>/dev/null || true
+      spans_after=$(field "$(curl -sf "http://127.0.0.1:$sink_port/count")" spans)
+      echo "tracing round $round export $label: $r" >&2
+      printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$round" "$label" "$(field "$r" commands_per_second)" \
+        "$(field "$r" p50_ms)" "$(field "$r" p99_ms)" "$(field "$r" errors)" \
+        "$(python3 -c "print(int(float('$spans_after') - float('$spans_before')))")" >> "$OUT.tracing"
+      if [ "$label" = on ]; then on+=("$(field "$r" commands_per_second)"); else off+=("$(field "$r" commands_per_second)"); fi
+    done
+  done
+  kill "$sink"; wait "$sink" 2>/dev/null || true
+  python3 -c "
+import sys
+on, off = [float(x) for x in sys.argv[1].split()], [float(x) for x in sys.argv[2].split()]
+a, b = sum(on) / len(on), sum(off) / len(off)
+print(f'Export on: {a:.0f} commands/s at 64 clients, export off: {b:.0f} (mean of {len(on)} round(s) each): '
+      f'{100 * (a - b) / b:+.1f} % (target: at least -10 %).')
+" "${on[*]}" "${off[*]}" > "$OUT.tracing-summary"
+}
+
 if [ "$ONLY" = all ] || [ "$ONLY" = engines ]; then
   run_engine postgres "$PG/$DB?$PG_OPTS"
   run_engine sqlite "sqlite:$WORK/bench.db"
@@ -626,6 +677,9 @@ if [ "$ONLY" = mix ]; then
 fi
 if [ "$ONLY" = edge ]; then
   run_edge
+fi
+if [ "$ONLY" = tracing ]; then
+  run_tracing
 fi
 
 {
@@ -687,5 +741,12 @@ fi
     cat "$OUT.edge"
     echo
     cat "$OUT.edge-summary"
+  fi
+  if [ -f "$OUT.tracing" ]; then
+    echo "| round | trace export | commands/s at 64 clients (PostgreSQL) | p50 ms | p99 ms | errors | spans exported |"
+    echo "|---|---|---|---|---|---|---|"
+    cat "$OUT.tracing"
+    echo
+    cat "$OUT.tracing-summary"
   fi
 } | tee "$OUT"

@@ -473,8 +473,19 @@ fn print_config(
     Ok(())
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let loaded = Settings::load(&cli.settings)?;
+/// Whether the command is `config` (which must connect to nothing: no trace exporter either).
+pub fn is_config(cli: &Cli) -> bool {
+    matches!(cli.command, Command::Config { .. })
+}
+
+/// Loads the settings for `cli`: its `--config` and flags over the environment, the file and
+/// the defaults ([`Settings::load`]).
+pub fn load_settings(cli: &Cli) -> anyhow::Result<crate::settings::Loaded> {
+    Settings::load(&cli.settings)
+}
+
+/// Runs the command with the `loaded` settings ([`Settings::load`]).
+pub async fn run(cli: Cli, loaded: crate::settings::Loaded) -> anyhow::Result<()> {
     if let Command::Config { format } = cli.command {
         return print_config(&loaded, format, &mut std::io::stdout().lock());
     }

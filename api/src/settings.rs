@@ -107,6 +107,8 @@ pub struct Settings {
     /// The database circuit breaker's bounds and the operations endpoints (`[ops]`;
     /// docs/operations-endpoints.md).
     pub ops: crate::edge::breaker::OpsSettings,
+    /// Trace export over OTLP (`[telemetry]`; docs/tracing.md).
+    pub telemetry: crate::telemetry::TelemetrySettings,
 }
 
 /// The HTTP edge's settings (see `api::edge` and `api::server`).
@@ -354,6 +356,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             rate_limit: Default::default(),
             ops: Default::default(),
+            telemetry: Default::default(),
         }
     }
 }
@@ -379,6 +382,7 @@ impl std::fmt::Debug for Settings {
             .field("auth", &self.auth)
             .field("http", &self.http)
             .field("ops", &self.ops)
+            .field("telemetry", &self.telemetry)
             .finish_non_exhaustive()
     }
 }
@@ -525,6 +529,7 @@ impl Settings {
         crate::edge::cors_origins(&http.cors_origins)?;
         self.rate_limit.check()?;
         self.ops.check()?;
+        self.telemetry.check()?;
         Ok(())
     }
 

@@ -9,8 +9,8 @@
 //!
 //! Both commands are idempotent in the aggregate (a request already resolved, a phase already
 //! advanced, changes nothing), so a replayed or restarted conductor never issues a command twice
-//! in effect. Each command carries the triggering event's correlation id, and the event's id as
-//! its causation id.
+//! in effect. Each command carries the triggering event's correlation id and trace context, and
+//! the event's id as its causation id.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -82,6 +82,8 @@ impl Conductor {
                 causation_id: Some(event_id(event.batch_id, event.sequence)),
                 user_id: Some(CONDUCTOR_USER.to_owned()),
                 require_owner: None,
+                // The follow-up's events continue the trace of the event that called for it.
+                trace: event.metadata.trace(),
             };
             let name = command.name();
             match self.commands.execute(batch_id, command, &context).await {

@@ -13,6 +13,9 @@
 //! - A result larger than the configured limit (`max_result_bytes`, of its `result` as compact
 //!   JSON) is refused before anything is appended: dead-lettered from Kafka, 422 over HTTP.
 //! - [`Ingress::record`] is also the HTTP twin's entry point (`POST /v1/internal/results`).
+//! - A result continues the correlation id and the W3C trace context its processor echoed
+//!   (message headers `x-correlation-id`, `traceparent`, `tracestate`; request headers over
+//!   HTTP): the events it records carry both. Without them it starts a new correlation id.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics, next_backoff}
 use crate::messages::{ResultMessage, ValidResult, result_causation_id};
 use crate::service::{Accepted, CommandContext, CommandError, CommandService};
 use crate::storage::Storage;
+use crate::trace::{CORRELATION_ID, TraceContext};
 
 /// The user id stamped on commands from the results topic.
 pub const INGRESS_USER: &str = "system:ingress";
@@ -201,10 +205,23 @@ impl Ingress {
         correlation_id: Uuid,
         user_id: &str,
     ) -> Result<Accepted, IngressError> {
+        self.record_with(message, correlation_id, user_id, None)
+            .await
+    }
+
+    /// [`Ingress::record`] with the trace context to stamp (`None`: the current span's).
+    async fn record_with(
+        &self,
+        message: ResultMessage,
+        correlation_id: Uuid,
+        user_id: &str,
+        trace: Option<TraceContext>,
+    ) -> Result<Accepted, IngressError> {
         let result = message
             .validate(self.max_result_bytes)
             .map_err(IngressError::Invalid)?;
-        let (batch_id, command, context) = command_of(result, correlation_id, user_id);
+        let (batch_id, command, mut context) = command_of(result, correlation_id, user_id);
+        context.trace = trace;
         let accepted = self.commands.execute(batch_id, command, &context).await?;
         self.count(&accepted);
         Ok(accepted)
@@ -299,6 +316,8 @@ impl Ingress {
         // that whatever is dead-lettered keeps its order among the rest.
         type Run<'m> = (BatchId, Vec<(&'m InMessage, BatchCommand, CommandContext)>);
         let mut run: Option<Run<'_>> = None;
+        // The results' `ingress.result` spans, open until the key's results are settled.
+        let mut spans = Vec::new();
         for &message in messages {
             let parsed = ResultMessage::from_slice(message.payload.as_deref().unwrap_or(b""))
                 .map_err(|error| IngressError::Invalid(vec![error]))
@@ -309,8 +328,11 @@ impl Ingress {
                 });
             match parsed {
                 Ok(result) => {
-                    let (batch_id, command, context) =
-                        command_of(result, Uuid::new_v4(), INGRESS_USER);
+                    let (correlation_id, trace, span) = continuation(message);
+                    let (batch_id, command, mut context) =
+                        command_of(result, correlation_id, INGRESS_USER);
+                    context.trace = trace;
+                    spans.extend(span);
                     match &mut run {
                         Some((id, group)) if *id == batch_id && group.len() < self.max_group => {
                             group.push((message, command, context))
@@ -432,7 +454,11 @@ impl Ingress {
             let outcome = match ResultMessage::from_slice(message.payload.as_deref().unwrap_or(b""))
             {
                 Err(error) => Err(IngressError::Invalid(vec![error])),
-                Ok(result) => self.record(result, Uuid::new_v4(), INGRESS_USER).await,
+                Ok(result) => {
+                    let (correlation_id, trace, _span) = continuation(message);
+                    self.record_with(result, correlation_id, INGRESS_USER, trace)
+                        .await
+                }
             };
             if matches!(
                 outcome,
@@ -490,6 +516,35 @@ impl Ingress {
     }
 }
 
+/// How a result from the bus continues what its processor sent: the correlation id of its
+/// [`CORRELATION_ID`] header (a new one if it has none, or not a UUID), and the trace context of
+/// its `traceparent` and `tracestate` headers, continued by an `ingress.result` span when spans
+/// are exported (the events it records are then stamped with that span's context).
+fn continuation(message: &InMessage) -> (Uuid, Option<TraceContext>, Option<tracing::Span>) {
+    let correlation_id = message
+        .header(CORRELATION_ID)
+        .and_then(|v| Uuid::parse_str(v.trim()).ok())
+        .unwrap_or_else(Uuid::new_v4);
+    let parent = TraceContext::extract(|name| message.header(name));
+    if !crate::trace::spans_for(parent.as_ref()) {
+        return (correlation_id, parent, None);
+    }
+    let span = tracing::info_span!(
+        "ingress.result",
+        "otel.kind" = "consumer",
+        "messaging.operation.type" = "process",
+        "messaging.destination.name" = %message.topic,
+        "messaging.kafka.offset" = message.offset,
+        "messaging.destination.partition.id" = message.partition,
+        correlation_id = %correlation_id,
+    );
+    if let Some(parent) = &parent {
+        parent.adopt(&span);
+    }
+    let trace = crate::trace::continued(&span, parent.as_ref());
+    (correlation_id, trace, Some(span))
+}
+
 /// The `RecordEssayResult` command of a checked result, with its context: correlated as given,
 /// caused by the result's message id.
 fn command_of(
@@ -502,6 +557,7 @@ fn command_of(
         causation_id: Some(result_causation_id(&result.message_id)),
         user_id: Some(user_id.to_owned()),
         require_owner: None,
+        trace: None,
     };
     let command = BatchCommand::RecordEssayResult {
         essay_id: result.essay_id,

@@ -12,6 +12,8 @@
 //!   ([`follower`]) and are idempotent, so that at-least-once delivery is exactly once in
 //!   effect. [`messages`] is the Kafka contract; [`simulator`] a development stand-in for the
 //!   processing services; [`deadletters`] lists and replays the results dead-letter topic.
+//! - [`trace`] carries the W3C trace context (and with it the correlation id) from a request
+//!   through the event store, the bus and the processors' results.
 
 mod appender;
 pub mod bus;
@@ -28,6 +30,7 @@ mod repository;
 mod service;
 pub mod simulator;
 mod storage;
+pub mod trace;
 
 pub use appender::{AppendError, Appender};
 pub use log::{
@@ -39,6 +42,7 @@ pub use service::{Accepted, CommandContext, CommandError, CommandService};
 pub use storage::{
     CheckpointBoard, Engine, Storage, StorageError, StorageOptions, normalize_scheme,
 };
+pub use trace::TraceContext;
 
 /// The upcasters applied to stored events before they are deserialised. Empty while every
 /// event is at its first version; a changed event shape adds one here.

@@ -18,6 +18,7 @@ use sqlx::any::AnyRow;
 use uuid::Uuid;
 
 use crate::storage::{Engine, Storage};
+use crate::trace::TraceContext;
 
 /// A reader's place in the log: everything at or before it has been read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -36,6 +37,13 @@ pub struct EventMetadata {
     pub user_id: Option<String>,
     pub occurred_at: DateTime<Utc>,
     pub command: String,
+    /// The W3C `traceparent` of the span that issued the command (absent on events stored
+    /// before tracing, and when nothing traced the command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that went with it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 impl EventMetadata {
@@ -51,7 +59,28 @@ impl EventMetadata {
         if let Some(user) = &self.user_id {
             map.insert("user_id".to_owned(), user.clone());
         }
+        if let Some(traceparent) = &self.traceparent {
+            map.insert("traceparent".to_owned(), traceparent.clone());
+        }
+        if let Some(tracestate) = &self.tracestate {
+            map.insert("tracestate".to_owned(), tracestate.clone());
+        }
         map
+    }
+
+    /// Stamps `trace` (the context of the span that issued the command) on the event.
+    pub fn traced(mut self, trace: Option<&TraceContext>) -> Self {
+        if let Some(trace) = trace {
+            let (traceparent, tracestate) = trace.to_headers();
+            self.traceparent = Some(traceparent);
+            self.tracestate = tracestate;
+        }
+        self
+    }
+
+    /// The trace context the event was stamped with, if it has a valid one.
+    pub fn trace(&self) -> Option<TraceContext> {
+        TraceContext::parse(self.traceparent.as_deref()?, self.tracestate.as_deref())
     }
 
     pub fn from_json(value: &serde_json::Value) -> Result<Self, LogError> {
@@ -66,6 +95,8 @@ impl EventMetadata {
                 .map(|t| t.with_timezone(&Utc))
                 .unwrap_or_default(),
             command: field("command").unwrap_or_default().to_owned(),
+            traceparent: field("traceparent").map(str::to_owned),
+            tracestate: field("tracestate").map(str::to_owned),
         })
     }
 }

@@ -7,6 +7,9 @@
 //! acknowledged every one of them: delivery is at least once, in log order per batch (one key,
 //! one partition, an idempotent producer). While the broker is down commands are still accepted
 //! (the event store is the outbox); the relay retries with backoff and `/readyz` reports it.
+//!
+//! Every message carries the correlation id of its event (header `x-correlation-id`) and its
+//! W3C trace context (`traceparent`, `tracestate`); see [`crate::trace`].
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -20,6 +23,7 @@ use crate::bus::{Bus, OutMessage, Topics};
 use crate::follower::{Follower, FollowerError};
 use crate::log::{EventLog, StoredEvent};
 use crate::messages::{EventEnvelope, PhaseRequest, phase_request_id};
+use crate::trace::{CORRELATION_ID, TraceContext};
 
 /// The relay's [`Follower`]: turns each page of the log into messages and publishes them.
 pub struct Relay {
@@ -31,18 +35,24 @@ pub struct Relay {
     log: EventLog,
     published: Arc<AtomicU64>,
     published_bytes: Arc<AtomicU64>,
+    /// `messaging.system` of the publish spans: `kafka`, or `essayflow.in_process`.
+    system: &'static str,
 }
 
 impl Relay {
     pub fn new(bus: Bus, topics: Topics, all_topics: Vec<String>, log: EventLog) -> Self {
         Self {
-            bus,
             topics,
             all_topics,
             topics_ready: AtomicBool::new(false),
             log,
             published: Arc::default(),
             published_bytes: Arc::default(),
+            system: match bus {
+                Bus::Kafka(_) => "kafka",
+                Bus::Memory(_) => "essayflow.in_process",
+            },
+            bus,
         }
     }
 
@@ -58,12 +68,29 @@ impl Relay {
 
     /// The messages one page of events becomes.
     pub async fn messages(&self, events: &[StoredEvent]) -> Result<Vec<OutMessage>, FollowerError> {
+        Ok(self.traced_messages(events).await?.0)
+    }
+
+    /// The messages one page of events becomes, and the `relay.publish` span of each message
+    /// that has one (see [`crate::trace::spans_for`]); the spans end when they are dropped,
+    /// once the broker has acknowledged the page.
+    ///
+    /// Every message carries its event's correlation id ([`CORRELATION_ID`]) and trace context
+    /// (`traceparent`, `tracestate`): the publish span's when there is one, else the event's
+    /// own. A phase request carries those of the `PhaseStarted` event that caused it.
+    async fn traced_messages(
+        &self,
+        events: &[StoredEvent],
+    ) -> Result<(Vec<OutMessage>, Vec<tracing::Span>), FollowerError> {
         let mut texts: HashMap<BatchId, HashMap<EssayId, String>> = HashMap::new();
         let mut messages = Vec::with_capacity(events.len());
+        let mut spans = Vec::new();
         for event in events {
             let key = event.batch_id.to_string();
             let envelope = EventEnvelope::new(event);
-            messages.push(OutMessage {
+            let trace = event.metadata.trace();
+            let correlation_id = event.metadata.correlation_id.to_string();
+            let mut message = OutMessage {
                 topic: self.topics.events(),
                 key: key.clone(),
                 payload: json(&envelope)?,
@@ -72,7 +99,16 @@ impl Relay {
                     ("event_type".to_owned(), envelope.event_type.clone()),
                     ("event_version".to_owned(), envelope.event_version.clone()),
                 ],
-            });
+            };
+            let id = envelope.event_id.to_string();
+            self.trace(
+                &mut message,
+                &id,
+                &correlation_id,
+                trace.as_ref(),
+                &mut spans,
+            );
+            messages.push(message);
             let BatchEvent::PhaseStarted {
                 request_id,
                 phase,
@@ -97,15 +133,62 @@ impl Relay {
                     pipeline_request_id: request_id.as_uuid(),
                     text: batch_texts.get(essay_id).cloned().unwrap_or_default(),
                 };
-                messages.push(OutMessage {
+                let id = request.request_id.to_string();
+                let mut message = OutMessage {
                     topic: topic.clone(),
                     key: key.clone(),
                     payload: json(&request)?,
-                    headers: vec![("request_id".to_owned(), request.request_id.to_string())],
-                });
+                    headers: vec![("request_id".to_owned(), id.clone())],
+                };
+                self.trace(
+                    &mut message,
+                    &id,
+                    &correlation_id,
+                    trace.as_ref(),
+                    &mut spans,
+                );
+                messages.push(message);
             }
         }
-        Ok(messages)
+        Ok((messages, spans))
+    }
+
+    /// Adds the correlation id and the trace context to `message`, opening its `relay.publish`
+    /// span (OpenTelemetry messaging conventions: a producer span named after the operation,
+    /// with the system, the destination, the key and the message id) when it gets one.
+    fn trace(
+        &self,
+        message: &mut OutMessage,
+        message_id: &str,
+        correlation_id: &str,
+        parent: Option<&TraceContext>,
+        spans: &mut Vec<tracing::Span>,
+    ) {
+        message
+            .headers
+            .push((CORRELATION_ID.to_owned(), correlation_id.to_owned()));
+        let mut context = parent.cloned();
+        if crate::trace::spans_for(parent) {
+            let span = tracing::info_span!(
+                "relay.publish",
+                "otel.kind" = "producer",
+                "messaging.system" = self.system,
+                "messaging.operation.type" = "send",
+                "messaging.operation.name" = "publish",
+                "messaging.destination.name" = %message.topic,
+                "messaging.kafka.message.key" = %message.key,
+                "messaging.message.id" = message_id,
+                correlation_id,
+            );
+            if let Some(parent) = parent {
+                parent.adopt(&span);
+            }
+            context = crate::trace::continued(&span, parent);
+            spans.push(span);
+        }
+        if let Some(context) = context {
+            context.add_to(&mut message.headers);
+        }
     }
 
     /// The in-process bus keeps nothing across restarts: phase requests that were published
@@ -201,7 +284,7 @@ impl Follower for Relay {
                 }
             }
         }
-        let messages = self.messages(events).await?;
+        let (messages, _spans) = self.traced_messages(events).await?;
         self.bus
             .publish(&messages)
             .await

@@ -21,12 +21,14 @@ use cqrs_es::{AggregateError, EventEnvelope, EventStore};
 use domain::values::BatchId;
 use domain::{Batch, BatchCommand, BatchError, BatchServices};
 use rand::Rng;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::appender::{AppendError, Appender};
 use crate::log::{EventLog, EventMetadata, LogError, LogPosition};
 use crate::repository::{EventRepository, RECEIPT};
 use crate::storage::Storage;
+use crate::trace::TraceContext;
 
 /// Who asked, and why: stamped on every event a command appends.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +40,9 @@ pub struct CommandContext {
     /// When set, the command applies only to a batch this user owns; any other batch is
     /// answered as [`BatchError::NotFound`], exactly like a missing one.
     pub require_owner: Option<domain::values::UserId>,
+    /// The trace context to stamp on the events (W3C; see [`crate::trace`]). `None`: the
+    /// context of the span the command is executed in, if it has one.
+    pub trace: Option<TraceContext>,
 }
 
 /// What an accepted command did.
@@ -105,11 +110,41 @@ impl CommandService {
     }
 
     /// Decides `command` against the current state of `batch_id` and appends its events.
+    ///
+    /// When spans are exported and the command's trace is sampled, this runs in a
+    /// `command.execute` span (a child of the command's trace context), whose context the
+    /// events are stamped with; otherwise they carry the command's context as it came.
     pub async fn execute(
         &self,
         batch_id: BatchId,
         command: BatchCommand,
         context: &CommandContext,
+    ) -> Result<Accepted, CommandError> {
+        let parent = context.trace.clone().or_else(TraceContext::current);
+        if !crate::trace::spans_for(parent.as_ref()) {
+            return self.execute_in(batch_id, command, context, parent).await;
+        }
+        let span = tracing::info_span!(
+            "command.execute",
+            command = command.name(),
+            batch_id = %batch_id,
+            correlation_id = %context.correlation_id,
+        );
+        if let Some(parent) = &parent {
+            parent.adopt(&span);
+        }
+        let trace = crate::trace::continued(&span, parent.as_ref());
+        self.execute_in(batch_id, command, context, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_in(
+        &self,
+        batch_id: BatchId,
+        command: BatchCommand,
+        context: &CommandContext,
+        trace: Option<TraceContext>,
     ) -> Result<Accepted, CommandError> {
         let aggregate_id = batch_id.to_string();
         let metadata = EventMetadata {
@@ -118,7 +153,10 @@ impl CommandService {
             user_id: context.user_id.clone(),
             occurred_at: Utc::now(),
             command: command.name().to_owned(),
+            traceparent: None,
+            tracestate: None,
         }
+        .traced(trace.as_ref())
         .to_map();
         // The first attempt decides on the cached state, if any; a stale cache (another node
         // appended) shows up as an append conflict, and a rejection is only believed once it
@@ -220,6 +258,7 @@ impl CommandService {
     ) -> Result<Vec<Result<Accepted, BatchError>>, CommandError> {
         let aggregate_id = batch_id.to_string();
         let now = Utc::now();
+        let current = TraceContext::current();
         let metadata: Vec<serde_json::Value> = commands
             .iter()
             .map(|(command, context)| {
@@ -230,7 +269,10 @@ impl CommandService {
                         user_id: context.user_id.clone(),
                         occurred_at: now,
                         command: command.name().to_owned(),
+                        traceparent: None,
+                        tracestate: None,
                     }
+                    .traced(context.trace.as_ref().or(current.as_ref()))
                     .to_map(),
                 )
                 .unwrap_or_default()

@@ -7,7 +7,8 @@
 //! results say `"simulated": true`; never run it against real batches.
 //!
 //! Its message ids are derived from the request id, so a redelivered request yields a duplicate
-//! result that the ingress recognises.
+//! result that the ingress recognises. It echoes the request's `x-correlation-id`,
+//! `traceparent` and `tracestate` headers on its result, as every processor should.
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, InMessage, OutMessage, Subscription, Topics};
 use crate::messages::{PhaseRequest, ResultMessage};
+use crate::trace::{CORRELATION_ID, TRACEPARENT, TRACESTATE};
 
 #[derive(Debug, Clone, Copy)]
 pub struct SimulatorOptions {
@@ -142,10 +144,20 @@ async fn answer(
         topic: topics.results(),
         key: request.batch_id.to_string(),
         payload: serde_json::to_vec(&result).unwrap_or_default(),
-        headers: Vec::new(),
+        headers: echoed(message),
     };
     bus.publish_until_taken(std::slice::from_ref(&out), cancel)
         .await
+}
+
+/// The headers a processor echoes from a request onto its result: the correlation id and the
+/// W3C trace context, so that the result continues the request's correlation and trace (see
+/// `docs/tracing.md`).
+pub fn echoed(request: &InMessage) -> Vec<(String, String)> {
+    [CORRELATION_ID, TRACEPARENT, TRACESTATE]
+        .into_iter()
+        .filter_map(|name| Some((name.to_owned(), request.header(name)?.to_owned())))
+        .collect()
 }
 
 #[cfg(test)]

@@ -502,6 +502,7 @@ impl Projection for BatchStateProjection {
                     patch: docs::to_doc(&id, &ops)?,
                     // Set by the worker, which knows the model's generation.
                     generation: 0,
+                    trace: event.metadata.trace(),
                 });
                 batch.json = Some(after);
             }

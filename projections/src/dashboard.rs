@@ -562,6 +562,8 @@ impl Projection for DashboardProjection {
         let mut activity: HashMap<String, Vec<Activity>> = HashMap::new();
         // Per owner: events applied, and the positions of the first and last of them.
         let mut seen_by_owner: HashMap<String, (i64, i64, i64)> = HashMap::new();
+        // Per owner: the last event applied, whose trace context its live change continues.
+        let mut cause: HashMap<String, &StoredEvent> = HashMap::new();
         let mut rows = Vec::new();
         for event in events {
             let id = event.batch_id.to_string();
@@ -617,6 +619,7 @@ impl Projection for DashboardProjection {
                 summary: summary(&event.event),
                 occurred_at: event.metadata.occurred_at,
             });
+            cause.insert(owner.clone(), event);
             let seen =
                 seen_by_owner
                     .entry(owner)
@@ -851,14 +854,14 @@ impl Projection for DashboardProjection {
                     ops.push(patch::remove(patch::at_index(&recent, RECENT)));
                 }
             }
-            changes.push(
-                crate::feed::next_version(
-                    conn,
-                    Change::dashboard_topic(owner),
-                    docs::to_doc(owner, &ops)?,
-                )
-                .await?,
-            );
+            let mut change = crate::feed::next_version(
+                conn,
+                Change::dashboard_topic(owner),
+                docs::to_doc(owner, &ops)?,
+            )
+            .await?;
+            change.trace = cause.get(owner).and_then(|e| e.metadata.trace());
+            changes.push(change);
         }
         Ok(())
     }
@@ -897,6 +900,8 @@ mod tests {
                     user_id: None,
                     occurred_at: chrono::DateTime::UNIX_EPOCH,
                     command: String::new(),
+                    traceparent: None,
+                    tracestate: None,
                 },
             })
             .collect()

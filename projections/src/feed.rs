@@ -50,6 +50,10 @@ pub struct Change {
     /// The generation of the read model that made it (raised by each rebuild's swap): a patch
     /// applies only to a document of the same generation.
     pub generation: i64,
+    /// The W3C trace context of the event that made the change (for a dashboard, the last of
+    /// the page's events of that teacher), if it had one: the WebSocket `change` is sent in a
+    /// span of that trace. Kept with the change in `live_changes` (its `traceparent` only).
+    pub trace: Option<commands::TraceContext>,
 }
 
 impl Change {
@@ -141,7 +145,7 @@ impl Feed {
         let page = uuid::Uuid::new_v4().to_string();
         let now = chrono::Utc::now().timestamp_millis();
         let runs = runs(changes);
-        const COLUMNS: usize = 7;
+        const COLUMNS: usize = 8;
         for chunk in runs.chunks(200) {
             let values = (0..chunk.len())
                 .map(|i| format!("({})", placeholders(1 + i * COLUMNS, COLUMNS)))
@@ -149,7 +153,7 @@ impl Feed {
                 .join(", ");
             let sql = format!(
                 "INSERT INTO live_changes
-                     (page, topic, version, last_version, patches, created_at, generation)
+                     (page, topic, version, last_version, patches, created_at, generation, traces)
                  VALUES {values} ON CONFLICT (topic, version) DO NOTHING"
             );
             let mut query = sqlx::query(&sql);
@@ -161,7 +165,8 @@ impl Feed {
                     .bind(run.last)
                     .bind(run.patches.as_str())
                     .bind(now)
-                    .bind(run.generation);
+                    .bind(run.generation)
+                    .bind(run.traces());
             }
             query.execute(&mut *conn).await?;
         }
@@ -200,7 +205,7 @@ impl Feed {
         to: i64,
     ) -> Result<Vec<Change>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT topic, version, last_version, patches, generation FROM live_changes
+            "SELECT topic, version, last_version, patches, generation, traces FROM live_changes
               WHERE topic = $1 AND last_version >= $2 AND version <= $3 ORDER BY version",
         )
         .bind(topic)
@@ -363,7 +368,7 @@ impl Feed {
 
     async fn page(&self, page: &str) -> Result<Vec<Change>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT topic, version, last_version, patches, generation FROM live_changes
+            "SELECT topic, version, last_version, patches, generation, traces FROM live_changes
               WHERE page = $1 ORDER BY id",
         )
         .bind(page)
@@ -443,6 +448,23 @@ struct Run<'a> {
     generation: i64,
     /// `[patch, patch, ...]`: the runs' patches, in version order.
     patches: String,
+    /// Each change's `traceparent`, in the same order.
+    traces: Vec<Option<String>>,
+}
+
+impl Run<'_> {
+    /// The `traces` column: a JSON array of each change's `traceparent` or `null`; NULL when
+    /// no change of the run has one.
+    fn traces(&self) -> Option<String> {
+        self.traces
+            .iter()
+            .any(Option::is_some)
+            .then(|| serde_json::to_string(&self.traces).unwrap_or_default())
+    }
+}
+
+fn traceparent(change: &Change) -> Option<String> {
+    change.trace.as_ref().map(|t| t.to_headers().0)
 }
 
 /// A page's changes as runs: per topic, each stretch of consecutive versions (in the page's
@@ -461,6 +483,7 @@ fn runs(changes: &[Change]) -> Vec<Run<'_>> {
             run.patches.push(',');
             run.patches.push_str(&change.patch);
             run.patches.push(']');
+            run.traces.push(traceparent(change));
             continue;
         }
         open.insert(change.topic.as_str(), runs.len());
@@ -470,6 +493,7 @@ fn runs(changes: &[Change]) -> Vec<Run<'_>> {
             last: change.version,
             generation: change.generation,
             patches: format!("[{}]", change.patch),
+            traces: vec![traceparent(change)],
         });
     }
     runs
@@ -482,6 +506,7 @@ fn changes_from(row: &sqlx::any::AnyRow) -> Result<Vec<Change>, ProjectionError>
     let last: i64 = row.try_get("last_version")?;
     let patches: String = row.try_get("patches")?;
     let generation: i64 = row.try_get("generation")?;
+    let traces: Option<String> = row.try_get("traces")?;
     let corrupt = |reason: String| ProjectionError::Corrupt {
         key: format!("{topic}@{first}"),
         reason,
@@ -494,14 +519,23 @@ fn changes_from(row: &sqlx::any::AnyRow) -> Result<Vec<Change>, ProjectionError>
             patches.len()
         )));
     }
+    // Traces are a diagnostic: an unreadable list only loses them.
+    let traces: Vec<Option<String>> = traces
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     Ok(patches
         .into_iter()
         .zip(first..)
-        .map(|(patch, version)| Change {
+        .enumerate()
+        .map(|(i, (patch, version))| Change {
             topic: topic.clone(),
             version,
             patch: patch.get().to_owned(),
             generation,
+            trace: traces
+                .get(i)
+                .and_then(Option::as_deref)
+                .and_then(|t| commands::TraceContext::parse(t, None)),
         })
         .collect())
 }
@@ -525,6 +559,7 @@ pub(crate) async fn next_version(
         version,
         patch,
         generation: 0,
+        trace: None,
     })
 }
 
@@ -538,6 +573,7 @@ mod tests {
             version,
             patch: format!(r#"[{{"op":"replace","path":"/version","value":{version}}}]"#),
             generation: 0,
+            trace: None,
         }
     }
 

@@ -244,6 +244,12 @@ impl<P: Projection> Worker<P> {
             return Ok(Step::Idle);
         };
         let read = started.elapsed();
+        // Live pages only: a rebuild's or verification's fold is not part of any request.
+        let _spans = if self.space == Space::Live {
+            apply_spans(self.projection.name(), &events)
+        } else {
+            Vec::new()
+        };
         let _turn = self.log.storage().write_turn().await;
         let mut conn = self.pool().acquire().await?;
         let mut tx = conn.begin().await?;
@@ -307,4 +313,33 @@ pub async fn ensure_checkpoint(pool: &AnyPool, name: &str) -> Result<(), Project
 /// A projection's checkpoint: every event at or before it has been applied.
 pub async fn load_checkpoint(pool: &AnyPool, name: &str) -> Result<LogPosition, ProjectionError> {
     Ok(commands::checkpoint::load_checkpoint(pool, name).await?)
+}
+
+/// One `projection.apply` span per event whose trace context is sampled, when spans are
+/// exported ([`commands::trace::spans_for`]), each a child of its event's stored context; they
+/// end when dropped, after the page's commit. None otherwise: the cost is bounded by one span
+/// per event applied, and nothing when export is off.
+fn apply_spans(projection: &'static str, events: &[commands::StoredEvent]) -> Vec<tracing::Span> {
+    if !commands::trace::exporting() {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .filter_map(|event| {
+            let parent = event.metadata.trace()?;
+            if !parent.is_sampled() {
+                return None;
+            }
+            let span = tracing::info_span!(
+                "projection.apply",
+                projection,
+                "event.type" = %event.event_type,
+                "event.position" = event.at.position,
+                "batch.id" = %event.batch_id,
+                "event.sequence" = event.sequence,
+            );
+            parent.adopt(&span);
+            Some(span)
+        })
+        .collect()
 }

@@ -142,9 +142,30 @@ impl TestProducer {
     }
 
     pub async fn send(&self, topic: &str, key: &str, payload: &[u8]) {
+        self.send_with_headers(topic, key, payload, &[]).await;
+    }
+
+    /// Sends a message with `headers` (text values).
+    pub async fn send_with_headers(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let mut owned = rdkafka::message::OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
         self.producer
             .send(
-                FutureRecord::to(topic).key(key).payload(payload),
+                FutureRecord::to(topic)
+                    .key(key)
+                    .payload(payload)
+                    .headers(owned),
                 Timeout::After(Duration::from_secs(20)),
             )
             .await

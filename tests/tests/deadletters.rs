@@ -71,11 +71,38 @@ async fn a_dead_letter_is_listed_then_replayed_and_recorded_once() {
         letter.header("x-original-topic"),
         Some(topics.results().as_str())
     );
-    // Listing consumed nothing: a second listing sees the same.
+    // Listing consumed nothing: a second listing sees the same, and so does the CLI's.
     let again = deadletters::list(&options, &topics, 100, WAIT)
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
+    let output = std::process::Command::new(essayflow_binary())
+        .args(["dead-letters", "list", "--limit", "10"])
+        .env("ESSAYFLOW_KAFKA_BROKERS", &brokers)
+        .env("ESSAYFLOW_TOPIC_PREFIX", &prefix)
+        .env("ESSAYFLOW_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["payload"], early);
+    assert!(
+        lines[0]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h[0] == "x-error" && h[1].as_str().unwrap().contains("spellcheck")),
+        "{lines:#?}"
+    );
 
     // The phase runs now; replaying the dead letter records the result.
     app.request_pipeline(&teacher, &id, "spellcheck").await;

@@ -31,6 +31,7 @@ fn result(essay: &str, message: &str, outcome: Outcome) -> (BatchCommand, Comman
         causation_id: Some(result_causation_id(&message_id)),
         user_id: Some("system:test".to_owned()),
         require_owner: None,
+        trace: None,
     };
     let command = BatchCommand::RecordEssayResult {
         essay_id: EssayId::parse(essay.to_owned()).unwrap(),

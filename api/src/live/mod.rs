@@ -144,6 +144,8 @@ pub struct Item {
     /// The generation of the read model that made the change.
     pub generation: i64,
     pub frame: Utf8Bytes,
+    /// The trace context of the event behind the change (see `projections::Change::trace`).
+    pub trace: Option<commands::TraceContext>,
 }
 
 /// What a session takes from its outbox in one go.
@@ -376,6 +378,7 @@ impl Hub {
                 version: change.version,
                 generation: change.generation,
                 frame: change_frame(visible_topic(&change.topic), change.version, &change.patch),
+                trace: change.trace.clone(),
             };
             for outbox in subscribers.values() {
                 outbox.push(item.clone());
@@ -472,6 +475,7 @@ mod tests {
             version,
             patch: format!(r#"[{{"op":"replace","path":"/v","value":{version}}}]"#),
             generation: 0,
+            trace: None,
         }
     }
 

@@ -17,6 +17,7 @@ use projections::Change;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
 
 use super::{Hub, Item, Live, LiveMetrics, Outbox, change_frame, snapshot_frame, visible_topic};
 use crate::auth::AuthUser;
@@ -604,6 +605,7 @@ impl Session {
             version,
             generation,
             frame,
+            trace,
         } in drained.items
         {
             let Some((last, of)) = self.subs.get(&topic).map(|s| (s.last, s.generation)) else {
@@ -618,7 +620,23 @@ impl Session {
                 self.catch_up(socket, &topic).await?;
                 continue;
             }
-            feed_frame(socket, Message::Text(frame)).await?;
+            if commands::trace::spans_for(trace.as_ref()) {
+                let span = tracing::info_span!(
+                    "ws.change",
+                    "otel.kind" = "producer",
+                    topic = visible_topic(&topic),
+                    version,
+                    connection = self.id,
+                );
+                if let Some(trace) = &trace {
+                    trace.adopt(&span);
+                }
+                feed_frame(socket, Message::Text(frame))
+                    .instrument(span)
+                    .await?;
+            } else {
+                feed_frame(socket, Message::Text(frame)).await?;
+            }
             if let Some(sub) = self.subs.get_mut(&topic) {
                 sub.last = version;
             }

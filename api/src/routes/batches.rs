@@ -162,6 +162,8 @@ async fn execute(
         causation_id: None,
         user_id: Some(user.id.to_string()),
         require_owner: owner_only.then_some(user.id),
+        // The request span's context (see `commands::trace`).
+        trace: None,
     };
     let name = command.name();
     let result = state.commands.execute(batch_id, command, &context).await;

@@ -18,7 +18,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
@@ -358,5 +358,17 @@ fn owned(message: &rdkafka::message::BorrowedMessage<'_>) -> InMessage {
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter_map(|h| {
+                        let value = std::str::from_utf8(h.value?).ok()?;
+                        Some((h.key.to_owned(), value.to_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }

@@ -51,6 +51,7 @@ impl MemoryBus {
                 offset: self.offsets.fetch_add(1, Ordering::Relaxed),
                 key: Some(message.key.clone().into_bytes()),
                 payload: Some(message.payload.clone()),
+                headers: message.headers.clone(),
             };
             let mut gone = false;
             for queue in &queues {

@@ -79,6 +79,16 @@ pub struct InMessage {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// The message's headers whose values are UTF-8 text (the in-process bus carries every
+    /// header as published).
+    pub headers: Vec<(String, String)>,
+}
+
+impl InMessage {
+    /// The value of header `name` (its case ignored), if the message has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        crate::trace::header(&self.headers, name)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
