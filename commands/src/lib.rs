@@ -12,6 +12,8 @@
 //!   ([`follower`]) and are idempotent, so that at-least-once delivery is exactly once in
 //!   effect. [`messages`] is the Kafka contract; [`simulator`] a development stand-in for the
 //!   processing services.
+//! - [`metrics`]: the write side's metric families (commands, appends, the relay), registered
+//!   in the registry of the service instance that records into them.
 
 mod appender;
 pub mod bus;
@@ -22,6 +24,7 @@ pub mod ingress;
 pub mod leadership;
 mod log;
 pub mod messages;
+pub mod metrics;
 pub mod relay;
 mod repository;
 mod service;

@@ -31,6 +31,7 @@ pub struct Relay {
     log: EventLog,
     published: Arc<AtomicU64>,
     published_bytes: Arc<AtomicU64>,
+    metrics: crate::metrics::RelayMetrics,
 }
 
 impl Relay {
@@ -43,7 +44,14 @@ impl Relay {
             log,
             published: Arc::default(),
             published_bytes: Arc::default(),
+            metrics: Default::default(),
         }
+    }
+
+    /// Records publish durations and the time of the last acknowledged event in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::RelayMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Messages acknowledged by the broker since start.
@@ -202,10 +210,19 @@ impl Follower for Relay {
             }
         }
         let messages = self.messages(events).await?;
+        let started = std::time::Instant::now();
         self.bus
             .publish(&messages)
             .await
             .map_err(|e| FollowerError::Downstream(e.to_string()))?;
+        let metrics = &self.metrics;
+        metrics
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(last) = events.last() {
+            let at = last.metadata.occurred_at.timestamp_millis() as f64 / 1000.0;
+            metrics.last_event_timestamp.set(at);
+        }
         self.topics_ready.store(true, Ordering::Relaxed);
         self.published
             .fetch_add(messages.len() as u64, Ordering::Relaxed);

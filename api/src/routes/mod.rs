@@ -15,6 +15,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub(crate) use docs::ApiDoc;
 pub(crate) use health::ops_router;
 
 pub fn router() -> Router<AppState> {
