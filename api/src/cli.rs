@@ -368,7 +368,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // Changes are recorded for the API nodes' WebSocket clients; nobody listens here.
             let feed = projections::Feed::new(storage.clone(), 16);
             feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
-            spawn_workers(&settings, &storage, &feed, &cancel, &tracker, &Default::default());
+            spawn_workers(
+                &settings,
+                &storage,
+                &feed,
+                &cancel,
+                &tracker,
+                &Default::default(),
+            );
             let catalog = pipelines(&settings)?;
             let commands = CommandService::new(
                 &storage,

@@ -35,10 +35,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::ops::Snapshot;
@@ -197,7 +197,7 @@ impl Metrics {
         let http = HttpMetrics::register(registry);
         let ws_refused = Family::<CapLabels, Counter>::default();
         for cap in ["node", "user"] {
-            ws_refused.get_or_create(&CapLabels { cap });
+            let _ = ws_refused.get_or_create(&CapLabels { cap });
         }
         registry.register(
             "ws_connections_refused",
@@ -439,7 +439,7 @@ impl Collector for SnapshotCollector {
             MetricType::Gauge,
         )?;
         for (name, v) in &verified {
-            ConstGauge::new(v.rows_differing as i64)
+            ConstGauge::new(v.rows_differing)
                 .encode(family.encode_family(&[("projection", *name)])?)?;
         }
         Ok(())

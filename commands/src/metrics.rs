@@ -158,17 +158,18 @@ impl CommandMetrics {
 #[derive(Debug, Clone)]
 pub struct RelayMetrics {
     pub publish_duration: Histogram,
-    pub last_event_timestamp: prometheus_client::metrics::gauge::Gauge<
-        f64,
-        std::sync::atomic::AtomicU64,
-    >,
+    pub last_event_timestamp:
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for RelayMetrics {
     fn default() -> Self {
         Self {
             publish_duration: Histogram::new(
-                LATENCY_BUCKETS.into_iter().chain([30.0]).collect::<Vec<_>>(),
+                LATENCY_BUCKETS
+                    .into_iter()
+                    .chain([30.0])
+                    .collect::<Vec<_>>(),
             ),
             last_event_timestamp: Default::default(),
         }

@@ -58,9 +58,9 @@ impl ProjectionMetrics {
         let metrics = Self::default();
         for projection in crate::PROJECTIONS {
             let labels = ProjectionLabels { projection };
-            metrics.page_duration.get_or_create(&labels);
-            metrics.events_applied.get_or_create(&labels);
-            metrics.errors.get_or_create(&labels);
+            let _ = metrics.page_duration.get_or_create(&labels);
+            let _ = metrics.events_applied.get_or_create(&labels);
+            let _ = metrics.errors.get_or_create(&labels);
         }
         registry.register_with_unit(
             "projection_page_duration",

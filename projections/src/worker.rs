@@ -12,7 +12,6 @@
 //!   PostgreSQL `LISTEN` for other nodes' appends), with a polling fallback; errors are logged,
 //!   counted and retried with backoff, never swallowed.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use commands::leadership::{Lead, Leadership};

@@ -420,7 +420,10 @@ fn the_parser_reads_escaped_labels_and_exemplars() {
     assert_eq!(parsed.samples.len(), 2);
     assert_eq!(parsed.samples[0].labels["x"], "q\"uote");
     assert_eq!(parsed.samples[0].labels["y"], "b\\s");
-    assert_eq!(parsed.samples[0].exemplar.as_ref().unwrap()["correlation_id"], "c");
+    assert_eq!(
+        parsed.samples[0].exemplar.as_ref().unwrap()["correlation_id"],
+        "c"
+    );
     assert_eq!(parsed.value("b", &[]), 2.5);
     let mut names = BTreeSet::new();
     metric_names(

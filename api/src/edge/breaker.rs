@@ -383,8 +383,13 @@ impl Breaker {
     /// are read at scrape time ([`crate::metrics::PartsCollector`]).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         use BreakerState::{Closed, HalfOpen, Open};
-        for (from, to) in [(Closed, Open), (Open, HalfOpen), (HalfOpen, Closed), (HalfOpen, Open)] {
-            self.transitions.get_or_create(&TransitionLabels {
+        for (from, to) in [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed),
+            (HalfOpen, Open),
+        ] {
+            let _ = self.transitions.get_or_create(&TransitionLabels {
                 from: from.name(),
                 to: to.name(),
             });

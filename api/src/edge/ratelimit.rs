@@ -675,7 +675,7 @@ impl Limits {
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         for class in Class::ALL {
             for key in KEY_KINDS {
-                self.refused.get_or_create(&RefusedLabels {
+                let _ = self.refused.get_or_create(&RefusedLabels {
                     class: class.name(),
                     key,
                 });

@@ -7,7 +7,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use commands::{Accepted, CommandContext, CommandError};
+use commands::{Accepted, CommandContext};
 use domain::values::{
     BatchId, ClassDesignation, CourseCode, EssayId, EssayText, EssayTitle, ExpectedEssayCount,
     Phase, RequestId, Title, ValidationError,

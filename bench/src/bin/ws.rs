@@ -922,11 +922,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 async fn scrape(args: ScrapeArgs) -> anyhow::Result<Outcome> {
     let endpoint = Arc::new(Endpoint::new(&args.conn, Target::Essayflow)?);
-    let metrics = endpoint
-        .conn
-        .metrics_url
-        .clone()
-        .context("--metrics-url (essayflow's operations listener, ESSAYFLOW_OPS_BIND) is needed")?;
+    let metrics =
+        endpoint.conn.metrics_url.clone().context(
+            "--metrics-url (essayflow's operations listener, ESSAYFLOW_OPS_BIND) is needed",
+        )?;
     let n = args.connections;
     check_open_files(n);
     let http = http_client(2)?;
@@ -948,10 +947,15 @@ async fn scrape(args: ScrapeArgs) -> anyhow::Result<Outcome> {
     stop_all(&stop, &mut holders).await;
     let mut problems = Vec::new();
     if ramp.opened < n {
-        problems.push(format!("{} of {n} connections failed to open", n - ramp.opened));
+        problems.push(format!(
+            "{} of {n} connections failed to open",
+            n - ramp.opened
+        ));
     }
     if gauge != held as f64 {
-        problems.push(format!("essayflow_ws_connections is {gauge}, {held} were held"));
+        problems.push(format!(
+            "essayflow_ws_connections is {gauge}, {held} were held"
+        ));
     }
     if dropped_now > 0 {
         problems.push(format!("{dropped_now} connections ended while held"));
@@ -965,7 +969,10 @@ async fn scrape(args: ScrapeArgs) -> anyhow::Result<Outcome> {
             "max_bytes": percentile(bytes, 1.0),
         })
     };
-    let (idle, busy) = (figures(&idle_ms, &idle_bytes), figures(&busy_ms, &busy_bytes));
+    let (idle, busy) = (
+        figures(&idle_ms, &idle_bytes),
+        figures(&busy_ms, &busy_bytes),
+    );
     let line = |what: &str, f: &Value| {
         format!(
             "{what}: {} scrapes, p50 {} ms, p99 {} ms, max {} ms, {} bytes (max {})",
