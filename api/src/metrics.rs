@@ -686,3 +686,28 @@ impl Collector for PartsCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_outside_the_standard_ones_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::DELETE), "DELETE");
+        let odd = Method::from_bytes(b"BREW").expect("a method");
+        assert_eq!(method_label(&odd), "other");
+    }
+
+    #[test]
+    fn a_path_answered_before_routing_gets_its_documented_template() {
+        let routes = route_templates();
+        let template = |path: &str| routes.at(path).ok().map(|m| m.value.to_string());
+        assert_eq!(
+            template("/v1/batches/0b6c1c9e-8a8c-4d4e-9b1e-3f2a1c0d9e8f/essays").as_deref(),
+            Some("/v1/batches/{id}/essays")
+        );
+        assert_eq!(template("/v1/batches").as_deref(), Some("/v1/batches"));
+        assert_eq!(template("/v1/no-such-thing"), None);
+    }
+}

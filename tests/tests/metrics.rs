@@ -1,6 +1,6 @@
 //! `/metrics`: OpenMetrics text from the instance's own registry. Real traffic (a login, a
-//! command, a rejected command, a read, a request refused at the edge, a path without a
-//! route, a WebSocket) shows up in the request histogram under its route template and
+//! command, a rejected command, a read, requests refused at the edge (429, 413), a path
+//! without a route, a WebSocket) shows up in the request histogram under its route template and
 //! status, the command outcomes move, the request histogram carries an exemplar with the
 //! request's correlation id, and every metric that the Grafana dashboard and the alert rules
 //! in `deploy/` query is exported.
@@ -258,6 +258,17 @@ async fn real_traffic_shows_up_by_route_template_status_and_correlation_id(engin
         app.get_public("/v1/dashboard").await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
+    // A body over the limit, refused (413) by the edge before the router ran.
+    let too_large = app
+        .client
+        .post(app.url(&format!("/v1/batches/{batch}/essays")))
+        .bearer_auth(&teacher.token)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 4 * 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_large.status(), StatusCode::PAYLOAD_TOO_LARGE);
     // A path without a route.
     assert_eq!(
         app.get(&teacher, "/v1/nothing-here").await.status(),
@@ -290,6 +301,7 @@ async fn real_traffic_shows_up_by_route_template_status_and_correlation_id(engin
     assert_eq!(requests("GET", "/v1/dashboard", "401"), 1.0);
     // Refused before routing, still under its route's template.
     assert_eq!(requests("GET", "/v1/dashboard", "429"), 1.0);
+    assert_eq!(requests("POST", "/v1/batches/{id}/essays", "413"), 1.0);
     assert_eq!(requests("GET", "unmatched", "404"), 1.0);
     assert_eq!(requests("GET", "/v1/ws", "101"), 1.0);
     // No series for an id: every route label is a template.
