@@ -26,6 +26,7 @@
 #   ONLY=mix BASELINE_REV=e4515ae scripts/bench.sh   # ... and the edge layers' overhead (below)
 #   ONLY=edge BASELINE_REV=e4515ae scripts/bench.sh  # only the edge layers' overhead
 #   ONLY=tracing scripts/bench.sh    # commands/s with trace export on (to a local OTLP sink) and off
+#   ONLY=scrape scripts/bench.sh     # the cost of a /metrics scrape with 0 and 10 000 WebSockets open
 #
 # The mix (ONLY=mix, essayflow-mix-bench, PostgreSQL): MIX_CLIENTS (64, then 1 000) concurrent
 # clients, each its own teacher (created with `essayflow users add`, a token each from
@@ -51,6 +52,10 @@
 # (essayflow-otlp-sink, which decodes and counts them) and with export off, alternately,
 # TRACING_ROUNDS (2) times each, each on a fresh database; also the spans the sink received.
 # Target: export on at most 10 % lower.
+# The scrape run (ONLY=scrape, PostgreSQL, essayflow-ws-bench scrape): SCRAPES (200) sequential
+# scrapes of /metrics on the operations listener with no WebSocket open (the baseline), then
+# the same with SCRAPE_CONNECTIONS (10 000) WebSockets held, each subscribed to `dashboard`
+# (the clients are a separate process); time to the whole answer and its bytes, p50 / p99 / max.
 # The class run (ONLY=class): a batch of 1 000 essays of about 500 words, ai_feedback with the
 # development processor at 0 ms: seconds from the request to `completed`, the database's growth
 # over the run, and the bytes the live feed stored; a class of 100 as the same run's scaling
@@ -477,6 +482,35 @@ run_ws() {
   } > "$OUT.ws"
 }
 
+# ---- The cost of a scrape (ONLY=scrape, PostgreSQL) ----
+SCRAPES=${SCRAPES:-200}
+SCRAPE_CONNECTIONS=${SCRAPE_CONNECTIONS:-10000}
+
+run_scrape() {
+  ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_scrape" -c "CREATE DATABASE ${DB}_scrape" >/dev/null
+  export ESSAYFLOW_DATABASE_URL="$PG/${DB}_scrape?$PG_OPTS" ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=warn
+  export ESSAYFLOW_BIND=127.0.0.1:$PORT
+  echo "benchpassword" | "$BIN" users add --username bench --role teacher --password-stdin >/dev/null
+  ESSAYFLOW_BENCH_TOKEN=$("$BIN" token --username bench --ttl-secs 86400)
+  export ESSAYFLOW_BENCH_TOKEN
+  "$BIN" serve & local server=$!
+  wait_healthy
+  local r
+  r=$(ws_bench scrape --url "http://127.0.0.1:$PORT" --scrapes "$SCRAPES" --connections "$SCRAPE_CONNECTIONS" \
+    --source-address 127.0.6.1)
+  kill "$server"; wait "$server" 2>/dev/null || true
+  python3 -c "
+import json, sys
+r = json.loads(sys.argv[1])
+print('| /metrics scrape (operations listener, %d sequential scrapes) | p50 ms | p99 ms | max ms | bytes |' % r['scrapes'])
+print('|---|---|---|---|---|')
+for name, key in (('no WebSocket open (baseline)', 'idle'), ('%d WebSockets open' % r['connections'], 'busy')):
+    f = r[key]
+    print('| %s | %s | %s | %s | %d |' % (name, f['p50_ms'], f['p99_ms'], f['max_ms'], f['p50_bytes']))
+" "$r" > "$OUT.scrape"
+}
+
 # ---- A realistic mix of teachers (ONLY=mix, PostgreSQL) ----
 MIX_CLIENTS=${MIX_CLIENTS:-64 1000}       # one run per count, in this order, on one server
 MIX_DURATION=${MIX_DURATION:-$DURATION}   # seconds of load per run
@@ -672,6 +706,9 @@ fi
 if [ "$ONLY" = all ] || [ "$ONLY" = ws ] || [ "$ONLY" = latency ]; then
   run_ws
 fi
+if [ "$ONLY" = scrape ]; then
+  run_scrape
+fi
 if [ "$ONLY" = mix ]; then
   run_mix
 fi
@@ -728,6 +765,10 @@ fi
   if [ -f "$OUT.ws" ]; then
     [ "$ONLY" = ws ] || echo
     cat "$OUT.ws"
+  fi
+  if [ -f "$OUT.scrape" ]; then
+    cat "$OUT.scrape"
+    echo
   fi
   if [ -f "$OUT.mix" ]; then
     echo "| clients (PostgreSQL, 90 % reads, 10 % commands, ${MIX_DURATION} s, think ${MIX_THINK_MS} ms) | requests/s | all p50 / p95 / p99 / max ms | reads p50 / p95 / p99 ms | commands p50 / p95 / p99 ms | 2xx / 304 / 4xx / 5xx | 429 | errors (rate) | p95 <= 100 ms, 0 errors | connections | set-up |"

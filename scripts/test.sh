@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (README, CI): makes sure PostgreSQL runs and a Kafka-compatible broker
 # (tansu, built once and cached under ~/.cache/essayflow) is started, then checks formatting,
-# lints, and runs every test (unit, property and integration, on PostgreSQL, SQLite and Kafka).
+# lints, checks the Prometheus alert rules (promtool), and runs every test (unit, property and
+# integration, on PostgreSQL, SQLite and Kafka).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +47,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
+
+step "promtool: the alert rules and their unit tests"
+if ! command -v promtool >/dev/null 2>&1; then
+  # promtool comes with Debian's prometheus package.
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

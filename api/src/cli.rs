@@ -503,7 +503,14 @@ pub async fn run(cli: Cli, loaded: crate::settings::Loaded) -> anyhow::Result<()
             // Changes are recorded for the API nodes' WebSocket clients; nobody listens here.
             let feed = projections::Feed::new(storage.clone(), 16);
             feed.spawn_pruner(retention(&settings), cancel.child_token(), &tracker);
-            spawn_workers(&settings, &storage, &feed, &cancel, &tracker);
+            spawn_workers(
+                &settings,
+                &storage,
+                &feed,
+                &cancel,
+                &tracker,
+                &Default::default(),
+            );
             let catalog = pipelines(&settings)?;
             let commands = CommandService::new(
                 &storage,
@@ -511,8 +518,17 @@ pub async fn run(cli: Cli, loaded: crate::settings::Loaded) -> anyhow::Result<()
                     pipelines: Arc::new(catalog.clone()),
                 },
             );
-            crate::pipeline::start(&settings, &storage, &commands, &catalog, &cancel, &tracker)
-                .await?;
+            // No `/metrics` here: the families record into nothing exported.
+            crate::pipeline::start(
+                &settings,
+                &storage,
+                &commands,
+                &catalog,
+                &cancel,
+                &tracker,
+                &Default::default(),
+            )
+            .await?;
             tracing::info!("workers running");
             shutdown_signal().await;
             cancel.cancel();

@@ -14,7 +14,8 @@
 //!   cap, shutdown); [`edge`] is every layer in front of the routes (rate limits, load
 //!   shedding, timeouts, CORS, security headers, compression, the database circuit breaker).
 //! - [`ops`] is what `/readyz` and `/metrics` read (a cached snapshot) and the operations
-//!   listener; the database circuit breaker is [`edge::breaker`].
+//!   listener; the database circuit breaker is [`edge::breaker`]. [`metrics`] is the
+//!   instance's OpenMetrics registry, the HTTP metrics layer and the `/metrics` encoding.
 //! - Only this crate knows HTTP.
 
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod jobs;
 pub mod json;
 pub mod live;
+pub mod metrics;
 pub mod ops;
 pub mod pipeline;
 mod routes;

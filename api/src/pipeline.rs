@@ -79,6 +79,7 @@ pub async fn start(
     catalog: &PipelineCatalog,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
+    relay_metrics: &commands::metrics::RelayMetrics,
 ) -> anyhow::Result<(Ingress, PipelineStatus)> {
     let bus = bus(settings)?;
     let topics = Topics::new(&settings.topic_prefix);
@@ -174,7 +175,8 @@ pub async fn start(
         topics.clone(),
         all_topics,
         EventLog::new(storage.clone()),
-    );
+    )
+    .with_metrics(relay_metrics.clone());
     status.relay_published = relay.published();
     status.relay_published_bytes = relay.published_bytes();
     let relay = Follow::new(relay, storage, FollowOptions::default());

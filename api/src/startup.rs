@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::live::{Hub, Live};
 use crate::settings::Settings;
-use crate::state::{AppState, Metrics};
+use crate::state::AppState;
 
 /// Opens the database named by the settings (running migrations).
 pub async fn connect(settings: &Settings) -> anyhow::Result<Storage> {
@@ -70,27 +70,28 @@ pub fn pipelines(settings: &Settings) -> anyhow::Result<PipelineCatalog> {
     }
 }
 
-/// Spawns one worker per projection; their committed changes go to `feed`.
+/// Spawns one worker per projection; their committed changes go to `feed`, their pages and
+/// errors to `metrics`.
 pub fn spawn_workers(
     settings: &Settings,
     storage: &Storage,
     feed: &Feed,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
-) -> Vec<(&'static str, Arc<std::sync::atomic::AtomicU64>)> {
+    metrics: &projections::metrics::ProjectionMetrics,
+) {
     let options = WorkerOptions {
         page_size: settings.projection_page_size,
         ..WorkerOptions::default()
     };
-    let batch_state = Worker::new(BatchStateProjection, storage, options).with_feed(feed.clone());
-    let dashboard = Worker::new(DashboardProjection, storage, options).with_feed(feed.clone());
-    let errors = vec![
-        (batch_state.name(), batch_state.errors()),
-        (dashboard.name(), dashboard.errors()),
-    ];
+    let batch_state = Worker::new(BatchStateProjection, storage, options)
+        .with_feed(feed.clone())
+        .with_metrics(metrics);
+    let dashboard = Worker::new(DashboardProjection, storage, options)
+        .with_feed(feed.clone())
+        .with_metrics(metrics);
     tracker.spawn(batch_state.run(cancel.child_token()));
     tracker.spawn(dashboard.run(cancel.child_token()));
-    errors
 }
 
 /// How long live changes are kept for resuming clients, and how often old ones are pruned
@@ -118,6 +119,8 @@ impl Application {
         let secret = settings.jwt_secret()?;
         let catalog = pipelines(&settings)?;
         let storage = connect(&settings).await?;
+        // This instance's registry: the families are handed to the parts that record them.
+        let families = crate::metrics::Families::new();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         storage.spawn_signals(cancel.child_token(), &tracker);
@@ -149,21 +152,35 @@ impl Application {
             slots: Arc::default(),
         });
         tracker.spawn(live.hub.clone().run(feed.clone(), cancel.child_token()));
-        let projection_errors = if settings.run_workers {
-            spawn_workers(&settings, &storage, &feed, &cancel, &tracker)
-        } else {
-            Vec::new()
-        };
+        if settings.run_workers {
+            spawn_workers(
+                &settings,
+                &storage,
+                &feed,
+                &cancel,
+                &tracker,
+                &families.projections,
+            );
+        }
         let catalog = Arc::new(catalog);
         let commands = CommandService::new(
             &storage,
             BatchServices {
                 pipelines: catalog.clone(),
             },
-        );
-        let (ingress, pipeline) =
-            crate::pipeline::start(&settings, &storage, &commands, &catalog, &cancel, &tracker)
-                .await?;
+        )
+        .with_metrics(families.commands.clone());
+        let (ingress, pipeline) = crate::pipeline::start(
+            &settings,
+            &storage,
+            &commands,
+            &catalog,
+            &cancel,
+            &tracker,
+            &families.relay,
+        )
+        .await?;
+        let pipeline = Arc::new(pipeline);
         let jobs = Arc::new(crate::jobs::Jobs::new(
             storage.clone(),
             feed.clone(),
@@ -183,6 +200,7 @@ impl Application {
         let breaker = Arc::new(crate::edge::breaker::Breaker::new(&settings.ops));
         breaker.spawn_prober(storage.clone(), cancel.child_token(), &tracker);
         let ops = Arc::new(crate::ops::OpsCache::new(settings.ops.cache()));
+        let connections = Arc::<crate::server::ConnectionStats>::default();
         let ops_listener = match settings.ops.bind.trim() {
             "" => None,
             bind => Some(
@@ -191,24 +209,32 @@ impl Application {
                     .with_context(|| format!("binding the operations listener {bind}"))?,
             ),
         };
+        let metrics = Arc::new(crate::metrics::Metrics::build(
+            families,
+            crate::metrics::Parts {
+                live: live.clone(),
+                identity: identity.clone(),
+                connections: connections.clone(),
+                breaker: breaker.clone(),
+                limits: limits.clone(),
+                pipeline: pipeline.clone(),
+            },
+        ));
         let state = AppState::new(crate::state::Services {
             breaker,
             ops,
             commands,
             ingress,
-            pipeline: Arc::new(pipeline),
+            pipeline,
             live,
             jobs,
             reads: ReadModels::new(storage.clone()),
             log: EventLog::new(storage.clone()),
             storage,
             identity,
-            metrics: Arc::new(Metrics {
-                projection_errors,
-                ..Metrics::default()
-            }),
+            metrics,
             settings,
-            connections: Arc::default(),
+            connections,
             limits,
         });
         let router = crate::edge::apply(crate::routes::router(&state), state.clone());

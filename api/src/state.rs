@@ -1,7 +1,6 @@
 //! What every handler shares.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use commands::ingress::Ingress;
 use commands::{CommandService, EventLog, Storage};
@@ -39,7 +38,8 @@ pub struct Services {
     /// Users, sessions, tokens, API keys and the audit log.
     pub identity: Identity,
     pub settings: Arc<Settings>,
-    pub metrics: Arc<Metrics>,
+    /// This instance's metrics registry and the API's families ([`crate::metrics`]).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Records processors' results (the HTTP twin of the results topic).
     pub ingress: Ingress,
     pub pipeline: Arc<PipelineStatus>,
@@ -55,22 +55,4 @@ pub struct Services {
     pub ops: Arc<crate::ops::OpsCache>,
     /// This node's HTTP rate limiters ([`crate::edge::ratelimit`]).
     pub limits: Arc<crate::edge::ratelimit::Limits>,
-}
-
-/// Counters exported on `/metrics` in Prometheus text format.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub commands_accepted: AtomicU64,
-    pub commands_rejected: AtomicU64,
-    pub commands_conflicted: AtomicU64,
-    pub commands_failed: AtomicU64,
-    pub http_requests: AtomicU64,
-    pub http_server_errors: AtomicU64,
-    pub projection_errors: Vec<(&'static str, Arc<AtomicU64>)>,
-}
-
-impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
 }

@@ -14,6 +14,8 @@
 //!   processing services; [`deadletters`] lists and replays the results dead-letter topic.
 //! - [`trace`] carries the W3C trace context (and with it the correlation id) from a request
 //!   through the event store, the bus and the processors' results.
+//! - [`metrics`]: the write side's metric families (commands, appends, the relay), registered
+//!   in the registry of the service instance that records into them.
 
 mod appender;
 pub mod bus;
@@ -25,6 +27,7 @@ pub mod ingress;
 pub mod leadership;
 mod log;
 pub mod messages;
+pub mod metrics;
 pub mod relay;
 mod repository;
 mod service;

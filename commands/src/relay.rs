@@ -37,6 +37,7 @@ pub struct Relay {
     published_bytes: Arc<AtomicU64>,
     /// `messaging.system` of the publish spans: `kafka`, or `essayflow.in_process`.
     system: &'static str,
+    metrics: crate::metrics::RelayMetrics,
 }
 
 impl Relay {
@@ -53,7 +54,14 @@ impl Relay {
                 Bus::Memory(_) => "essayflow.in_process",
             },
             bus,
+            metrics: Default::default(),
         }
+    }
+
+    /// Records publish durations and the time of the last acknowledged event in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::RelayMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Messages acknowledged by the broker since start.
@@ -285,10 +293,19 @@ impl Follower for Relay {
             }
         }
         let (messages, _spans) = self.traced_messages(events).await?;
+        let started = std::time::Instant::now();
         self.bus
             .publish(&messages)
             .await
             .map_err(|e| FollowerError::Downstream(e.to_string()))?;
+        let metrics = &self.metrics;
+        metrics
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(last) = events.last() {
+            let at = last.metadata.occurred_at.timestamp_millis() as f64 / 1000.0;
+            metrics.last_event_timestamp.set(at);
+        }
         self.topics_ready.store(true, Ordering::Relaxed);
         self.published
             .fetch_add(messages.len() as u64, Ordering::Relaxed);

@@ -13,7 +13,7 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore, SerializedEvent};
@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::appender::{AppendError, Appender};
 use crate::log::{EventLog, EventMetadata, LogError, LogPosition};
+use crate::metrics::{CommandMetrics, Outcome};
 use crate::repository::{EventRepository, RECEIPT};
 use crate::storage::Storage;
 use crate::trace::TraceContext;
@@ -87,6 +88,8 @@ pub struct CommandService {
     log: EventLog,
     services: BatchServices,
     max_attempts: u32,
+    /// Latency, outcomes and append sizes ([`crate::metrics`]); unregistered by default.
+    metrics: CommandMetrics,
 }
 
 impl CommandService {
@@ -102,7 +105,15 @@ impl CommandService {
             log: EventLog::new(storage.clone()),
             services,
             max_attempts: 25,
+            metrics: CommandMetrics::default(),
         }
+    }
+
+    /// Records every command's latency and outcome, and every append's size, in `metrics`
+    /// (families registered in the service instance's registry).
+    pub fn with_metrics(mut self, metrics: CommandMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn services(&self) -> &BatchServices {
@@ -115,6 +126,21 @@ impl CommandService {
     /// `command.execute` span (a child of the command's trace context), whose context the
     /// events are stamped with; otherwise they carry the command's context as it came.
     pub async fn execute(
+        &self,
+        batch_id: BatchId,
+        command: BatchCommand,
+        context: &CommandContext,
+    ) -> Result<Accepted, CommandError> {
+        let name = command.name();
+        let started = Instant::now();
+        let result = self.execute_traced(batch_id, command, context).await;
+        self.metrics
+            .record(name, Outcome::of(&result), started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// [`CommandService::execute`] in its `command.execute` span, when one is exported.
+    async fn execute_traced(
         &self,
         batch_id: BatchId,
         command: BatchCommand,
@@ -213,6 +239,7 @@ impl CommandService {
                 .await;
             match committed {
                 Ok(_) => {
+                    self.metrics.append_events.observe(count as f64);
                     self.cache
                         .insert(batch_id, Arc::new((version + count, next)));
                     let Some(position) = receipt.last().copied() else {
@@ -252,6 +279,32 @@ impl CommandService {
     /// outer error means nothing was appended: the store failed, or other writers kept the
     /// batch changing. Every event carries the metadata of the command that caused it.
     pub async fn execute_many(
+        &self,
+        batch_id: BatchId,
+        commands: &[(BatchCommand, CommandContext)],
+    ) -> Result<Vec<Result<Accepted, BatchError>>, CommandError> {
+        let started = Instant::now();
+        let result = self.execute_many_once(batch_id, commands).await;
+        // Each command of the group waited for the whole group.
+        let seconds = started.elapsed().as_secs_f64();
+        for (i, (command, _)) in commands.iter().enumerate() {
+            let outcome = match &result {
+                Ok(answers) => match answers.get(i) {
+                    Some(Err(_)) => Outcome::Rejected,
+                    _ => Outcome::Accepted,
+                },
+                Err(error) => match error {
+                    CommandError::Rejected(_) => Outcome::Rejected,
+                    CommandError::Conflict { .. } => Outcome::Conflicted,
+                    CommandError::Storage(_) => Outcome::Failed,
+                },
+            };
+            self.metrics.record(command.name(), outcome, seconds);
+        }
+        result
+    }
+
+    async fn execute_many_once(
         &self,
         batch_id: BatchId,
         commands: &[(BatchCommand, CommandContext)],
@@ -341,7 +394,10 @@ impl CommandService {
                 Vec::new()
             } else {
                 match self.appender.append(serialized.clone()).await {
-                    Ok(positions) => positions,
+                    Ok(positions) => {
+                        self.metrics.append_events.observe(serialized.len() as f64);
+                        positions
+                    }
                     Err(AppendError::Conflict) => {
                         tracing::debug!(%batch_id, attempt, "append conflict; retrying the group");
                         self.cache.invalidate(&batch_id);

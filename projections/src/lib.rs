@@ -8,11 +8,13 @@
 //!   two read models.
 //! - [`ReadModels`] answers queries; [`rebuild::Rebuild`] rebuilds a projection beside the live
 //!   model and swaps it in; [`verify`] compares the live model with a fold of the whole log.
+//! - [`metrics`]: per projection, page time, events applied and failed steps.
 
 pub mod batch_state;
 pub mod dashboard;
 mod docs;
 pub mod feed;
+pub mod metrics;
 pub mod patch;
 pub mod queries;
 pub mod rebuild;

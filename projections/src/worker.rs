@@ -12,8 +12,6 @@
 //!   PostgreSQL `LISTEN` for other nodes' appends), with a polling fallback; errors are logged,
 //!   counted and retried with backoff, never swallowed.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use commands::leadership::{Lead, Leadership};
@@ -67,7 +65,9 @@ pub struct Worker<P> {
     checkpoint_name: String,
     log: EventLog,
     options: WorkerOptions,
-    errors: Arc<AtomicU64>,
+    /// This projection's series of the metrics; `None` records nothing (shadow and scratch
+    /// workers, tests).
+    metrics: Option<crate::metrics::ProjectionSeries>,
     /// The checkpoint this worker last committed; `None` until read, and after it lost a
     /// compare-and-set (another worker or a reset moved it).
     checkpoint: std::sync::Mutex<Option<LogPosition>>,
@@ -84,7 +84,7 @@ impl<P: Projection> Worker<P> {
             projection,
             log: EventLog::new(storage.clone()),
             options,
-            errors: Arc::default(),
+            metrics: None,
             checkpoint: std::sync::Mutex::new(None),
             feed: None,
         }
@@ -114,9 +114,11 @@ impl<P: Projection> Worker<P> {
         &self.checkpoint_name
     }
 
-    /// How many steps failed since start.
-    pub fn errors(&self) -> Arc<AtomicU64> {
-        self.errors.clone()
+    /// Records this worker's pages, events applied and failed steps in `metrics` (under its
+    /// projection's name).
+    pub fn with_metrics(mut self, metrics: &crate::metrics::ProjectionMetrics) -> Self {
+        self.metrics = Some(metrics.of(self.projection.name()));
+        self
     }
 
     fn pool(&self) -> &AnyPool {
@@ -178,7 +180,9 @@ impl<P: Projection> Worker<P> {
                     // The lock lives on its connection: after a database error, prove
                     // leadership again rather than assume the session survived.
                     leadership.release();
-                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.errors.inc();
+                    }
                     tracing::error!(projection = name, error = %error, retry_in = ?backoff, "projection step failed");
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -290,6 +294,12 @@ impl<P: Projection> Worker<P> {
         tx.commit().await?;
         if let Some(feed) = &self.feed {
             feed.publish(changes);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .page_duration
+                .observe(started.elapsed().as_secs_f64());
+            metrics.events_applied.inc_by(events.len() as u64);
         }
         tracing::debug!(
             projection = name,

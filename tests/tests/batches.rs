@@ -335,7 +335,8 @@ async fn health_readiness_and_metrics_answer(engine: Engine) {
     app.register_batch(&teacher, 1).await;
     let metrics = app.get_ops("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("essayflow_commands_accepted_total 1"),
+        metrics
+            .contains("essayflow_commands_total{command=\"RegisterBatch\",outcome=\"accepted\"} 1"),
         "{metrics}"
     );
     let admin = app.user(Role::Admin).await;

@@ -331,7 +331,8 @@ async fn operations_endpoints_need_an_admin_or_the_ops_listener(engine: Engine) 
         "essayflow_http_connections",
         "essayflow_http_connections_refused_total",
         "essayflow_ws_connection_slots",
-        "essayflow_commands_accepted_total",
+        "essayflow_http_requests_in_flight",
+        "process_start_time_seconds",
     ] {
         assert!(metric(&text, name).is_some(), "{name} in {text}");
     }

@@ -179,7 +179,7 @@ async fn budgets_are_per_user_with_the_fields_on_every_answer(engine: Engine) {
     let admin = app.user(Role::Admin).await;
     let metrics = app.get(&admin, "/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("essayflow_rate_limited_total{class=\"command\"} 1"),
+        metrics.contains("essayflow_rate_limited_total{class=\"command\",key=\"user\"} 1"),
         "{metrics}"
     );
     // Nothing accepted is lost, nothing refused was appended.

@@ -359,9 +359,13 @@ async fn wait_for_status(server: &Server, token: &str, batch_id: &str, status: &
 async fn a_teachers_command_is_one_trace_from_its_request_to_the_websocket_change() {
     let receiver = Receiver::start().await;
     let (db, teacher) = seeded(Role::Teacher).await;
+    let ops = format!("127.0.0.1:{}", free_port());
     let server = Server::start(
         &db,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.base.clone())],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.base.clone()),
+            ("ESSAYFLOW_OPS_BIND", ops.clone()),
+        ],
     )
     .await;
     let token = server.login(&teacher).await;
@@ -471,6 +475,33 @@ async fn a_teachers_command_is_one_trace_from_its_request_to_the_websocket_chang
     };
     assert_eq!(line["span"]["trace_id"], trace_id.as_str(), "{line}");
     assert_eq!(line["span"]["name"], "request");
+
+    // And so does its metric: the request-duration histogram's exemplar (OpenMetrics) for
+    // `POST /v1/batches` 202 names the same correlation id and trace id.
+    let metrics = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exemplar = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("essayflow_http_request_duration_seconds_bucket{")
+                && l.contains(r#"route="/v1/batches""#)
+                && l.contains(r#"method="POST""#)
+                && l.contains(r#"status="202""#)
+        })
+        .find_map(|l| l.split_once(" # ").map(|(_, e)| e.to_owned()))
+        .unwrap_or_else(|| panic!("no exemplar on POST /v1/batches 202:\n{metrics}"));
+    assert!(
+        exemplar.contains(&format!(r#"correlation_id="{correlation}""#)),
+        "{exemplar}"
+    );
+    assert!(
+        exemplar.contains(&format!(r#"trace_id="{trace_id}""#)),
+        "{exemplar}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use commands::Storage;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
@@ -289,6 +292,13 @@ pub struct BreakerReport {
     pub last_error_at: Option<String>,
 }
 
+/// The labels of a breaker transition: the states' names (`closed`, `open`, `half-open`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransitionLabels {
+    from: &'static str,
+    to: &'static str,
+}
+
 #[derive(Debug)]
 struct Inner {
     since: DateTime<Utc>,
@@ -302,6 +312,8 @@ pub struct Breaker {
     state: AtomicU8,
     inner: Mutex<Inner>,
     opened_total: AtomicU64,
+    /// `essayflow_db_breaker_transitions_total{from,to}`.
+    transitions: Family<TransitionLabels, Counter>,
     /// Tells waiting requests the state changed (they give up when it opens).
     changes: watch::Sender<BreakerState>,
     /// Wakes the prober of a closed breaker to confirm a reported failure.
@@ -319,6 +331,7 @@ impl Breaker {
                 last_error: None,
             }),
             opened_total: AtomicU64::new(0),
+            transitions: Family::default(),
             changes: watch::channel(BreakerState::Closed).0,
             suspect: Notify::new(),
             probe_interval: settings.probe_interval(),
@@ -333,6 +346,29 @@ impl Breaker {
     /// Whether requests that need the database are refused now.
     pub fn is_open(&self) -> bool {
         self.state() == BreakerState::Open
+    }
+
+    /// Registers `essayflow_db_breaker_transitions_total{from,to}` (state changes; the four
+    /// possible ones present from the start) in `registry`. The state itself and the openings
+    /// are read at scrape time ([`crate::metrics::PartsCollector`]).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        use BreakerState::{Closed, HalfOpen, Open};
+        for (from, to) in [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed),
+            (HalfOpen, Open),
+        ] {
+            let _ = self.transitions.get_or_create(&TransitionLabels {
+                from: from.name(),
+                to: to.name(),
+            });
+        }
+        registry.register(
+            "db_breaker_transitions",
+            "State changes of the database circuit breaker",
+            self.transitions.clone(),
+        );
     }
 
     /// How many times the breaker opened since start.
@@ -359,6 +395,12 @@ impl Breaker {
         if to == BreakerState::Open {
             self.opened_total.fetch_add(1, Ordering::Relaxed);
         }
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                from: from.name(),
+                to: to.name(),
+            })
+            .inc();
         self.changes.send_replace(to);
         match to {
             BreakerState::Open => {

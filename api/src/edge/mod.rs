@@ -4,7 +4,10 @@
 //! 1. `X-Request-ID`: a client's id (1 to 128 visible ASCII characters) is kept, otherwise a
 //!    UUID is made; it is echoed on the answer beside `X-Correlation-Id` (tower-http
 //!    `request_id`).
-//! 2. The correlation id, its tracing span and the request counters ([`crate::telemetry`]).
+//! 2. The correlation id and its tracing span ([`crate::telemetry`]), then the request
+//!    metrics ([`crate::metrics::track`]: duration by method, route template and status, with
+//!    the correlation id as exemplar; requests in flight), so that every refusal of the layers
+//!    below is counted.
 //! 3. CORS for the configured origins only (tower-http `cors`; none by default).
 //! 4. Security headers (tower-http `set_header`): `X-Content-Type-Options: nosniff`,
 //!    `X-Frame-Options: DENY`, `Referrer-Policy: no-referrer`, a `Content-Security-Policy`
@@ -95,6 +98,7 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
     });
     let cors = cors(&state.settings.http);
     let routes = routes
+        .route_layer(axum::middleware::from_fn(crate::metrics::matched_route))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state.clone());
     // Around the whole router once (not `Router::layer`, which wraps every route on its own and
@@ -107,6 +111,10 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::telemetry::correlate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
         ))
         .option_layer(cors)
         .option_layer(hsts)

@@ -36,7 +36,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -48,6 +47,9 @@ use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -368,10 +370,6 @@ impl Class {
             Self::Command => "command",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// What a budget is counted against.
@@ -384,7 +382,28 @@ enum Key {
     Address(IpAddr),
 }
 
+/// The `key` label values of `essayflow_rate_limited_total`.
+const KEY_KINDS: [&str; 3] = ["user", "api_key", "address"];
+
+/// The labels of `essayflow_rate_limited_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    /// The budget: `login`, `read` or `command`.
+    class: &'static str,
+    /// What it was counted against: one of [`KEY_KINDS`].
+    key: &'static str,
+}
+
 impl Key {
+    /// The `key` label: `user`, `api_key` or `address`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::User(_) => KEY_KINDS[0],
+            Self::ApiKeyId(_) => KEY_KINDS[1],
+            Self::Address(_) => KEY_KINDS[2],
+        }
+    }
+
     fn subject(&self) -> &'static str {
         match self {
             Self::User(_) => "user",
@@ -496,8 +515,8 @@ pub struct Limits {
     anonymous: Budgets,
     tiers: HashMap<String, Arc<Budgets>>,
     default_tier: Arc<Budgets>,
-    /// Requests refused (429), by class ([`Class::index`]).
-    refused: [AtomicU64; 3],
+    /// Requests refused (429), by budget and key kind: `essayflow_rate_limited_total`.
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl fmt::Debug for Limits {
@@ -537,7 +556,7 @@ impl Limits {
             anonymous: Budgets::new(anonymous.read, anonymous.command),
             tiers,
             default_tier,
-            refused: Default::default(),
+            refused: Family::default(),
         })
     }
 
@@ -558,9 +577,19 @@ impl Limits {
         names
     }
 
-    /// Requests of `class` refused (429) by this node since it started.
+    /// Requests of `class` refused (429) by this node since it started, over every key kind.
     pub fn refused(&self, class: Class) -> u64 {
-        self.refused[class.index()].load(Ordering::Relaxed)
+        KEY_KINDS
+            .iter()
+            .map(|&key| {
+                self.refused
+                    .get(&RefusedLabels {
+                        class: class.name(),
+                        key,
+                    })
+                    .map_or(0, |c| c.get())
+            })
+            .sum()
     }
 
     /// The budgets of a user's stored tier: the default tier's when it has none or one that
@@ -618,28 +647,23 @@ impl Limits {
         });
     }
 
-    /// Appends this node's rate-limit metrics (Prometheus text format):
-    /// `essayflow_rate_limited_total{class}` and `essayflow_rate_limit_keys`.
-    pub fn write_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(
-            out,
-            "# HELP essayflow_rate_limited_total Requests refused by the HTTP rate limit (429), by budget class\n\
-             # TYPE essayflow_rate_limited_total counter"
-        );
+    /// Registers `essayflow_rate_limited_total{class,key}` (requests refused with 429, by
+    /// budget: `login`, `read`, `command`, and key kind: `user`, `api_key`, `address`; every
+    /// pair present from the start) in `registry`. `essayflow_rate_limit_keys` is read at
+    /// scrape time ([`crate::metrics::PartsCollector`]).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         for class in Class::ALL {
-            let _ = writeln!(
-                out,
-                "essayflow_rate_limited_total{{class=\"{}\"}} {}",
-                class.name(),
-                self.refused(class)
-            );
+            for key in KEY_KINDS {
+                let _ = self.refused.get_or_create(&RefusedLabels {
+                    class: class.name(),
+                    key,
+                });
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP essayflow_rate_limit_keys Users, API keys and addresses with rate-limit state on this node\n\
-             # TYPE essayflow_rate_limit_keys gauge\nessayflow_rate_limit_keys {}",
-            self.tracked_keys()
+        registry.register(
+            "rate_limited",
+            "Requests refused by the HTTP rate limit (429), by budget class and key kind",
+            self.refused.clone(),
         );
     }
 
@@ -782,7 +806,13 @@ pub async fn rate_limit(
             response
         }
         Verdict::Refused { retry_after, reset } => {
-            limits.refused[class.index()].fetch_add(1, Ordering::Relaxed);
+            limits
+                .refused
+                .get_or_create(&RefusedLabels {
+                    class: class.name(),
+                    key: key.kind(),
+                })
+                .inc();
             let mut response = ApiError::RateLimited {
                 detail: format!(
                     "too many {} requests from this {}: the budget is {} per node; retry in {retry_after} s",
@@ -1276,12 +1306,6 @@ mod tests {
         limits.prune();
         // The read budget (1000/second) is whole again; the command one (1/hour) is not.
         assert_eq!(limits.tracked_keys(), 1);
-        let mut out = String::new();
-        limits.write_metrics(&mut out);
-        assert!(
-            out.contains("essayflow_rate_limited_total{class=\"command\"} 0"),
-            "{out}"
-        );
-        assert!(out.contains("essayflow_rate_limit_keys 1"), "{out}");
+        assert_eq!(limits.refused(Class::Command), 0);
     }
 }

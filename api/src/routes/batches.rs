@@ -7,7 +7,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use commands::{Accepted, CommandContext, CommandError};
+use commands::{Accepted, CommandContext};
 use domain::values::{
     BatchId, ClassDesignation, CourseCode, EssayId, EssayText, EssayTitle, ExpectedEssayCount,
     Phase, RequestId, Title, ValidationError,
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::auth::{AuthUser, Role};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::json::{self, Json, Query};
-use crate::state::{AppState, Metrics};
+use crate::state::AppState;
 use crate::telemetry::CorrelationId;
 
 // ---- request bodies -------------------------------------------------------------------------
@@ -167,13 +167,6 @@ async fn execute(
     };
     let name = command.name();
     let result = state.commands.execute(batch_id, command, &context).await;
-    let m = &state.metrics;
-    match &result {
-        Ok(_) => Metrics::inc(&m.commands_accepted),
-        Err(CommandError::Rejected(_)) => Metrics::inc(&m.commands_rejected),
-        Err(CommandError::Conflict { .. }) => Metrics::inc(&m.commands_conflicted),
-        Err(CommandError::Storage(_)) => Metrics::inc(&m.commands_failed),
-    }
     match &result {
         Ok(a) => {
             tracing::info!(command = name, %batch_id, events = a.events, position = a.position.position, "command accepted")

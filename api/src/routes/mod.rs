@@ -16,6 +16,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub(crate) use docs::ApiDoc;
 pub(crate) use health::ops_router;
 
 /// Every route; the OpenAPI document is built here, from the configuration in `state`.

@@ -84,11 +84,24 @@ pub(super) async fn ws(
     let upgrade = upgrade.map_err(|e| ApiError::UpgradeRequired(e.body_text()))?;
     let limits = &state.settings.ws;
     // Held by the session (or dropped with the closure if the upgrade never happens).
-    let slot = state.live.slots.take(
-        user.id,
-        limits.max_connections,
-        limits.max_connections_per_user,
-    )?;
+    let slot = state
+        .live
+        .slots
+        .take(
+            user.id,
+            limits.max_connections,
+            limits.max_connections_per_user,
+        )
+        .inspect_err(|refused| {
+            if let ApiError::TooManyWebSockets(per_user) = refused {
+                let cap = if *per_user { "user" } else { "node" };
+                state
+                    .metrics
+                    .ws_refused
+                    .get_or_create(&crate::metrics::CapLabels { cap })
+                    .inc();
+            }
+        })?;
     let expires_at = Instant::now() + Duration::from_secs(left);
     let tracker = state.live.tracker.clone();
     let connect = session::Connect {

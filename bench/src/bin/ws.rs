@@ -11,6 +11,9 @@
 //!   contiguous versions per topic.
 //! - `fanout`: S connections subscribed to one batch; R rounds of one command each; the time
 //!   from the 202 until every subscriber received the change.
+//! - `scrape`: the cost of a `/metrics` scrape (time to the whole answer, and its bytes;
+//!   p50/p99 over `--scrapes` scrapes) with no WebSocket open, then with `--connections`
+//!   subscribed connections held: the scrape must not grow with the connections.
 //! - `baseline-server`: a bare tokio-tungstenite server (no authentication, no database, the
 //!   same buffer sizes as essayflow's upgrade). `connections` and `fanout` target it with
 //!   `--target baseline`: it ignores what clients send except the text `fanout`, on which it
@@ -70,6 +73,8 @@ enum Command {
     Latency(LatencyArgs),
     /// Time until every subscriber of one batch received a change.
     Fanout(FanoutArgs),
+    /// The cost of a `/metrics` scrape with no connection open, then with N open.
+    Scrape(ScrapeArgs),
     /// A bare tokio-tungstenite server: the baseline for `connections` and `fanout`.
     BaselineServer(BaselineArgs),
 }
@@ -118,6 +123,18 @@ struct ConnArgs {
     /// Stop opening connections after this many seconds.
     #[arg(long, default_value_t = 300)]
     ramp_timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct ScrapeArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Scrapes timed in each state (none open, N open).
+    #[arg(long, default_value_t = 200)]
+    scrapes: usize,
+    /// Connections held (each subscribed to `dashboard`) during the second series.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
 }
 
 #[derive(Args)]
@@ -866,6 +883,115 @@ async fn connections(args: ConnectionsArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         lines,
         json,
+        problems,
+    })
+}
+
+// ---- scrape ---------------------------------------------------------------------------------
+
+/// Times of `scrapes` sequential `/metrics` scrapes (from the request to the last byte), in
+/// ms, sorted, and their sizes in bytes, sorted.
+async fn scrape_series(
+    http: &reqwest::Client,
+    base: &str,
+    scrapes: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut times, mut bytes) = (Vec::with_capacity(scrapes), Vec::with_capacity(scrapes));
+    for _ in 0..scrapes {
+        let started = Instant::now();
+        let body = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        times.push(millis(started.elapsed()));
+        bytes.push(body.len() as f64);
+    }
+    Ok((sorted(times), sorted(bytes)))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn scrape(args: ScrapeArgs) -> anyhow::Result<Outcome> {
+    let endpoint = Arc::new(Endpoint::new(&args.conn, Target::Essayflow)?);
+    let metrics =
+        endpoint.conn.metrics_url.clone().context(
+            "--metrics-url (essayflow's operations listener, ESSAYFLOW_OPS_BIND) is needed",
+        )?;
+    let n = args.connections;
+    check_open_files(n);
+    let http = http_client(2)?;
+    // Warm-up: the first scrape reads the snapshot and makes the route series.
+    scrape_series(&http, &metrics, 5).await?;
+    let (idle_ms, idle_bytes) = scrape_series(&http, &metrics, args.scrapes).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let mut holders = JoinSet::new();
+    let subscriptions = Arc::new(vec![("dashboard".to_owned(), None)]);
+    let ramp = open_many(&endpoint, n, subscriptions, "scrape", |o| {
+        holders.spawn(hold(o.ws, stop_rx.clone(), dropped.clone()));
+    })
+    .await;
+    let held = ramp.opened - dropped.load(Ordering::Relaxed);
+    let gauge = metric(&http, &metrics, "essayflow_ws_connections").await?;
+    let (busy_ms, busy_bytes) = scrape_series(&http, &metrics, args.scrapes).await?;
+    let dropped_now = dropped.load(Ordering::Relaxed);
+    stop_all(&stop, &mut holders).await;
+    let mut problems = Vec::new();
+    if ramp.opened < n {
+        problems.push(format!(
+            "{} of {n} connections failed to open",
+            n - ramp.opened
+        ));
+    }
+    if gauge != held as f64 {
+        problems.push(format!(
+            "essayflow_ws_connections is {gauge}, {held} were held"
+        ));
+    }
+    if dropped_now > 0 {
+        problems.push(format!("{dropped_now} connections ended while held"));
+    }
+    let figures = |ms: &[f64], bytes: &[f64]| {
+        json!({
+            "p50_ms": round2(percentile(ms, 0.5)),
+            "p99_ms": round2(percentile(ms, 0.99)),
+            "max_ms": round2(percentile(ms, 1.0)),
+            "p50_bytes": percentile(bytes, 0.5),
+            "max_bytes": percentile(bytes, 1.0),
+        })
+    };
+    let (idle, busy) = (
+        figures(&idle_ms, &idle_bytes),
+        figures(&busy_ms, &busy_bytes),
+    );
+    let line = |what: &str, f: &Value| {
+        format!(
+            "{what}: {} scrapes, p50 {} ms, p99 {} ms, max {} ms, {} bytes (max {})",
+            args.scrapes, f["p50_ms"], f["p99_ms"], f["max_ms"], f["p50_bytes"], f["max_bytes"]
+        )
+    };
+    Ok(Outcome {
+        lines: vec![
+            line("no WebSocket open (baseline)", &idle),
+            line(&format!("{held} WebSockets open"), &busy),
+        ],
+        json: json!({
+            "scenario": "scrape",
+            "scrapes": args.scrapes,
+            "connections": held,
+            "idle": idle,
+            "busy": busy,
+            "failures": ramp.failures,
+        }),
         problems,
     })
 }
@@ -1631,6 +1757,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Connections(args) => connections(args).await?,
         Command::Latency(args) => latency(args).await?,
         Command::Fanout(args) => fanout(args).await?,
+        Command::Scrape(args) => scrape(args).await?,
         Command::BaselineServer(args) => return baseline_server(args).await,
     };
     outcome.print()
