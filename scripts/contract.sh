@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 ST_VERSION=4.32.5
 VENV="$HOME/.cache/essayflow/schemathesis-$ST_VERSION"
-BIN=${ESSAYFLOW_BIN:-target/debug/essayflow}
+BIN=${ESSAYFLOW_BIN:-${CARGO_TARGET_DIR:-target}/debug/essayflow}
 PG=${ESSAYFLOW_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432}
 PORT=${CONTRACT_PORT:-18281}
 # Examples per operation and phase, and the seed: a fixed seed makes every run send the same
