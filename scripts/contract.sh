@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 ST_VERSION=4.32.5
 VENV="$HOME/.cache/essayflow/schemathesis-$ST_VERSION"
-BIN=${ESSAYFLOW_BIN:-${CARGO_TARGET_DIR:-target}/debug/essayflow}
+BIN=${CONTRACT_BIN:-${CARGO_TARGET_DIR:-target}/debug/essayflow}
 PG=${ESSAYFLOW_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432}
 PORT=${CONTRACT_PORT:-18281}
 # Examples per operation and phase, and the seed: a fixed seed makes every run send the same
@@ -55,7 +55,7 @@ trap cleanup EXIT
 export ESSAYFLOW_JWT_SECRET=$SECRET ESSAYFLOW_LOG=${ESSAYFLOW_LOG:-warn}
 export ESSAYFLOW_BIND=127.0.0.1:$PORT
 export ESSAYFLOW_RATE_LIMIT_ENABLED=false
-export ESSAYFLOW_HASH_MEMORY_KIB=1024 ESSAYFLOW_HASH_ITERATIONS=1
+export ESSAYFLOW_AUTH_HASH_MEMORY_KIB=1024 ESSAYFLOW_AUTH_HASH_ITERATIONS=1
 unset ESSAYFLOW_KAFKA_BROKERS ESSAYFLOW_OPS_BIND
 
 # st_run NAME HEADER ARGS...: one Schemathesis run sending HEADER (the credential) with every
