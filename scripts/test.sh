@@ -67,7 +67,8 @@ if ! cargo deny --version 2>/dev/null | grep -q "^cargo-deny $CARGO_DENY_VERSION
   step "installing cargo-deny $CARGO_DENY_VERSION (first run only)"
   cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked
 fi
-cargo deny check licenses bans sources
+# Errors only: the duplicate-version warnings are many, and come from dependencies.
+cargo deny --log-level error check licenses bans sources
 # Advisories need the RustSec database, fetched from GitHub: checked when it can be reached,
 # reported as skipped when it cannot (never passed silently).
 if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
