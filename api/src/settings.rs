@@ -955,6 +955,19 @@ mod tests {
                 .expect("listed")
         };
         assert_eq!(value("jwt_secret"), "<redacted>");
+        // An empty list of secrets shows as empty; a set one is redacted as a whole.
+        assert_eq!(value("jwt_verify_secrets"), serde_json::json!([]));
+        let rotating = layers::load(&Inputs {
+            env: env(&[("ESSAYFLOW_JWT_VERIFY_SECRETS", &"v".repeat(40))]),
+            ..Default::default()
+        })
+        .expect("valid");
+        let printed = serde_json::to_string(&rotating.entries().expect("entries")).expect("json");
+        assert!(!printed.contains(&"v".repeat(40)), "{printed}");
+        assert!(
+            printed.contains(r#""key":"jwt_verify_secrets","value":"<redacted>""#),
+            "{printed}"
+        );
         assert_eq!(
             value("database_url"),
             "postgres://me:<redacted>@db/essayflow?sslpassword=<redacted>&application_name=x"

@@ -493,6 +493,7 @@ fn shown(key: &Key, value: &Value) -> serde_json::Value {
     let unset = match value {
         Value::Empty(..) => true,
         Value::String(_, s) => s.is_empty(),
+        Value::Array(_, items) => items.is_empty(),
         _ => false,
     };
     match (key.secrecy, value) {
