@@ -33,6 +33,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub const TRACEPARENT: &str = "traceparent";
 /// The W3C `tracestate` header (also a Kafka message header of that name).
 pub const TRACESTATE: &str = "tracestate";
+
+/// The longest `tracestate` carried on, in bytes: the 512 characters W3C Trace Context
+/// (section 3.3.1.5) asks every platform to propagate at least.
+pub const MAX_TRACESTATE: usize = 512;
 /// The correlation id's header on HTTP and on Kafka messages: a UUID.
 pub const CORRELATION_ID: &str = "x-correlation-id";
 
@@ -75,11 +79,13 @@ impl TraceContext {
     }
 
     /// Reads `traceparent` and `tracestate` through `get` (header lookup by lower-case name);
-    /// `None` when there is no valid `traceparent`.
+    /// `None` when there is no valid `traceparent`. A `tracestate` longer than
+    /// [`MAX_TRACESTATE`] is dropped (the trace continues without it): it is stored with every
+    /// event and sent with every message, so a client cannot make that cost grow.
     pub fn extract<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Self> {
         let carrier = Carrier {
             traceparent: get(TRACEPARENT),
-            tracestate: get(TRACESTATE),
+            tracestate: get(TRACESTATE).filter(|s| s.len() <= MAX_TRACESTATE),
         };
         let context = TraceContextPropagator::new().extract(&carrier);
         let span_context = context.span().span_context().clone();
@@ -197,6 +203,16 @@ mod tests {
     use super::*;
 
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn an_oversized_tracestate_is_dropped_and_the_trace_goes_on() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let long = format!("vendor={}", "a".repeat(MAX_TRACESTATE));
+        let context = TraceContext::parse(traceparent, Some(&long)).expect("valid");
+        let (sent, state) = context.to_headers();
+        assert_eq!(sent, traceparent);
+        assert_eq!(state, None);
+    }
 
     #[test]
     fn a_traceparent_round_trips_with_its_tracestate() {
