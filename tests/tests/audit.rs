@@ -127,29 +127,12 @@ async fn refused_requests_are_audited_with_their_count_actor_and_reason(engine: 
 async fn rebuilds_and_verifications_are_audited(engine: Engine) {
     let app = TestApp::spawn(engine).await;
     let admin = app.user(Role::Admin).await;
-    let response = app
-        .post(
-            &admin,
-            "/v1/admin/projections/dashboard/verify",
-            &Value::Null,
-        )
-        .await;
+    let post = |path: &'static str| app.post(&admin, path, &Value::Null);
+    let response = post("/v1/admin/projections/dashboard/verify").await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let response = app
-        .post(
-            &admin,
-            "/v1/admin/projections/batch_state/rebuild",
-            &Value::Null,
-        )
-        .await;
+    let response = post("/v1/admin/projections/batch_state/rebuild").await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let response = app
-        .post(
-            &admin,
-            "/v1/admin/projections/nonesuch/rebuild",
-            &Value::Null,
-        )
-        .await;
+    let response = post("/v1/admin/projections/nonesuch/rebuild").await;
     assert_problem(response, StatusCode::NOT_FOUND).await;
 
     let verifies = audit(&app, &admin, "action=projection.verify").await;

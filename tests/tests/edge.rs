@@ -168,20 +168,7 @@ async fn connections_past_the_cap_are_answered_503_and_closed() {
     closed_within(&mut third, Duration::from_secs(5)).await;
     // A slot frees when a held connection closes.
     drop(held.pop());
-    integration_tests::wait_until(Duration::from_secs(5), || async {
-        let Ok(mut stream) = TcpStream::connect(host(&app)).await else {
-            return false;
-        };
-        if stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        read_response(&mut stream).await.status == 200
-    })
-    .await;
+    integration_tests::wait_until(Duration::from_secs(5), || healthz_answers(&app)).await;
 }
 
 async fn ws_status(app: &TestApp, token: &str) -> Result<WsClient, (u16, Value)> {
@@ -620,20 +607,7 @@ async fn a_client_that_stops_reading_loses_its_connection_at_the_write_timeout()
     stalled.write_all(request.as_bytes()).await.unwrap();
     // The only slot is freed once the server's write has made no progress for 1 s.
     let started = Instant::now();
-    integration_tests::wait_until(Duration::from_secs(15), || async {
-        let Ok(mut stream) = TcpStream::connect(host(&app)).await else {
-            return false;
-        };
-        if stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        read_response(&mut stream).await.status == 200
-    })
-    .await;
+    integration_tests::wait_until(Duration::from_secs(15), || healthz_answers(&app)).await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",
@@ -672,4 +646,20 @@ async fn any_refusal_before_the_body_is_read_is_readable_by_a_client_that_sends_
     assert!(answer.header("retry-after").is_some());
     assert_eq!(answer.json()["type"], "urn:essayflow:problem:rate-limited");
     assert_eq!(app.event_count().await, before, "nothing appended");
+}
+
+/// Whether a new connection gets `200` from `/healthz` (false while the server refuses or
+/// cannot take the connection).
+async fn healthz_answers(app: &TestApp) -> bool {
+    let Ok(mut stream) = TcpStream::connect(host(app)).await else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    read_response(&mut stream).await.status == 200
 }

@@ -251,14 +251,7 @@ impl Drop for Server {
 /// database and the user's name.
 async fn seeded(role: Role) -> (TestDatabase, String) {
     let db = TestDatabase::create(Engine::Sqlite).await;
-    let storage = commands::Storage::connect(&commands::StorageOptions::new(db.url.clone()))
-        .await
-        .unwrap();
-    let username = format!("u{}", &Uuid::new_v4().simple().to_string()[..12]);
-    api::auth::add_user(storage.pool(), &username, role, "correct horse battery")
-        .await
-        .unwrap();
-    storage.pool().close().await;
+    let username = add_user(&db, role).await;
     (db, username)
 }
 
