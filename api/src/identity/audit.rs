@@ -339,7 +339,8 @@ pub async fn note_refusals(
     let slot = CallerSlot::default();
     request.extensions_mut().insert(slot.clone());
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // A `Uri` clone shares its bytes; the path is copied only for a refusal.
+    let uri = request.uri().clone();
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -348,10 +349,10 @@ pub async fn note_refusals(
     let Some(refusal) = response.extensions().get::<Refusal>().copied() else {
         return response;
     };
-    if method == Method::POST && path == "/v1/auth/login" {
+    if method == Method::POST && uri.path() == "/v1/auth/login" {
         return response;
     }
-    let mut path = path;
+    let mut path = uri.path().to_owned();
     if path.len() > MAX_PATH {
         let mut end = MAX_PATH;
         while !path.is_char_boundary(end) {
