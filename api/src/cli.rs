@@ -54,6 +54,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ConfigFormat::Text)]
         format: ConfigFormat,
     },
+    /// Print the OpenAPI 3.1 document this configuration publishes at `/openapi.json`
+    /// (pretty JSON, keys sorted). Connects to nothing; `clients/typescript` is generated from
+    /// it.
+    Openapi,
     /// Run only the workers: projections, conductor, relay, results ingress (scale-out).
     Worker,
     /// DEVELOPMENT ONLY: stand in for the processing services over Kafka: answer every phase
@@ -473,9 +477,9 @@ fn print_config(
     Ok(())
 }
 
-/// Whether the command is `config` (which must connect to nothing: no trace exporter either).
-pub fn is_config(cli: &Cli) -> bool {
-    matches!(cli.command, Command::Config { .. })
+/// Whether the command connects to nothing (`config`, `openapi`): no trace exporter either.
+pub fn connects_to_nothing(cli: &Cli) -> bool {
+    matches!(cli.command, Command::Config { .. } | Command::Openapi)
 }
 
 /// Loads the settings for `cli`: its `--config` and flags over the environment, the file and
@@ -489,9 +493,16 @@ pub async fn run(cli: Cli, loaded: crate::settings::Loaded) -> anyhow::Result<()
     if let Command::Config { format } = cli.command {
         return print_config(&loaded, format, &mut std::io::stdout().lock());
     }
+    if let Command::Openapi = cli.command {
+        let document = crate::routes::openapi_document(&loaded.settings)?;
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &document)?;
+        writeln!(out)?;
+        return Ok(());
+    }
     let settings = loaded.settings;
     match cli.command {
-        Command::Config { .. } => Ok(()), // printed above
+        Command::Config { .. } | Command::Openapi => Ok(()), // printed above
         Command::Serve => {
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await

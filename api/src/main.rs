@@ -17,9 +17,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     // Before the runtime: the exporter's HTTP client and batch processor run on threads of
-    // their own, never on the runtime's. `essayflow config` connects to nothing: no exporter.
+    // their own, never on the runtime's. `essayflow config` and `essayflow openapi` connect to nothing: no exporter.
     let mut telemetry_settings = loaded.settings.telemetry.clone();
-    if api::cli::is_config(&cli) {
+    if api::cli::connects_to_nothing(&cli) {
         telemetry_settings.otlp_endpoint = String::new();
     }
     let telemetry = match api::telemetry::init(&telemetry_settings) {

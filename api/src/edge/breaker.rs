@@ -550,11 +550,17 @@ impl Breaker {
 }
 
 /// Paths answered whatever the database does: liveness, readiness and metrics (which say why
-/// the database is unavailable) and the API documentation.
+/// the database is unavailable), the API documentation (Swagger UI and Redoc) and the web page
+/// (which then shows the 503s of its API calls). None of them reads the database.
 fn exempt(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json")
-        || path == "/docs"
-        || path.starts_with("/docs/")
+        || ["/docs", "/redoc"].iter().any(|p| {
+            path == *p
+                || path
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+        || crate::routes::page::is_page_path(path)
 }
 
 /// The breaker middleware: while open, answers 503 `database-unavailable` at once; while a
@@ -617,10 +623,14 @@ mod tests {
             "/metrics",
             "/docs",
             "/docs/index.html",
+            "/redoc",
+            "/redoc/start.js",
+            "/",
+            "/assets/index-1a2b.js",
         ] {
             assert!(exempt(path), "{path}");
         }
-        for path in ["/v1/batches", "/docsx", "/v1/auth/login"] {
+        for path in ["/v1/batches", "/docsx", "/redocx", "/v1/auth/login"] {
             assert!(!exempt(path), "{path}");
         }
     }

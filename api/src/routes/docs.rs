@@ -61,6 +61,7 @@ impl Modify for BearerAuth {
         super::batches::batch_events,
         super::batches::add_essays,
         super::batches::request_pipeline,
+        super::pipelines::list_pipelines,
         super::internal::post_result,
         super::batches::cancel_batch,
         super::dashboard::dashboard,
@@ -100,20 +101,21 @@ pub struct ApiDoc;
 /// The published document for a node's configuration: utoipa's, with [`contract::apply`]'s
 /// conventions and the configured pipelines, tiers and statuses.
 pub fn document(state: &AppState) -> serde_json::Value {
-    let runtime = Runtime {
-        pipelines: state
-            .commands
-            .services()
-            .pipelines
-            .phases()
-            .map(|p| p.to_string())
-            .collect(),
-        tiers: state
-            .limits
-            .tier_names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
+    document_for(&runtime(
+        &state.commands.services().pipelines,
+        &state.limits,
+    ))
+}
+
+/// What the document takes from the configuration: the pipeline catalog's names and the
+/// rate-limit tiers' names, beside the visible batch statuses and the projections.
+pub fn runtime(
+    pipelines: &domain::PipelineCatalog,
+    limits: &crate::edge::ratelimit::Limits,
+) -> Runtime {
+    Runtime {
+        pipelines: pipelines.phases().map(|p| p.to_string()).collect(),
+        tiers: limits.tier_names().into_iter().map(str::to_owned).collect(),
         batch_statuses: domain::BatchStatus::VISIBLE
             .iter()
             .map(|s| s.as_str().to_owned())
@@ -122,9 +124,14 @@ pub fn document(state: &AppState) -> serde_json::Value {
             .iter()
             .map(|p| (*p).to_owned())
             .collect(),
-    };
+    }
+}
+
+/// The OpenAPI 3.1 document for `runtime`: utoipa's, with the conventions of
+/// [`contract::apply`].
+pub fn document_for(runtime: &Runtime) -> serde_json::Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-    contract::apply(&mut doc, &runtime);
+    contract::apply(&mut doc, runtime);
     doc
 }
 
