@@ -2,7 +2,8 @@
 # The one test command (README, CI): makes sure PostgreSQL runs and a Kafka-compatible broker
 # (tansu, built once and cached under ~/.cache/essayflow) is started, then checks formatting,
 # lints, checks the Prometheus alert rules (promtool), and runs every test (unit, property and
-# integration, on PostgreSQL, SQLite and Kafka).
+# integration, on PostgreSQL, SQLite and Kafka), then the TypeScript client's and the page's checks
+# and tests (Node, and Debian's Chromium, installed if missing) and the contract test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,6 +82,30 @@ step "tests"
 # Tests that run the binary as separate server processes (two nodes, the CLI) use this build.
 cargo build --quiet -p api --bin essayflow
 cargo nextest run --workspace --no-fail-fast
+
+step "TypeScript client and web page (clients/typescript, web): drift, types, Node and browser tests"
+# Debian's Chromium for the browser tests (playwright-core drives it; nothing is downloaded) and
+# certutil, which puts the test CA in the browser's trust store.
+if ! command -v "${CHROMIUM:-/usr/bin/chromium}" >/dev/null 2>&1 || ! command -v certutil >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libnss3-tools >/dev/null
+fi
+(cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error)
+(cd web && npm ci --no-audit --no-fund --loglevel=error)
+# The committed client equals a fresh generation from this build's `essayflow openapi` and the
+# WebSocket schemas; both packages type-check.
+(cd clients/typescript && npm run --silent check)
+(cd web && npm run --silent check)
+# The committed page (web/dist, embedded in the binary) equals a fresh build of web/src.
+fresh_dist=$(mktemp -d)
+(cd web && npx vite build --logLevel error --outDir "$fresh_dist" --emptyOutDir)
+if ! diff -r web/dist "$fresh_dist"; then
+  echo "web/dist differs from a fresh build of web/src: run \`npm run build\` in web/ and commit web/dist" >&2
+  exit 1
+fi
+rm -rf "$fresh_dist"
+(cd clients/typescript && npm test)
+# Screenshots of each step go to web/test-results/ (or $ARTIFACTS_DIR).
+(cd web && npm test)
 
 step "contract test (Schemathesis against /openapi.json, both engines; docs/api-contract.md)"
 scripts/contract.sh

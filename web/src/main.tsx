@@ -1,3 +1,180 @@
+// The page served at `/` by `essayflow serve`: sign-in, then the views of lib.ts's router.
+import { createApi, LiveClient, liveUrl, ProblemError, Session, type LiveStatus } from "@essayflow/client";
 import { render } from "preact";
-function App() { return <h1>essayflow</h1>; }
+import { useEffect, useMemo, useState } from "preact/hooks";
+import { Context, describe, useFocusHeading, useRoute, type SignedIn } from "./lib";
+import { Admin } from "./views/admin";
+import { BatchPage } from "./views/batch";
+import { Dashboard } from "./views/dashboard";
+import { History } from "./views/history";
+import { NewBatch } from "./views/new-batch";
+import "./style.css";
+
+const sessionOptions = { baseUrl: location.origin, store: sessionStorage };
+
+function Login({ onSignedIn }: { onSignedIn: (session: Session) => void }) {
+  const [error, setError] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
+  const heading = useFocusHeading("login");
+  const submit = async (event: Event) => {
+    event.preventDefault();
+    const form = new FormData(event.currentTarget as HTMLFormElement);
+    setBusy(true);
+    setError(null);
+    try {
+      onSignedIn(await Session.login(sessionOptions, String(form.get("username")), String(form.get("password"))));
+    } catch (e) {
+      setError(
+        e instanceof ProblemError && e.status === 401 ? "Wrong username or password." : describe(e),
+      );
+      setBusy(false);
+    }
+  };
+  return (
+    <main id="main" class="login">
+      <h1 ref={heading} tabIndex={-1}>
+        essayflow
+      </h1>
+      <p>Sign in to follow your batches of essays.</p>
+      <form onSubmit={submit} aria-describedby={error ? "login-error" : undefined}>
+        <label for="username">Username</label>
+        <input id="username" name="username" autocomplete="username" required />
+        <label for="password">Password</label>
+        <input id="password" name="password" type="password" autocomplete="current-password" required />
+        <button type="submit" disabled={busy}>
+          {busy ? "Signing in…" : "Sign in"}
+        </button>
+        {error && (
+          <p id="login-error" role="alert" class="error">
+            {error}
+          </p>
+        )}
+      </form>
+    </main>
+  );
+}
+
+const STATUS_TEXT: Record<LiveStatus, string> = {
+  connecting: "Connecting…",
+  open: "Live",
+  reconnecting: "Reconnecting…",
+  revoked: "Access revoked: sign in again",
+  closed: "Offline",
+};
+
+function Shell({ signedIn, onSignOut }: { signedIn: SignedIn; onSignOut: () => void }) {
+  const route = useRoute();
+  const [status, setStatus] = useState<LiveStatus>(signedIn.live.status);
+  useEffect(() => {
+    const listener = (e: Event) => setStatus((e as CustomEvent<LiveStatus>).detail);
+    addEventListener("essayflow:live", listener);
+    return () => removeEventListener("essayflow:live", listener);
+  }, []);
+  const { claims } = signedIn.session;
+  const view = (() => {
+    switch (route.view) {
+      case "dashboard":
+        return <Dashboard />;
+      case "new":
+        return <NewBatch />;
+      case "batch":
+        return <BatchPage key={route.id} id={route.id} />;
+      case "history":
+        return <History key={route.id} id={route.id} />;
+      case "admin":
+        return claims.role === "admin" ? <Admin /> : <Missing path="/admin" />;
+      default:
+        return <Missing path={route.path} />;
+    }
+  })();
+  const current = (view: string) => (route.view === view ? "page" : undefined);
+  return (
+    <Context.Provider value={signedIn}>
+      <a class="skip" href="#main" onClick={(e) => (e.preventDefault(), document.getElementById("main")?.focus())}>
+        Skip to content
+      </a>
+      <header>
+        <nav aria-label="Main">
+          <a href="#/" class="brand" aria-current={current("dashboard")}>
+            essayflow
+          </a>
+          <a href="#/" aria-current={current("dashboard")}>
+            Dashboard
+          </a>
+          <a href="#/new" aria-current={current("new")}>
+            New batch
+          </a>
+          {claims.role === "admin" && (
+            <a href="#/admin" aria-current={current("admin")}>
+              Projections
+            </a>
+          )}
+        </nav>
+        <p class={`live live-${status}`} role="status" aria-live="polite" data-live={status}>
+          {STATUS_TEXT[status]}
+        </p>
+        <p class="who">
+          {claims.name} <span class="role">({claims.role})</span>
+        </p>
+        <button type="button" class="secondary" onClick={onSignOut}>
+          Sign out
+        </button>
+      </header>
+      <main id="main" tabIndex={-1}>
+        {view}
+      </main>
+    </Context.Provider>
+  );
+}
+
+function Missing({ path }: { path: string }) {
+  const heading = useFocusHeading(path);
+  return (
+    <>
+      <h1 ref={heading} tabIndex={-1}>
+        Not found
+      </h1>
+      <p>
+        There is nothing at <code>{path}</code>. <a href="#/">Back to the dashboard</a>.
+      </p>
+    </>
+  );
+}
+
+function App() {
+  const [session, setSession] = useState<Session | null | undefined>(undefined);
+  useEffect(() => {
+    Session.resume(sessionOptions).then(setSession, () => setSession(null));
+  }, []);
+  const signedIn = useMemo<SignedIn | null>(() => {
+    if (!session) return null;
+    const live = new LiveClient({
+      url: liveUrl(location.origin),
+      tokens: session,
+      onStatus: (status) => dispatchEvent(new CustomEvent("essayflow:live", { detail: status })),
+    });
+    return { session, api: createApi({ baseUrl: location.origin, session }), live };
+  }, [session]);
+  useEffect(() => {
+    if (!session) return;
+    // The session ended (signed out elsewhere, revoked, or its refresh token refused).
+    const off = session.onChange((tokens) => tokens === null && setSession(null));
+    return () => {
+      off();
+      signedIn?.live.close();
+      session.close();
+    };
+  }, [session]);
+  if (session === undefined) return <p class="loading">Loading…</p>;
+  if (!signedIn) return <Login onSignedIn={setSession} />;
+  return (
+    <Shell
+      signedIn={signedIn}
+      onSignOut={() => {
+        signedIn.session.logout().finally(() => setSession(null));
+      }}
+    />
+  );
+}
+
 render(<App />, document.getElementById("app")!);
