@@ -171,6 +171,14 @@ async fn a_database_cut_off_answers_503_at_once_and_service_resumes_without_a_re
         refusal_took < Duration::from_millis(500),
         "{refusal_took:?}"
     );
+    // The web page and the API documentation still load (the page then shows its calls' 503s).
+    for path in ["/", "/redoc", "/openapi.json"] {
+        assert_eq!(
+            app.get_public(path).await.status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
 
     // Restore: 202 again within a few seconds, same process.
     let restored_at = Instant::now();

@@ -61,8 +61,13 @@ fn answer(name: &str, headers: &HeaderMap, cache: &'static str) -> Response {
     if fresh {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), cache]).into_response();
     }
-    let mime = HeaderValue::from_str(file.metadata.mimetype())
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let mime = file.metadata.mimetype();
+    let mime = if mime.starts_with("text/") && !mime.contains("charset") {
+        HeaderValue::from_str(&format!("{mime}; charset=utf-8"))
+    } else {
+        HeaderValue::from_str(mime)
+    }
+    .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     (
         [(header::CONTENT_TYPE, mime), (header::ETAG, etag), cache],
         file.data,
