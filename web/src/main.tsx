@@ -1,5 +1,13 @@
 // The page served at `/` by `essayflow serve`: sign-in, then the views of lib.ts's router.
-import { createApi, LiveClient, liveUrl, ProblemError, Session, type LiveStatus } from "@essayflow/client";
+import {
+  createApi,
+  LiveClient,
+  liveUrl,
+  ProblemError,
+  Session,
+  type LiveStatus,
+  type TokenStore,
+} from "@essayflow/client";
 import { render } from "preact";
 import { useEffect, useMemo, useState } from "preact/hooks";
 import { Context, describe, useFocusHeading, useRoute, type SignedIn } from "./lib";
@@ -8,11 +16,47 @@ import { BatchPage } from "./views/batch";
 import { Dashboard } from "./views/dashboard";
 import { History } from "./views/history";
 import { NewBatch } from "./views/new-batch";
+import { Alert } from "./views/common";
 import "./style.css";
 
-const sessionOptions = { baseUrl: location.origin, store: sessionStorage };
+/**
+ * The refresh token is held by the open page and written to the tab's `sessionStorage` only
+ * when the page goes away (reload, navigation), and taken out again when it loads. So a reload
+ * stays signed in, but a duplicated tab (which copies `sessionStorage`) finds nothing and signs
+ * in on its own: two pages refreshing one token family would spend each other's tokens, and the
+ * server would revoke the session (RFC 9700 reuse detection).
+ */
+function tabStore(): TokenStore {
+  let held: string | null = null;
+  let key: string | null = null;
+  addEventListener("pagehide", () => {
+    if (key && held) sessionStorage.setItem(key, held);
+  });
+  addEventListener("pageshow", (event) => {
+    if (event.persisted && key) sessionStorage.removeItem(key); // back from the bfcache
+  });
+  return {
+    getItem(k) {
+      key = k;
+      held = sessionStorage.getItem(k);
+      sessionStorage.removeItem(k);
+      return held;
+    },
+    setItem(k, value) {
+      key = k;
+      held = value;
+    },
+    removeItem(k) {
+      key = k;
+      held = null;
+      sessionStorage.removeItem(k);
+    },
+  };
+}
 
-function Login({ onSignedIn }: { onSignedIn: (session: Session) => void }) {
+const sessionOptions = { baseUrl: location.origin, store: tabStore() };
+
+function Login({ onSignedIn, notice }: { onSignedIn: (session: Session) => void; notice: string | null }) {
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
   const heading = useFocusHeading("login");
@@ -36,6 +80,11 @@ function Login({ onSignedIn }: { onSignedIn: (session: Session) => void }) {
         essayflow
       </h1>
       <p>Sign in to follow your batches of essays.</p>
+      {notice && (
+        <p role="status" class="notice">
+          {notice}
+        </p>
+      )}
       <form onSubmit={submit} aria-describedby={error ? "login-error" : undefined}>
         <label for="username">Username</label>
         <input id="username" name="username" autocomplete="username" required />
@@ -44,11 +93,7 @@ function Login({ onSignedIn }: { onSignedIn: (session: Session) => void }) {
         <button type="submit" disabled={busy}>
           {busy ? "Signing in…" : "Sign in"}
         </button>
-        {error && (
-          <p id="login-error" role="alert" class="error">
-            {error}
-          </p>
-        )}
+        <Alert id="login-error" message={error} />
       </form>
     </main>
   );
@@ -143,22 +188,35 @@ function Missing({ path }: { path: string }) {
 
 function App() {
   const [session, setSession] = useState<Session | null | undefined>(undefined);
+  const [notice, setNotice] = useState<string | null>(null);
   useEffect(() => {
-    Session.resume(sessionOptions).then(setSession, () => setSession(null));
+    Session.resume(sessionOptions).then(setSession, (error) => {
+      setNotice(`${describe(error)} Sign in when the server is back.`);
+      setSession(null);
+    });
   }, []);
   const signedIn = useMemo<SignedIn | null>(() => {
     if (!session) return null;
     const live = new LiveClient({
       url: liveUrl(location.origin),
       tokens: session,
-      onStatus: (status) => dispatchEvent(new CustomEvent("essayflow:live", { detail: status })),
+      onStatus: (status) => {
+        dispatchEvent(new CustomEvent("essayflow:live", { detail: status }));
+        // 4403: the user's access changed (disabled, role, password, session revoked). A
+        // refresh tells whether the session survives; if not, it ends (below).
+        if (status === "revoked") session.refresh().catch(() => {});
+      },
     });
     return { session, api: createApi({ baseUrl: location.origin, session }), live };
   }, [session]);
   useEffect(() => {
     if (!session) return;
-    // The session ended (signed out elsewhere, revoked, or its refresh token refused).
-    const off = session.onChange((tokens) => tokens === null && setSession(null));
+    // The session ended by itself: signed out elsewhere, access revoked, refresh token refused.
+    const off = session.onChange((tokens) => {
+      if (tokens !== null) return;
+      setNotice("Your session ended (signed out elsewhere, or your access changed): sign in again.");
+      setSession(null);
+    });
     return () => {
       off();
       signedIn?.live.close();
@@ -166,15 +224,34 @@ function App() {
     };
   }, [session]);
   if (session === undefined) return <p class="loading">Loading…</p>;
-  if (!signedIn) return <Login onSignedIn={setSession} />;
-  return (
-    <Shell
-      signedIn={signedIn}
-      onSignOut={() => {
-        signedIn.session.logout().finally(() => setSession(null));
-      }}
-    />
-  );
+  if (!signedIn) {
+    return (
+      <Login
+        notice={notice}
+        onSignedIn={(s) => {
+          setNotice(null);
+          setSession(s);
+        }}
+      />
+    );
+  }
+  const signOut = async () => {
+    let told = true;
+    try {
+      await signedIn.session.logout();
+    } catch {
+      told = false;
+    }
+    // Set after logout's own "ended" notice, which this replaces.
+    setNotice(
+      told
+        ? "You are signed out."
+        : "You are signed out here, but the server could not be reached to end the session: " +
+            "sign in and out again when it is back to end it everywhere.",
+    );
+    setSession(null);
+  };
+  return <Shell signedIn={signedIn} onSignOut={() => void signOut()} />;
 }
 
 render(<App />, document.getElementById("app")!);

@@ -105,6 +105,14 @@ async function teacherFlow(context: BrowserContext, page: Page, headers: Record<
 
   await signIn(page, "ada");
   assert.ok(sockets.some((url) => url.startsWith("wss://localhost:")), `a WSS connection: ${sockets}`);
+  // The open page holds the refresh token; the tab's storage gets it only when the page goes
+  // away, so a reload stays signed in and a duplicated tab does not share the token family.
+  const stored = () => page.evaluate(() => sessionStorage.getItem("essayflow.refresh_token"));
+  assert.equal(await stored(), null);
+  await page.reload();
+  await page.getByRole("heading", { level: 1, name: "Dashboard" }).waitFor();
+  await page.locator("[data-live=open]").waitFor();
+  assert.equal(await stored(), null);
   await page.getByText("No batches yet", { exact: false }).first().waitFor();
   await accessible(page, "empty dashboard");
   await shot(page, "02-dashboard-empty");
@@ -155,6 +163,11 @@ async function teacherFlow(context: BrowserContext, page: Page, headers: Record<
   await finished.getByText("completed").waitFor();
   await accessible(page, "dashboard");
   await shot(page, "06-dashboard-completed");
+  // A phone's width: the page does not scroll sideways (wide tables scroll in their own box).
+  await page.setViewportSize({ width: 375, height: 800 });
+  assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= 375), "no sideways scroll at 375 px");
+  await shot(page, "06b-dashboard-narrow");
+  await page.setViewportSize({ width: 1280, height: 900 });
   assert.equal(
     await page.evaluate(() => (window as unknown as { marker?: number }).marker),
     42,
@@ -200,6 +213,7 @@ async function teacherFlow(context: BrowserContext, page: Page, headers: Record<
   // Sign out ends the session: back to the sign-in form, and a reload does not resume it.
   await page.getByRole("button", { name: "Sign out" }).click();
   await page.getByRole("button", { name: "Sign in" }).waitFor();
+  await page.getByText("You are signed out.").waitFor();
   await page.reload();
   await page.getByRole("button", { name: "Sign in" }).waitFor();
   await context.close();

@@ -28,16 +28,22 @@ export type LiveStatus =
   /** Closed by {@link LiveClient.close}, or the session ended. */
   | "closed";
 
-/** The part of a WebSocket the client uses: the browser's `WebSocket` and `ws`'s both fit. */
+/* eslint-disable @typescript-eslint/no-explicit-any */
+/**
+ * The part of a WebSocket the client uses: the browser's `WebSocket` and `ws`'s both fit (the
+ * handlers' events are typed loosely so that either assigns; the client reads `data` of a
+ * message event and `code` and `reason` of a close event).
+ */
 export interface WebSocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: any) => void) | null;
+  onclose: ((event: any) => void) | null;
+  onerror: ((event: any) => void) | null;
 }
+/* eslint-enable @typescript-eslint/no-explicit-any */
 
 /** Where tokens come from: a {@link Session} fits. */
 export interface TokenSource {
@@ -91,8 +97,8 @@ interface TopicState {
   document?: unknown;
   minPosition?: number;
   listeners: Set<TopicListener<Topic>>;
-  /** Refused by the server: not subscribed again on reconnect. */
-  refused: boolean;
+  /** Refused by the server (kept for listeners added later); not subscribed again on reconnect. */
+  refused?: ErrorMessage;
 }
 
 /** `wss://host/v1/ws` from `https://host` (and `ws://` from `http://`). */
@@ -118,6 +124,8 @@ export class LiveClient {
   #closed = false;
   #attempt = 0;
   #retry: ReturnType<typeof setTimeout> | null = null;
+  /** A connection is being opened (waiting for a token): no second one may start meanwhile. */
+  #connecting = false;
   #unlisten: () => void;
   readonly #options: LiveOptions;
 
@@ -147,14 +155,29 @@ export class LiveClient {
     let state = this.#topics.get(topic);
     const fresh = !state;
     if (!state) {
-      state = { listeners: new Set(), refused: false, minPosition: options.minPosition };
+      state = { listeners: new Set(), minPosition: options.minPosition };
       this.#topics.set(topic, state);
     }
     const known = state;
-    known.listeners.add(listener as unknown as TopicListener<Topic>);
-    if (fresh) this.#subscribe(topic, known);
-    else if (known.document !== undefined && known.version !== undefined) {
-      listener.update(known.document as TopicDocument<T>, known.version, "snapshot");
+    const any = listener as unknown as TopicListener<Topic>;
+    known.listeners.add(any);
+    if (fresh) {
+      this.#subscribe(topic, known);
+    } else if (known.refused) {
+      const refused = known.refused;
+      queueMicrotask(() => known.listeners.has(any) && listener.refused?.(refused));
+    } else if (options.minPosition !== undefined && known.document !== undefined) {
+      // A newer write to wait for: the server answers once the read model has it.
+      known.minPosition = options.minPosition;
+      this.#subscribe(topic, known);
+    }
+    if (!fresh && known.document !== undefined && known.version !== undefined) {
+      // After `subscribe` returns, as for a new topic.
+      queueMicrotask(() => {
+        if (known.listeners.has(any) && known.document !== undefined && known.version !== undefined) {
+          listener.update(known.document as TopicDocument<T>, known.version, "snapshot");
+        }
+      });
     }
     this.#ensureConnected();
     return {
@@ -164,7 +187,7 @@ export class LiveClient {
           ? undefined
           : { document: known.document as TopicDocument<T>, version: known.version },
       unsubscribe: () => {
-        known.listeners.delete(listener as unknown as TopicListener<Topic>);
+        known.listeners.delete(any);
         if (known.listeners.size === 0 && this.#topics.get(topic) === known) {
           this.#topics.delete(topic);
           if (!known.refused) this.#send({ type: "unsubscribe", topic });
@@ -200,11 +223,12 @@ export class LiveClient {
   }
 
   #ensureConnected(): void {
-    if (this.#closed || this.#socket || this.#retry) return;
+    if (this.#closed || this.#socket || this.#retry || this.#connecting) return;
     void this.#connect();
   }
 
   async #connect(): Promise<void> {
+    this.#connecting = true;
     this.#setStatus(this.#attempt === 0 ? "connecting" : "reconnecting");
     let token: string;
     try {
@@ -212,9 +236,11 @@ export class LiveClient {
       if (this.#attempt >= 2) await this.#options.tokens.refresh();
       token = await this.#options.tokens.token();
     } catch {
+      this.#connecting = false;
       if (!this.#closed) this.#later();
       return;
     }
+    this.#connecting = false;
     if (this.#closed) return;
     const connect =
       this.#options.connect ??
@@ -241,7 +267,8 @@ export class LiveClient {
       this.#socket = null;
       if (event.code === 4403) return this.#stop("revoked");
       if (this.#closed) return;
-      if (event.code === 1008) this.#attempt = Math.max(this.#attempt, 2); // token expired: refresh
+      // The token expired (1008 "the access token expired"): refresh before reconnecting.
+      if (event.code === 1008 && /expired/i.test(String(event.reason))) this.#attempt = Math.max(this.#attempt, 2);
       this.#later();
     };
   }
@@ -321,7 +348,7 @@ export class LiveClient {
         if (message.code === "not_found" || message.code === "invalid_topic") {
           const state = message.topic ? this.#topics.get(message.topic as Topic) : undefined;
           if (state) {
-            state.refused = true;
+            state.refused = message;
             for (const listener of state.listeners) listener.refused?.(message);
           }
         } else if (message.code === "unavailable" && message.topic) {

@@ -105,7 +105,10 @@ export class Session {
 
   /**
    * Resumes the session whose refresh token `options.store` kept (after a page reload), by
-   * refreshing it; `null` if there is none or the server refused it.
+   * refreshing it; `null` if there is none or the server refused it (401: the token is
+   * forgotten).
+   * @throws the fetch's error when the server cannot be reached, or a {@link ProblemError} of
+   *   another status (429, 503): the token is kept for a later try.
    */
   static async resume(options: SessionOptions): Promise<Session | null> {
     const key = options.storeKey ?? "essayflow.refresh_token";
@@ -114,8 +117,11 @@ export class Session {
     try {
       return new Session(options, await post(options, "/v1/auth/refresh", { refresh_token: refreshToken }));
     } catch (error) {
-      if (error instanceof ProblemError && error.status === 401) options.store?.removeItem(key);
-      return null;
+      if (error instanceof ProblemError && error.status === 401) {
+        options.store?.removeItem(key);
+        return null;
+      }
+      throw error;
     }
   }
 
@@ -157,6 +163,8 @@ export class Session {
         const tokens = await post(this.#options, "/v1/auth/refresh", {
           refresh_token: this.#tokens.refresh_token,
         });
+        // Logged out meanwhile: the server revoked the family; keep nothing of it.
+        if (this.#ended) throw new Error("the session ended: log in again");
         this.#tokens = tokens;
         this.#expiresAt = Date.now() + tokens.expires_in * 1000;
         this.#claims = decodeClaims(tokens.access_token);

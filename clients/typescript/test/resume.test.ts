@@ -14,7 +14,6 @@ import {
   type ClientMessage,
   type ServerMessage,
   type Topic,
-  type WebSocketLike,
 } from "../src/index.js";
 import { essays, startServer, waitFor, type TestServer } from "./harness.js";
 
@@ -50,7 +49,7 @@ function observed(server: TestServer, session: Session) {
         send(data);
       }) as typeof socket.send;
       sockets.push(socket);
-      return socket as unknown as WebSocketLike;
+      return socket;
     },
     onMessage: (message) => received.push(message),
   });
@@ -192,4 +191,37 @@ test("the access token is refreshed before it expires, and the open connection f
   assert.equal(cancelled.response.status, 202);
   await waitFor("the cancel to arrive live", () => subscription.current()?.document.status === "cancelled");
   assert.equal(sockets.length, 1);
+});
+
+test("topics subscribed together share one connection, and a late listener gets the document", async () => {
+  const server = await serve({});
+  const session = await Session.login({ baseUrl: server.baseUrl }, "ada", PASSWORD);
+  const api = createApi({ baseUrl: server.baseUrl, session });
+  const { id, position } = await readyBatch(api, 2, 20);
+  const { live, sockets } = observed(server, session);
+  // Both in the same tick, while the first connection still waits for its token.
+  const dashboard = follow(live, "dashboard");
+  const batch = follow(live, `batch:${id}`, position);
+  await waitFor("both snapshots", () => dashboard.subscription.current() && batch.subscription.current());
+  assert.equal(sockets.length, 1, "one connection for both topics");
+
+  // A second listener of a followed topic hears the current document after subscribe returns.
+  let late: { version: number; current: number | undefined } | undefined;
+  const second = live.subscribe(`batch:${id}`, {
+    update: (_, version) => (late = { version, current: second.current()?.version }),
+  });
+  await waitFor("the late listener", () => late);
+  assert.deepEqual(late, { version: batch.subscription.current()!.version, current: batch.subscription.current()!.version });
+
+  // A refused topic tells every listener, the late ones too.
+  const missing = `batch:${"0".repeat(8)}-0000-4000-8000-${"0".repeat(12)}` as const;
+  const codes: string[] = [];
+  live.subscribe(missing, { update: () => codes.push("update"), refused: (e) => codes.push(e.code) });
+  await waitFor("the refusal", () => codes.length === 1);
+  live.subscribe(missing, { update: () => codes.push("update"), refused: (e) => codes.push(e.code) });
+  await waitFor("the late refusal", () => codes.length === 2);
+  assert.deepEqual(codes, ["not_found", "not_found"]);
+
+  live.close();
+  await waitFor("the socket to close", () => sockets.every((s) => s.readyState === WebSocket.CLOSED));
 });

@@ -1,8 +1,9 @@
 // For admins: the read models (projections) with their checkpoint and lag, the running or last
 // rebuild and verification, and buttons to verify or rebuild one. Read every 2 s while shown.
 import { unwrap, type Schemas } from "@essayflow/client";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { describe, useAction, useFocusHeading, useSignedIn, when } from "../lib";
+import { Alert, Scroll } from "./common";
 
 type Projection = Schemas["ProjectionStatus"];
 
@@ -39,6 +40,13 @@ export function Admin() {
   const [message, setMessage] = useState<string | null>(null);
   const action = useAction();
   const [asking, setAsking] = useState<string | null>(null);
+  // Keyboard focus follows the swap: onto "Confirm rebuild" when asked, back to "Rebuild…" after.
+  const asked = useRef<string | null>(null);
+  useEffect(() => {
+    const id = asking ? `confirm-rebuild-${asking}` : asked.current ? `rebuild-${asked.current}` : null;
+    if (id) document.getElementById(id)?.focus();
+    asked.current = asking;
+  }, [asking]);
 
   useEffect(() => {
     let stopped = false;
@@ -78,14 +86,11 @@ export function Admin() {
         folds the log beside the live model and swaps it in when caught up (safe while the service runs).
       </p>
       <p role="status">{message}</p>
-      {(error || action.error) && (
-        <p role="alert" class="error">
-          {error ?? action.error}
-        </p>
-      )}
+      <Alert message={error ?? action.error} />
       {!projections ? (
         <p class="loading">Loading…</p>
       ) : (
+        <Scroll label="Projections">
         <table>
           <thead>
             <tr>
@@ -117,7 +122,13 @@ export function Admin() {
                   </button>
                   {asking === p.name ? (
                     <>
-                      <button type="button" class="danger" disabled={action.busy} onClick={() => start(p.name, "rebuild")}>
+                      <button
+                        type="button"
+                        class="danger"
+                        id={`confirm-rebuild-${p.name}`}
+                        disabled={action.busy}
+                        onClick={() => start(p.name, "rebuild")}
+                      >
                         Confirm rebuild <span class="visually-hidden">of {p.name}</span>
                       </button>
                       <button type="button" class="secondary" onClick={() => setAsking(null)}>
@@ -125,7 +136,13 @@ export function Admin() {
                       </button>
                     </>
                   ) : (
-                    <button type="button" class="secondary" disabled={action.busy} onClick={() => setAsking(p.name)}>
+                    <button
+                      type="button"
+                      class="secondary"
+                      id={`rebuild-${p.name}`}
+                      disabled={action.busy}
+                      onClick={() => setAsking(p.name)}
+                    >
                       Rebuild… <span class="visually-hidden">{p.name}</span>
                     </button>
                   )}
@@ -134,6 +151,7 @@ export function Admin() {
             ))}
           </tbody>
         </table>
+        </Scroll>
       )}
     </>
   );

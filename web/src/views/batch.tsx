@@ -1,9 +1,9 @@
 // One batch, live (the `batch:<id>` topic): its state, the pipeline's steps, per-phase progress,
 // per-essay outcomes (50 essays a page), and the commands: add essays, request a pipeline, cancel.
 import { unwrap, type Schemas } from "@essayflow/client";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { label, positions, useAction, useFocusHeading, useSignedIn, useTopic, when } from "../lib";
-import { Progress, Status } from "./dashboard";
+import { Alert, BatchNotFound, Progress, Scroll, Status } from "./common";
 
 type BatchView = Schemas["BatchView"];
 const PAGE = 50;
@@ -65,6 +65,7 @@ function Essays({ batch }: { batch: BatchView }) {
   const first = page * PAGE + 1;
   return (
     <>
+      <Scroll label="Essays and outcomes">
       <table class="essays">
         <caption>
           Essays {first}–{first + shown.length - 1} of {batch.essays.length}
@@ -95,6 +96,7 @@ function Essays({ batch }: { batch: BatchView }) {
           ))}
         </tbody>
       </table>
+      </Scroll>
       {pages > 1 && (
         <nav class="pager" aria-label="Essay pages">
           <button type="button" class="secondary" disabled={page === 0} onClick={() => setPage(page - 1)}>
@@ -134,6 +136,7 @@ function RequestPipeline({ id }: { id: string }) {
     <form onSubmit={submit} class="inline">
       <label for="pipeline">Pipeline to run</label>
       <select id="pipeline" name="pipeline" required>
+        <option value="">Choose a pipeline</option>
         {catalog.map((p) => (
           <option key={p.name} value={p.name}>
             {label(p.name)}
@@ -145,11 +148,7 @@ function RequestPipeline({ id }: { id: string }) {
         Request pipeline
       </button>
       <span role="status">{done}</span>
-      {action.error && (
-        <p role="alert" class="error">
-          {action.error}
-        </p>
-      )}
+      <Alert message={action.error} />
     </form>
   );
 }
@@ -158,19 +157,28 @@ function Cancel({ id }: { id: string }) {
   const { api } = useSignedIn();
   const [asking, setAsking] = useState(false);
   const action = useAction();
+  const reason = useRef<HTMLInputElement>(null);
+  const trigger = useRef<HTMLButtonElement>(null);
+  const opened = useRef(false);
+  // Keyboard focus follows the swap: into the form when it opens, back to the button after.
+  useEffect(() => {
+    if (asking) reason.current?.focus();
+    else if (opened.current) trigger.current?.focus();
+    opened.current ||= asking;
+  }, [asking]);
   if (!asking) {
     return (
-      <button type="button" class="danger" onClick={() => setAsking(true)}>
+      <button type="button" class="danger" ref={trigger} onClick={() => setAsking(true)}>
         Cancel batch…
       </button>
     );
   }
   const submit = (event: Event) => {
     event.preventDefault();
-    const reason = String(new FormData(event.currentTarget as HTMLFormElement).get("reason") ?? "").trim();
+    const text = String(new FormData(event.currentTarget as HTMLFormElement).get("reason") ?? "").trim();
     void action.run(async () => {
       unwrap(
-        await api.POST("/v1/batches/{id}/cancel", { params: { path: { id } }, body: reason ? { reason } : {} }),
+        await api.POST("/v1/batches/{id}/cancel", { params: { path: { id } }, body: text ? { reason: text } : {} }),
       );
       setAsking(false);
     });
@@ -178,23 +186,24 @@ function Cancel({ id }: { id: string }) {
   return (
     <form onSubmit={submit} class="inline confirm">
       <label for="cancel-reason">Why (optional)</label>
-      <input id="cancel-reason" name="reason" maxLength={500} />
+      <input id="cancel-reason" name="reason" maxLength={500} ref={reason} />
       <button type="submit" class="danger" disabled={action.busy}>
         Confirm cancel
       </button>
       <button type="button" class="secondary" onClick={() => setAsking(false)}>
         Keep the batch
       </button>
-      {action.error && (
-        <p role="alert" class="error">
-          {action.error}
-        </p>
-      )}
+      <Alert message={action.error} />
     </form>
   );
 }
 
-function AddEssays({ id, full }: { id: string; full: boolean }) {
+/** An essay id from a file name: the characters ids may hold (`[A-Za-z0-9_.:-]`), at most 64. */
+function essayIdOf(fileName: string): string {
+  return fileName.replace(/\.[^.]+$/, "").replace(/[^A-Za-z0-9_.:-]/g, "_").slice(0, 64) || "essay";
+}
+
+function AddEssays({ id, full, existing }: { id: string; full: boolean; existing: Set<string> }) {
   const { api } = useSignedIn();
   const [done, setDone] = useState<string | null>(null);
   const action = useAction();
@@ -212,7 +221,8 @@ function AddEssays({ id, full }: { id: string; full: boolean }) {
       bytes = 0;
     };
     for (const essay of essays) {
-      const size = new TextEncoder().encode(essay.text).length + essay.title.length + 64;
+      // As sent: JSON-escaped, UTF-8.
+      const size = new TextEncoder().encode(JSON.stringify(essay)).length + 1;
       if (bytes + size > BYTES_PER_REQUEST) await flush();
       chunk.push(essay);
       bytes += size;
@@ -225,9 +235,17 @@ function AddEssays({ id, full }: { id: string; full: boolean }) {
     const files = [...((form.elements.namedItem("files") as HTMLInputElement).files ?? [])];
     setDone(null);
     void action.run(async () => {
+      // Each file's essay id comes from its name, so that sending the same files again (after a
+      // failure half-way) adds only those not yet in the batch.
+      const fresh = files.filter((file) => !existing.has(essayIdOf(file.name)));
       const essays = await Promise.all(
-        files.map(async (file) => ({ title: file.name.replace(/\.[^.]+$/, ""), text: await file.text() })),
+        fresh.map(async (file) => ({
+          essay_id: essayIdOf(file.name),
+          title: file.name.replace(/\.[^.]+$/, ""),
+          text: await file.text(),
+        })),
       );
+      if (fresh.length < files.length) setDone(`${files.length - fresh.length} of the files are in the batch already.`);
       await send(essays);
       form.reset();
     });
@@ -265,7 +283,7 @@ function AddEssays({ id, full }: { id: string; full: boolean }) {
         <label for="essay-title">Title</label>
         <input id="essay-title" name="title" required maxLength={500} />
         <label for="essay-id">Essay id (optional)</label>
-        <input id="essay-id" name="essay_id" maxLength={128} pattern="[A-Za-z0-9_.:\-]+" />
+        <input id="essay-id" name="essay_id" maxLength={64} pattern="[A-Za-z0-9_.:\-]+" />
         <label for="essay-text">Text</label>
         <textarea id="essay-text" name="text" rows={6} required />
         <button type="submit" disabled={action.busy}>
@@ -274,11 +292,7 @@ function AddEssays({ id, full }: { id: string; full: boolean }) {
       </form>
       </fieldset>
       <p role="status">{done}</p>
-      {action.error && (
-        <p role="alert" class="error">
-          {action.error}
-        </p>
-      )}
+      <Alert message={action.error} />
     </section>
   );
 }
@@ -287,16 +301,7 @@ export function BatchPage({ id }: { id: string }) {
   const heading = useFocusHeading(id);
   const { document: batch, refused } = useTopic(`batch:${id}`, positions.get(id));
   if (refused) {
-    return (
-      <>
-        <h1 ref={heading} tabIndex={-1}>
-          Batch not found
-        </h1>
-        <p>
-          There is no such batch, or it is not yours. <a href="#/">Back to the dashboard</a>.
-        </p>
-      </>
-    );
+    return <BatchNotFound heading={heading} />;
   }
   if (!batch) {
     return (
@@ -305,7 +310,9 @@ export function BatchPage({ id }: { id: string }) {
       </h1>
     );
   }
-  const open = !["cancelled"].includes(batch.status);
+  // A batch that finished or was cancelled can be given a new pipeline, not cancelled.
+  const cancellable = ["registered", "ready", "processing"].includes(batch.status);
+  const open = batch.status !== "cancelled";
   // Shown until a pipeline starts, so that an upload's outcome stays on screen after the last essay.
   const accepting = ["registered", "ready"].includes(batch.status);
   const full = batch.essay_count >= batch.expected_essay_count;
@@ -353,11 +360,13 @@ export function BatchPage({ id }: { id: string }) {
         {open && (
           <div class="actions">
             <RequestPipeline id={id} />
-            <Cancel id={id} />
+            {cancellable && <Cancel id={id} />}
           </div>
         )}
       </section>
-      {accepting && <AddEssays id={id} full={full} />}
+      {accepting && (
+        <AddEssays id={id} full={full} existing={new Set(batch.essays.map((e) => e.essay_id))} />
+      )}
       <section aria-labelledby="h-essays">
         <h2 id="h-essays">Essays and outcomes</h2>
         <Essays batch={batch} />

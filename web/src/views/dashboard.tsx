@@ -3,23 +3,10 @@
 import { unwrap, type Schemas } from "@essayflow/client";
 import { useEffect, useState } from "preact/hooks";
 import { describe, label, useFocusHeading, useSignedIn, useTopic, when } from "../lib";
+import { Alert, Progress, Scroll, Status } from "./common";
 
 type DashboardBatch = Schemas["DashboardBatch"];
 type BatchSummary = Schemas["BatchSummary"];
-
-export function Progress({ done, total, name }: { done: number; total: number; name: string }) {
-  const text = `${done} of ${total}`;
-  return (
-    <span class="progress">
-      <progress value={done} max={Math.max(total, 1)} aria-label={name} aria-valuetext={text} />
-      <span class="count">{text}</span>
-    </span>
-  );
-}
-
-export function Status({ status }: { status: string }) {
-  return <span class={`status status-${status}`}>{status}</span>;
-}
 
 function ActiveRow({ batch }: { batch: DashboardBatch }) {
   const p = batch.phase_progress;
@@ -64,6 +51,7 @@ function BatchTable({ caption, batches, empty }: { caption: string; batches: Das
   return (
     <section>
       <h2 id={`h-${caption}`}>{caption}</h2>
+      <Scroll label={caption}>
       <table aria-labelledby={`h-${caption}`}>
         <thead>
           <tr>
@@ -80,6 +68,7 @@ function BatchTable({ caption, batches, empty }: { caption: string; batches: Das
           ))}
         </tbody>
       </table>
+      </Scroll>
     </section>
   );
 }
@@ -93,8 +82,9 @@ function AllBatches({ version }: { version?: number }) {
   const load = async (cursor?: string) => {
     try {
       const page = unwrap(await api.GET("/v1/batches", { params: { query: { limit: 20, ...(cursor ? { cursor } : {}) } } }));
-      setPages((old) => (cursor ? [...old, page.items] : [page.items]));
-      setNext(page.next_cursor ?? null);
+      // A live re-read replaces the first page and keeps the ones shown after it.
+      setPages((old) => (cursor ? [...old, page.items] : [page.items, ...old.slice(1)]));
+      if (cursor || pages.length <= 1) setNext(page.next_cursor ?? null);
       setError(null);
     } catch (e) {
       setError(describe(e));
@@ -105,20 +95,19 @@ function AllBatches({ version }: { version?: number }) {
     const timer = setTimeout(() => void load(), version === undefined ? 0 : 1000);
     return () => clearTimeout(timer);
   }, [version]);
-  const batches = pages.flat();
+  // New batches push older ones across page boundaries: show each once.
+  const seen = new Set<string>();
+  const batches = pages.flat().filter((b) => !seen.has(b.batch_id) && seen.add(b.batch_id));
   return (
     <section>
       <h2 id="h-all">All batches</h2>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert message={error} />
       {batches.length === 0 ? (
         <p class="empty">
           No batches yet. <a href="#/new">Register one</a>.
         </p>
       ) : (
+        <Scroll label="All batches">
         <table aria-labelledby="h-all">
           <thead>
             <tr>
@@ -149,6 +138,7 @@ function AllBatches({ version }: { version?: number }) {
             ))}
           </tbody>
         </table>
+        </Scroll>
       )}
       {next && (
         <button type="button" class="secondary" onClick={() => load(next)}>

@@ -4,7 +4,7 @@
 import { unwrap, type Schemas } from "@essayflow/client";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { describe, label, useFocusHeading, useSignedIn, useTopic, when } from "../lib";
-import { Status } from "./dashboard";
+import { Alert, BatchNotFound, Scroll, Status } from "./common";
 
 type Event = Schemas["EventResponse"];
 
@@ -58,20 +58,24 @@ export function History({ id }: { id: string }) {
   const [error, setError] = useState<string | null>(null);
   const request = useRef(0);
 
-  // The batch as of `version`, and the event that made it: read once the slider rests 150 ms.
+  // The event that made `version`, and (for a chosen version) the batch as of it, read once the
+  // slider rests 150 ms (while following the latest, at most that often). Until the answer
+  // comes, the previous one stays on screen, labelled with its own version.
   useEffect(() => {
     if (!version) return;
     const mine = ++request.current;
     const timer = setTimeout(async () => {
       try {
         const [batch, page] = await Promise.all([
-          api.GET("/v1/batches/{id}", { params: { path: { id }, query: { at_version: version } } }).then(unwrap),
+          chosen === null
+            ? Promise.resolve(null)
+            : api.GET("/v1/batches/{id}", { params: { path: { id }, query: { at_version: version } } }).then(unwrap),
           api
             .GET("/v1/batches/{id}/events", { params: { path: { id }, query: { after: String(version - 1), limit: 1 } } })
             .then(unwrap),
         ]);
         if (mine !== request.current) return;
-        setAsOf(batch);
+        if (batch) setAsOf(batch);
         setEvent(page.items[0] ?? null);
         setError(null);
       } catch (e) {
@@ -79,34 +83,42 @@ export function History({ id }: { id: string }) {
       }
     }, 150);
     return () => clearTimeout(timer);
-  }, [version]);
+  }, [version, chosen === null]);
 
+  // The events, 100 at a time; once the last page is loaded, new events are appended as the
+  // batch moves (read at most once a second).
+  const loading = useRef(false);
   const more = async () => {
+    if (loading.current) return;
+    loading.current = true;
     try {
+      const after = next ?? (events.length ? String(events[events.length - 1]!.sequence) : undefined);
       const page = unwrap(
         await api.GET("/v1/batches/{id}/events", {
-          params: { path: { id }, query: { limit: 100, ...(next ? { after: next } : {}) } },
+          params: { path: { id }, query: { limit: 100, ...(after ? { after } : {}) } },
         }),
       );
-      setEvents((old) => [...old, ...page.items]);
+      setEvents((old) => [...old, ...page.items.filter((e) => !old.length || e.sequence > old[old.length - 1]!.sequence)]);
       setNext(page.next_cursor ?? null);
     } catch (e) {
       setError(describe(e));
+    } finally {
+      loading.current = false;
     }
   };
   useEffect(() => void more(), []);
+  const lastLoaded = events.length ? events[events.length - 1]!.sequence : 0;
+  useEffect(() => {
+    if (next !== null || !latest || lastLoaded >= latest) return;
+    const timer = setTimeout(() => void more(), 1000);
+    return () => clearTimeout(timer);
+  }, [latest, lastLoaded, next]);
+
+  // Following the latest version, the live document is the batch as of it.
+  const shown = chosen === null ? (live ?? null) : asOf;
 
   if (refused) {
-    return (
-      <>
-        <h1 ref={heading} tabIndex={-1}>
-          Batch not found
-        </h1>
-        <p>
-          There is no such batch, or it is not yours. <a href="#/">Back to the dashboard</a>.
-        </p>
-      </>
-    );
+    return <BatchNotFound heading={heading} />;
   }
   return (
     <>
@@ -116,11 +128,7 @@ export function History({ id }: { id: string }) {
       <p>
         <a href={`#/batches/${id}`}>Back to the batch</a>
       </p>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert message={error} />
       {latest > 0 && (
         <section aria-labelledby="h-asof">
           <h2 id="h-asof">The batch as of a version</h2>
@@ -145,17 +153,18 @@ export function History({ id }: { id: string }) {
               </button>
             )}
           </div>
-          {event && event.sequence === version && (
+          {event && (
             <p class="event-at">
               Event {event.sequence}: <strong>{event.event_type}</strong> at{" "}
               <time dateTime={event.occurred_at}>{when(event.occurred_at)}</time>
             </p>
           )}
-          {asOf && asOf.version === version && <AsOf batch={asOf} />}
+          {shown && <AsOf batch={shown} />}
         </section>
       )}
       <section aria-labelledby="h-events">
         <h2 id="h-events">Events</h2>
+        <Scroll label="Events">
         <table>
           <thead>
             <tr>
@@ -182,6 +191,7 @@ export function History({ id }: { id: string }) {
             ))}
           </tbody>
         </table>
+        </Scroll>
         {next && (
           <button type="button" class="secondary" onClick={more}>
             Show more events

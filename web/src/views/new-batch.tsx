@@ -2,6 +2,7 @@
 // position, so the new batch is there at once.
 import { unwrap } from "@essayflow/client";
 import { go, positions, useAction, useFocusHeading, useSignedIn } from "../lib";
+import { Alert } from "./common";
 
 export function NewBatch() {
   const heading = useFocusHeading("new");
@@ -53,11 +54,7 @@ export function NewBatch() {
         <button type="submit" disabled={action.busy}>
           Register batch
         </button>
-        {action.error && (
-          <p role="alert" class="error">
-            {action.error}
-          </p>
-        )}
+        <Alert message={action.error} />
       </form>
     </>
   );
