@@ -27,7 +27,16 @@
 #   ONLY=edge BASELINE_REV=e4515ae scripts/bench.sh  # only the edge layers' overhead
 #   ONLY=tracing scripts/bench.sh    # commands/s with trace export on (to a local OTLP sink) and off
 #   ONLY=scrape scripts/bench.sh     # the cost of a /metrics scrape with 0 and 10 000 WebSockets open
+#   ONLY=page scripts/bench.sh       # the web page in Chromium: change latency to its DOM, and its weight
+#   ONLY=page PAGE_CHANGES=300 scripts/bench.sh   # ... over more rounds
 #
+# The page (ONLY=page, web/bench/page.ts, SQLite, HTTPS and WSS with a test CA; needs Node,
+# web/node_modules (npm ci, run here if missing) and /usr/bin/chromium): a teacher signs in
+# through the page and opens a batch; PAGE_CHANGES (100) times, the page POSTs one essay and
+# times, after the 202, the change's arrival on a raw WebSocket of the same page (the baseline)
+# and the moment the page's DOM shows the new version (it renders at most once per animation
+# frame): p50 / p99 / max. Then the bytes of a first load of / with an empty cache, of signing
+# in to the live dashboard and of a reload, per resource, on the wire and decoded.
 # The mix (ONLY=mix, essayflow-mix-bench, PostgreSQL): MIX_CLIENTS (64, then 1 000) concurrent
 # clients, each its own teacher (created with `essayflow users add`, a token each from
 # `essayflow token`) on its own keep-alive connection, closed loop without think time
@@ -92,7 +101,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 ONLY=${ONLY:-all}
 # SKIP_BUILD=1 uses the binaries already in target/release (built by an earlier run).
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p api -p bench
+if [ -z "${SKIP_BUILD:-}" ]; then
+  if [ "$ONLY" = page ]; then cargo build --release -q --bin essayflow; else cargo build --release -q -p api -p bench; fi
+fi
 BIN=target/release/essayflow
 LOAD=target/release/essayflow-bench
 LOGIN=target/release/essayflow-login-bench
@@ -102,7 +113,8 @@ MIX=target/release/essayflow-mix-bench
 SINK=target/release/essayflow-otlp-sink
 OUT="$WORK/results.md"
 
-psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
+# The page run needs neither PostgreSQL nor the load generators.
+[ "$ONLY" = page ] || psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
 
 field() { python3 -c "import json,sys; print(round(json.loads(sys.argv[1])[sys.argv[2]], 2))" "$1" "$2"; }
 
@@ -511,6 +523,18 @@ for name, key in (('no WebSocket open (baseline)', 'idle'), ('%d WebSockets open
 " "$r" > "$OUT.scrape"
 }
 
+# ---- The web page in Chromium (ONLY=page) ----
+# web/bench/page.ts starts its own server (the harness of clients/typescript/test: SQLite, TLS
+# with a test CA, free ports) from this release binary; its last line of output is JSON, the
+# lines before it are the Markdown tables.
+run_page() {
+  [ -d web/node_modules ] || (cd web && npm ci --no-audit --no-fund) >&2
+  local r bin=$PWD/$BIN
+  r=$(cd web && ESSAYFLOW_BIN=$bin node --import tsx bench/page.ts)
+  echo "page: $(tail -n 1 <<<"$r")" >&2
+  sed '$d' <<<"$r" > "$OUT.page"
+}
+
 # ---- A realistic mix of teachers (ONLY=mix, PostgreSQL) ----
 MIX_CLIENTS=${MIX_CLIENTS:-64 1000}       # one run per count, in this order, on one server
 MIX_DURATION=${MIX_DURATION:-$DURATION}   # seconds of load per run
@@ -718,6 +742,9 @@ fi
 if [ "$ONLY" = tracing ]; then
   run_tracing
 fi
+if [ "$ONLY" = page ]; then
+  run_page
+fi
 
 {
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per level."
@@ -769,6 +796,9 @@ fi
   if [ -f "$OUT.scrape" ]; then
     cat "$OUT.scrape"
     echo
+  fi
+  if [ -f "$OUT.page" ]; then
+    cat "$OUT.page"
   fi
   if [ -f "$OUT.mix" ]; then
     echo "| clients (PostgreSQL, 90 % reads, 10 % commands, ${MIX_DURATION} s, think ${MIX_THINK_MS} ms) | requests/s | all p50 / p95 / p99 / max ms | reads p50 / p95 / p99 ms | commands p50 / p95 / p99 ms | 2xx / 304 / 4xx / 5xx | 429 | errors (rate) | p95 <= 100 ms, 0 errors | connections | set-up |"
