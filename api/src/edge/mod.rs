@@ -167,6 +167,19 @@ pub fn apply(routes: Router<AppState>, state: AppState) -> Router {
     Router::new().fallback_service(stack)
 }
 
+/// Whether an `If-None-Match` header (RFC 9110 section 13.1.2) matches `etag` (a quoted entity
+/// tag, `"5"`): `*`, or one of its entity tags compared weakly (`W/"5"` matches `"5"`), as a
+/// GET's conditional must be. Used by every answer that has an `ETag`.
+pub fn none_match(headers: &axum::http::HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+}
+
 /// `Cache-Control` for an answer that did not set one: `private, no-cache` when it has an
 /// `ETag` (a client may keep it but must revalidate, and gets a 304), `no-store` otherwise
 /// (answers are per user and often carry tokens).

@@ -402,18 +402,6 @@ async fn visible_summary(state: &AppState, user: &AuthUser, id: &str) -> ApiResu
     }
 }
 
-/// Whether an `If-None-Match` header (RFC 9110 section 13.1.2) matches `etag`: `*`, or one of
-/// its entity tags compared weakly.
-fn none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
-}
-
 #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches",
     description = "The whole batch: summary, essays and outcomes. Answers `If-None-Match` with 304.",
     params(("id" = Uuid, Path, description = "Batch id"),
@@ -448,7 +436,7 @@ pub(super) async fn get_batch(
     if headers.contains_key(header::IF_NONE_MATCH) {
         let summary = visible_summary(&state, &user, &id).await?;
         let etag = etag_of(summary.version);
-        if none_match(&headers, &etag) {
+        if crate::edge::none_match(&headers, &etag) {
             return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));
         }
     }

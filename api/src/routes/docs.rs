@@ -208,13 +208,7 @@ impl Published {
     }
 
     fn answer(&self, headers: &HeaderMap) -> Response {
-        let matches = headers
-            .get_all(header::IF_NONE_MATCH)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().trim_start_matches("W/"))
-            .any(|t| t == "*" || t.as_bytes() == self.etag.as_bytes());
+        let matches = crate::edge::none_match(headers, self.etag.to_str().unwrap_or_default());
         let mut response = if matches {
             StatusCode::NOT_MODIFIED.into_response()
         } else {

@@ -49,13 +49,7 @@ fn answer(name: &str, headers: &HeaderMap, cache: &'static str) -> Response {
         return ApiError::NoRoute.into_response();
     };
     let etag = format!("\"{}\"", hex(&file.metadata.sha256_hash()[..16]));
-    let fresh = headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == "*" || t == etag);
+    let fresh = crate::edge::none_match(headers, &etag);
     let etag = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"0\""));
     let cache = (header::CACHE_CONTROL, HeaderValue::from_static(cache));
     if fresh {
