@@ -136,7 +136,7 @@ export function useAction() {
       if (mounted.current) setBusy(false);
     }
   };
-  return { busy, error, run, setError };
+  return { busy, error, run };
 }
 
 const dateTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });

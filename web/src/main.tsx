@@ -107,14 +107,16 @@ const STATUS_TEXT: Record<LiveStatus, string> = {
   closed: "Offline",
 };
 
-function Shell({ signedIn, onSignOut }: { signedIn: SignedIn; onSignOut: () => void }) {
+function Shell({
+  signedIn,
+  status,
+  onSignOut,
+}: {
+  signedIn: SignedIn;
+  status: LiveStatus;
+  onSignOut: () => void;
+}) {
   const route = useRoute();
-  const [status, setStatus] = useState<LiveStatus>(signedIn.live.status);
-  useEffect(() => {
-    const listener = (e: Event) => setStatus((e as CustomEvent<LiveStatus>).detail);
-    addEventListener("essayflow:live", listener);
-    return () => removeEventListener("essayflow:live", listener);
-  }, []);
   const { claims } = signedIn.session;
   const view = (() => {
     switch (route.view) {
@@ -189,6 +191,7 @@ function Missing({ path }: { path: string }) {
 function App() {
   const [session, setSession] = useState<Session | null | undefined>(undefined);
   const [notice, setNotice] = useState<string | null>(null);
+  const [liveStatus, setLiveStatus] = useState<LiveStatus>("closed");
   useEffect(() => {
     Session.resume(sessionOptions).then(setSession, (error) => {
       setNotice(`${describe(error)} Sign in when the server is back.`);
@@ -201,7 +204,7 @@ function App() {
       url: liveUrl(location.origin),
       tokens: session,
       onStatus: (status) => {
-        dispatchEvent(new CustomEvent("essayflow:live", { detail: status }));
+        setLiveStatus(status);
         // 4403: the user's access changed (disabled, role, password, session revoked). A
         // refresh tells whether the session survives; if not, it ends (below).
         if (status === "revoked") session.refresh().catch(() => {});
@@ -251,7 +254,7 @@ function App() {
     );
     setSession(null);
   };
-  return <Shell signedIn={signedIn} onSignOut={() => void signOut()} />;
+  return <Shell signedIn={signedIn} status={liveStatus} onSignOut={() => void signOut()} />;
 }
 
 render(<App />, document.getElementById("app")!);

@@ -14,25 +14,12 @@ import { execFileSync } from "node:child_process";
 import { readFileSync, writeFileSync, existsSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { essayflowBinary, root } from "./binary.mjs";
 import openapiTS, { astToString } from "openapi-typescript";
 import { compile } from "json-schema-to-typescript";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const pkg = resolve(here, "..");
-const root = resolve(pkg, "../..");
+const pkg = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const check = process.argv.includes("--check");
-
-function binary() {
-  if (process.env.ESSAYFLOW_BIN) return process.env.ESSAYFLOW_BIN;
-  const target = process.env.CARGO_TARGET_DIR
-    ? resolve(root, process.env.CARGO_TARGET_DIR)
-    : join(root, "target");
-  const bin = join(target, "debug", "essayflow");
-  if (!existsSync(bin)) {
-    throw new Error(`${bin} does not exist: run \`cargo build --bin essayflow\` or set ESSAYFLOW_BIN`);
-  }
-  return bin;
-}
 
 function defaultEnvironment() {
   const env = {};
@@ -48,7 +35,7 @@ const HEADER = (source) =>
   `// Regenerate with \`npm run generate\` in clients/typescript.\n\n`;
 
 const document = JSON.parse(
-  execFileSync(binary(), ["openapi"], { env: defaultEnvironment(), cwd: root, encoding: "utf8" }),
+  execFileSync(essayflowBinary(), ["openapi"], { env: defaultEnvironment(), cwd: root, encoding: "utf8" }),
 );
 const outputs = new Map();
 outputs.set("openapi.json", JSON.stringify(document, null, 2) + "\n");

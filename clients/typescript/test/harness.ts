@@ -5,22 +5,12 @@
 // The binary is $ESSAYFLOW_BIN, else $CARGO_TARGET_DIR/debug/essayflow, else target/debug/essayflow
 // at the repository's root (`cargo build --bin essayflow`).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { request as httpsRequest } from "node:https";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
-
-const root = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
-
-export function binary(): string {
-  if (process.env.ESSAYFLOW_BIN) return process.env.ESSAYFLOW_BIN;
-  const target = process.env.CARGO_TARGET_DIR ? resolve(root, process.env.CARGO_TARGET_DIR) : join(root, "target");
-  const bin = join(target, "debug", "essayflow");
-  if (!existsSync(bin)) throw new Error(`${bin} is missing: run \`cargo build --bin essayflow\` or set ESSAYFLOW_BIN`);
-  return bin;
-}
+import { join } from "node:path";
+import { essayflowBinary } from "../scripts/binary.mjs";
 
 export interface ServerOptions {
   /** Serve HTTPS and WSS with a certificate of a fresh test CA. */
@@ -121,7 +111,7 @@ export async function startServer(options: ServerOptions = {}): Promise<TestServ
     env.ESSAYFLOW_TLS_CERT = made.cert;
     env.ESSAYFLOW_TLS_KEY = made.key;
   }
-  const bin = binary();
+  const bin = essayflowBinary();
   execFileSync(bin, ["migrate"], { env, stdio: "pipe" });
   const logPath = join(dir, "server.log");
   writeFileSync(logPath, "");

@@ -3,7 +3,7 @@
 import { unwrap, type Schemas } from "@essayflow/client";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { label, positions, useAction, useFocusHeading, useSignedIn, useTopic, when } from "../lib";
-import { Alert, BatchNotFound, Progress, Scroll, Status } from "./common";
+import { Alert, BatchNotFound, Fact, Progress, Scroll, Status } from "./common";
 
 type BatchView = Schemas["BatchView"];
 const PAGE = 50;
@@ -203,7 +203,7 @@ function essayIdOf(fileName: string): string {
   return fileName.replace(/\.[^.]+$/, "").replace(/[^A-Za-z0-9_.:-]/g, "_").slice(0, 64) || "essay";
 }
 
-function AddEssays({ id, full, existing }: { id: string; full: boolean; existing: Set<string> }) {
+function AddEssays({ id, full, essays: inBatch }: { id: string; full: boolean; essays: { essay_id: string }[] }) {
   const { api } = useSignedIn();
   const [done, setDone] = useState<string | null>(null);
   const action = useAction();
@@ -237,6 +237,7 @@ function AddEssays({ id, full, existing }: { id: string; full: boolean; existing
     void action.run(async () => {
       // Each file's essay id comes from its name, so that sending the same files again (after a
       // failure half-way) adds only those not yet in the batch.
+      const existing = new Set(inBatch.map((e) => e.essay_id));
       const fresh = files.filter((file) => !existing.has(essayIdOf(file.name)));
       const essays = await Promise.all(
         fresh.map(async (file) => ({
@@ -322,33 +323,20 @@ export function BatchPage({ id }: { id: string }) {
         {batch.title}
       </h1>
       <dl class="facts">
-        <div>
-          <dt>Status</dt>
-          <dd data-status={batch.status}>
-            <Status status={batch.status} />
-          </dd>
-        </div>
-        <div>
-          <dt>Course</dt>
-          <dd>
-            {batch.course_code}
-            {batch.class_designation ? ` · ${batch.class_designation}` : ""}
-          </dd>
-        </div>
-        <div>
-          <dt>Essays</dt>
-          <dd>
-            {batch.essay_count} of {batch.expected_essay_count}
-          </dd>
-        </div>
-        <div>
-          <dt>Version</dt>
-          <dd data-version={batch.version}>{batch.version}</dd>
-        </div>
-        <div>
-          <dt>Updated</dt>
-          <dd>{when(batch.updated_at)}</dd>
-        </div>
+        <Fact term="Status" data={{ status: batch.status }}>
+          <Status status={batch.status} />
+        </Fact>
+        <Fact term="Course">
+          {batch.course_code}
+          {batch.class_designation ? ` · ${batch.class_designation}` : ""}
+        </Fact>
+        <Fact term="Essays">
+          {batch.essay_count} of {batch.expected_essay_count}
+        </Fact>
+        <Fact term="Version" data={{ version: batch.version }}>
+          {batch.version}
+        </Fact>
+        <Fact term="Updated">{when(batch.updated_at)}</Fact>
       </dl>
       {batch.cancel_reason && <p>Cancelled: {batch.cancel_reason}</p>}
       <p>
@@ -365,7 +353,7 @@ export function BatchPage({ id }: { id: string }) {
         )}
       </section>
       {accepting && (
-        <AddEssays id={id} full={full} existing={new Set(batch.essays.map((e) => e.essay_id))} />
+        <AddEssays id={id} full={full} essays={batch.essays} />
       )}
       <section aria-labelledby="h-essays">
         <h2 id="h-essays">Essays and outcomes</h2>

@@ -52,3 +52,22 @@ export function Scroll({ label, children }: { label: string; children: Component
     </div>
   );
 }
+
+/** One term of a `<dl class="facts">`; `data` becomes `data-*` attributes of its value. */
+export function Fact({
+  term,
+  data = {},
+  children,
+}: {
+  term: string;
+  data?: Record<string, string | number>;
+  children: ComponentChildren;
+}) {
+  const attributes = Object.fromEntries(Object.entries(data).map(([k, v]) => [`data-${k}`, v]));
+  return (
+    <div>
+      <dt>{term}</dt>
+      <dd {...attributes}>{children}</dd>
+    </div>
+  );
+}

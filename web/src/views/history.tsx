@@ -4,7 +4,7 @@
 import { unwrap, type Schemas } from "@essayflow/client";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { describe, label, useFocusHeading, useSignedIn, useTopic, when } from "../lib";
-import { Alert, BatchNotFound, Scroll, Status } from "./common";
+import { Alert, BatchNotFound, Fact, Scroll, Status } from "./common";
 
 type Event = Schemas["EventResponse"];
 
@@ -12,32 +12,22 @@ function AsOf({ batch }: { batch: Schemas["BatchView"] }) {
   const phases = Object.entries(batch.phases);
   return (
     <dl class="facts" aria-label={`The batch at version ${batch.version}`}>
-      <div>
-        <dt>Status</dt>
-        <dd data-status={batch.status}>
-          <Status status={batch.status} />
-        </dd>
-      </div>
-      <div>
-        <dt>Essays</dt>
-        <dd>
-          {batch.essay_count} of {batch.expected_essay_count}
-        </dd>
-      </div>
-      <div>
-        <dt>Pipeline</dt>
-        <dd>{batch.pipeline ? `${label(batch.pipeline.requested)}: ${batch.pipeline.state}` : "none"}</dd>
-      </div>
+      <Fact term="Status" data={{ status: batch.status }}>
+        <Status status={batch.status} />
+      </Fact>
+      <Fact term="Essays">
+        {batch.essay_count} of {batch.expected_essay_count}
+      </Fact>
+      <Fact term="Pipeline">
+        {batch.pipeline ? `${label(batch.pipeline.requested)}: ${batch.pipeline.state}` : "none"}
+      </Fact>
       {phases.map(([phase, outcomes]) => {
         const all = Object.values(outcomes);
         const failed = all.filter((o) => o.outcome === "failed").length;
         return (
-          <div key={phase}>
-            <dt>{label(phase)}</dt>
-            <dd>
-              {all.length - failed} succeeded, {failed} failed
-            </dd>
-          </div>
+          <Fact key={phase} term={label(phase)}>
+            {all.length - failed} succeeded, {failed} failed
+          </Fact>
         );
       })}
     </dl>
